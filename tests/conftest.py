@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny synthetic data made once per test session."""
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """4 synthetic classes at 64 px: enough for a few training steps and every metric."""
+    from cada.data.synthetic import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("synthetic"), n_train=6, n_test_good=3, n_test_defect=4,
+                            image_size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_settings():
+    from cada.config import preset
+
+    def make(**changes):
+        settings = preset("cpu")
+        settings.image_size = 64
+        settings.base.iters = 3
+        settings.base.batch_size = 4
+        settings.aligner.iters = 5
+        settings.aligner.batch_size = 4
+        for key, value in changes.items():
+            setattr(settings, key, value)
+        return settings
+
+    return make
