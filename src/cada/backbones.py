@@ -63,6 +63,9 @@ class Encoder(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        # Convolutions run about 1.7x faster channels-last on CPU; the features go out in the ordinary
+        # layout because the (non-depthwise) layers that read them are faster that way.
+        x = x.contiguous(memory_format=torch.channels_last)
         if self.in_scale is not None:
             x = x * self.in_scale + self.in_shift
         x = self.stem(x)
@@ -70,7 +73,7 @@ class Encoder(nn.Module):
         for i, stage in enumerate(self.stages):
             x = stage(x)
             if i in self.out_idx:
-                feats.append(x)
+                feats.append(x.contiguous())
         return feats
 
     def extra_repr(self) -> str:

@@ -27,7 +27,7 @@ def _settings_from_args(args):
     return settings.validate()
 
 
-def _train(settings, data: Path, out: Path, weights: str | None = None, progress: bool = True):
+def train_and_save(settings, data: Path, out: Path, weights: str | None = None, progress: bool = True):
     from cada.api import Detector
 
     detector = Detector(settings, weights_path=weights)
@@ -42,7 +42,7 @@ def _train(settings, data: Path, out: Path, weights: str | None = None, progress
     return detector
 
 
-def _evaluate(detector, data: Path, json_path: Path | None, progress: bool = True) -> dict:
+def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: bool = True) -> dict:
     from cada.data.mvtec import mvtec_samples
     from cada.evaluate import collect, format_per_class, format_table, results_table
 
@@ -80,7 +80,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_train(args) -> int:
-    _train(_settings_from_args(args), Path(args.data), Path(args.out), args.weights, not args.quiet)
+    train_and_save(_settings_from_args(args), Path(args.data), Path(args.out), args.weights, not args.quiet)
     return 0
 
 
@@ -88,7 +88,7 @@ def cmd_evaluate(args) -> int:
     from cada.api import Detector
 
     detector = Detector.load(args.run)
-    _evaluate(detector, Path(args.data), Path(args.json) if args.json else None, not args.quiet)
+    evaluate_and_report(detector, Path(args.data), Path(args.json) if args.json else None, not args.quiet)
     return 0
 
 
@@ -105,8 +105,8 @@ def cmd_demo(args) -> int:
         settings.seed = args.seed
         if args.iters:
             settings.base.iters = args.iters
-        detector = _train(settings, data, out / "run", progress=not args.quiet)
-        results = _evaluate(detector, data, out / "results.json", progress=not args.quiet)
+        detector = train_and_save(settings, data, out / "run", progress=not args.quiet)
+        results = evaluate_and_report(detector, data, out / "results.json", progress=not args.quiet)
     rows = {(r["align"], r["protocol"]): r for r in results["rows"]}
     base, aligned = rows[("none", "absolute-unified")], rows[("cada", "absolute-unified")]
     print(f"absolute-unified I-AUROC: base {100 * base['i_auroc']:.1f} -> +CADA {100 * aligned['i_auroc']:.1f}")

@@ -18,6 +18,7 @@ class BaseMethod(nn.Module):
 
     name: str = ""
     score_scale: float = 0.1
+    align_channels: int  # channels of `align_features`, so an aligner can be built before training
 
     def fit(self, images: torch.Tensor, settings, generator: torch.Generator, progress: bool = True) -> list[float]:
         """Train on normal uint8 images (N x 3 x S x S); returns the loss per iteration."""

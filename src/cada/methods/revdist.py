@@ -137,6 +137,7 @@ class RevDist(BaseMethod):
         self.bottleneck = OneClassBottleneck(channels)
         self.decoder = ReverseDecoder(channels)
         self.image_size = image_size
+        self.align_channels = self.bottleneck.out_channels
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.bottleneck.parameters()) + list(self.decoder.parameters())

@@ -1,0 +1,80 @@
+"""Inference and training speed of RevDist + CADA on this machine, and peak memory.
+
+    python benchmarks/speed.py [--threads 2] [--batches 5]
+
+Inference: the whole detector path (encoder, decoder, map, smoothing, image score, CADA statistics), batch 16
+of 256x256 images under torch.inference_mode. Training: base-method iterations (batch 16) on features of the
+frozen encoder, the way `cada train` runs them, plus the cost of encoding the training images once.
+Random weights: speed does not depend on them. Each backbone runs in its own process so peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import time
+
+BACKBONES = ("efficientnet_lite0", "wide_resnet50_2")
+
+
+def measure(backbone: str, threads: int, batches: int) -> None:
+    import torch
+
+    from cada import Detector
+    from cada.config import preset
+    from cada.data.dataset import normalize
+    from cada.methods.revdist import flattened_cosine_loss
+
+    torch.set_num_threads(threads)
+    settings = preset("cpu")
+    settings.backbone = backbone
+    detector = Detector(settings, pretrained=False)
+    images = torch.randint(0, 256, (16, 3, 256, 256), dtype=torch.uint8)
+
+    detector.infer(images)  # warm-up: first calls pick kernels
+    started = time.perf_counter()
+    for _ in range(batches):
+        detector.infer(images)
+    inference = 16 * batches / (time.perf_counter() - started)
+
+    method = detector.method
+    started = time.perf_counter()
+    with torch.no_grad():
+        encoded = method.encoder(normalize(images))
+    encoding = 16 / (time.perf_counter() - started)
+    optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=2e-3)
+    method.train()
+    steps = max(2, batches // 2)
+    for step in range(steps + 1):
+        if step == 1:  # the first step is warm-up
+            started = time.perf_counter()
+        _, decoded = method.reconstruct(encoded)
+        loss = flattened_cosine_loss(encoded, decoded)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    training = 16 * steps / (time.perf_counter() - started)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"{backbone:<20} inference {inference:6.1f} img/s   training step {training:6.1f} img/s   "
+          f"encoding (once per training image) {encoding:6.1f} img/s   peak RSS {peak:5.2f} GiB", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=5)
+    parser.add_argument("--backbone", help=argparse.SUPPRESS)  # used by the per-backbone child process
+    args = parser.parse_args()
+    if args.backbone:
+        measure(args.backbone, args.threads, args.batches)
+        return
+    print(f"batch 16, 256x256, {args.threads} threads")
+    for backbone in BACKBONES:
+        subprocess.run([sys.executable, __file__, "--backbone", backbone, "--threads", str(args.threads),
+                        "--batches", str(args.batches)], check=True)
+
+
+if __name__ == "__main__":
+    main()
