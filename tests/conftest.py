@@ -31,3 +31,12 @@ def tiny_settings():
         return settings
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _image_cache_in_tmp(tmp_path_factory):
+    """Tests never write into the user's image cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("CADA_CACHE_DIR", str(tmp_path_factory.mktemp("image-cache")))
+    yield
+    patch.undo()

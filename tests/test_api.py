@@ -22,9 +22,6 @@ def test_predict_gives_scores_and_maps_without_class_names(trained, tiny_data):
     assert prediction.scores.shape == (5,) and prediction.maps.shape == (5, 64, 64)
     assert torch.isfinite(prediction.maps).all()
     assert prediction.decisions is None  # no threshold yet
-    trained.threshold = float(prediction.scores.median())
-    assert trained.predict(images[:5]).decisions.sum() == (prediction.scores > trained.threshold).sum()
-    trained.threshold = None
 
 
 def test_training_info_records_what_happened(trained):
@@ -69,3 +66,45 @@ def test_same_seed_same_model(tiny_data, tiny_settings, trained):
     again = Detector(tiny_settings()).fit(tiny_data, progress=False)
     for name, tensor in trained._modules().state_dict().items():
         assert torch.equal(tensor, again._modules().state_dict()[name]), name
+
+
+@pytest.mark.parametrize("align", ["cada-sigma", "class-aware", "classifier"])
+def test_every_aligner_trains_saves_and_loads(tiny_data, tiny_settings, tmp_path, align):
+    detector = Detector(tiny_settings(align=align)).fit(tiny_data, progress=False)
+    images, samples = load_all(mvtec_samples(tiny_data, "test"), 64)
+    names = [s.class_name for s in samples]
+    loaded = Detector.load(detector.save(tmp_path / align))
+    before, after = detector.infer(images, names), loaded.infer(images, names)
+    assert torch.equal(before.u, after.u) and torch.equal(before.spread, after.spread)
+    assert (after.spread > 0).all()
+    if align == "class-aware":  # the upper-bound reference cannot run on anonymous images
+        with pytest.raises(ValueError, match="needs the class name"):
+            loaded.predict(images)
+    else:
+        assert loaded.predict(images).scores.shape == (len(images),)
+
+
+def test_calibration_at_a_false_positive_rate_is_stored_and_used(trained, tiny_data, tmp_path):
+    normal, _ = load_all(mvtec_samples(tiny_data, "train"), 64)
+    calibration = trained.calibrate(normal, fpr=0.25, source="test")
+    scores = trained.predict(normal).scores
+    assert (scores >= calibration["threshold"]).float().mean() <= 0.25
+    assert (scores >= calibration["threshold"]).sum() == 6  # floor(0.25 * 24) flagged: no ties here
+    loaded = Detector.load(trained.save(tmp_path / "run"))
+    assert loaded.calibration == calibration
+    assert torch.equal(loaded.predict(normal).decisions, scores >= calibration["threshold"])
+    trained.calibration = None
+
+
+def test_f1_calibration_on_labelled_validation_images(trained, tiny_data):
+    images, samples = load_all(mvtec_samples(tiny_data, "test"), 64)
+    labels = [s.label for s in samples]
+    calibration = trained.calibrate_f1(images, labels)
+    assert calibration["how"] == "f1" and calibration["n_anomalous"] == sum(labels)
+    trained.calibration = None
+
+
+def test_holdout_trains_on_the_rest_and_calibrates_on_the_held_out(tiny_data, tiny_settings):
+    detector = Detector(tiny_settings()).fit(tiny_data, progress=False, holdout=0.34, fpr=0.5)
+    assert detector.training_info["n_images"] == 16  # 2 of 6 per class held out
+    assert detector.calibration["n_normal"] == 8 and detector.calibration["target_fpr"] == 0.5

@@ -42,3 +42,26 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys):
 def test_unknown_choice_is_refused_by_the_parser(tmp_path):
     with pytest.raises(SystemExit):
         main(["train", "--data", str(tmp_path), "--out", str(tmp_path), "--align", "magic"])
+
+
+def test_ablate_trains_the_base_once_and_prints_the_three_tables(tiny_data, tmp_path, capsys):
+    out = tmp_path / "ablation"
+    assert main(["ablate", "--data", str(tiny_data), "--out", str(out), "--image-size", "64", "--iters", "2",
+                 "--align-iters", "3", "--noise", "0.5", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    for title in ("Table 3", "Table 4", "Table 5", "noisy training set"):
+        assert title in printed
+    assert printed.count("training revdist") == 1  # one base run from the CLI; the noisy base is the only other
+    report = json.loads((out / "ablation.json").read_text())
+    variants = [entry["variant"] for entry in report["tables"][next(iter(report["tables"]))]]
+    assert "structure: 2 conv, 2 linear" in variants and "score: max" in variants
+    assert report["noise"]["moved"] == 8  # half of the 4 anomalous test images of each of the 4 classes
+
+
+def test_evaluate_plots_the_score_distributions(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), "--image-size", "64", "--iters", "2",
+                 "--align-iters", "3", "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--data", str(tiny_data), "--plots", str(tmp_path / "plots"), "--quiet"]) == 0
+    figure = tmp_path / "plots" / "score_distributions.png"
+    assert figure.stat().st_size > 10_000 and figure.read_bytes()[:4] == b"\x89PNG"

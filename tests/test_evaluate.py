@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from cada.data.mvtec import Sample
-from cada.evaluate import EvalOutputs, format_table, results_table
+from cada.evaluate import METRICS, THRESHOLDS, EvalOutputs, format_per_class, format_table, results_table
+from cada.metrics import binary_metrics, pixel_metrics
+from cada.scoring import align
 
 
 def _outputs(offsets, per_class=40, size=8, seed=0):
@@ -44,20 +46,39 @@ def test_absolute_unified_suffers_from_class_offsets_and_alignment_fixes_it():
     # Subtracting each image's true class offset (u) puts all classes on one scale again.
     assert rows[("cada", "absolute-unified")]["i_auroc"] == pytest.approx(1.0)
     assert rows[("cada", "absolute-unified")]["p_auroc"] == pytest.approx(1.0)
+    # The same story for F1-max and AUPRO.
+    for key in ("i_f1max", "p_f1max", "aupro"):
+        assert rows[("none", "model-unified")][key] == pytest.approx(1.0)
+        assert rows[("cada", "absolute-unified")][key] == pytest.approx(1.0)
+    assert rows[("none", "absolute-unified")]["aupro"] < 0.9
+    assert rows[("none", "absolute-unified")]["p_f1max"] < 0.9
+    # One F1-max threshold when the classes are pooled; none when each class has its own.
+    for (_, protocol), row in rows.items():
+        assert set(row) == {"method", "align", "protocol", *METRICS, *THRESHOLDS}
+        for key in THRESHOLDS:
+            assert (row[key] is None) == (protocol == "model-unified")
+    # aligned maps: normal pixels in [0, 0.1), defects in [0.5, 0.6): the best threshold is the lowest defect
+    assert 0.5 <= rows[("cada", "absolute-unified")]["p_f1max_threshold"] < 0.6
     assert set(results["per_class"]["none"]) == {"class0", "class1", "class2"}
     json.dumps(results, allow_nan=False)  # the JSON other tools read has no NaN
-    assert "absolute-unified" in format_table(results)
+    table = format_table(results)
+    assert "absolute-unified" in table
+    assert table.splitlines()[0].split()[3:] == ["I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO"]
+    assert "aupro=100.0" in format_per_class(results)
 
 
 def test_model_unified_is_the_mean_of_per_class_figures():
     outputs = _outputs([0.0, 0.2])
     outputs.base_scores[:3] = [0.9, 0.0, 0.9]  # spoil class0 a little
+    outputs.maps[3, 5, 5] = outputs.maps[5, 6, 6] = 0.9  # and two of its normal pixels
     results = results_table(outputs, "revdist", ("none",))
     per_class = results["per_class"]["none"]
     model_unified = [r for r in results["rows"] if r["protocol"] == "model-unified"][0]
-    expected = np.mean([per_class["class0"]["i_auroc"], per_class["class1"]["i_auroc"]])
-    assert model_unified["i_auroc"] == pytest.approx(expected)
-    assert per_class["class0"]["i_auroc"] < 1.0
+    for key in METRICS:
+        expected = np.mean([per_class["class0"][key], per_class["class1"][key]])
+        assert model_unified[key] == pytest.approx(expected)
+    for key in ("i_auroc", "i_f1max", "p_auroc", "p_f1max", "aupro"):
+        assert per_class["class0"][key] < 1.0
 
 
 def test_class_without_anomalous_images_gives_none_not_a_crash():
@@ -69,3 +90,36 @@ def test_class_without_anomalous_images_gives_none_not_a_crash():
     assert results["per_class"]["none"]["class1"]["i_auroc"] is None
     model_unified = [r for r in results["rows"] if r["protocol"] == "model-unified"][0]
     assert model_unified["i_auroc"] == pytest.approx(results["per_class"]["none"]["class0"]["i_auroc"])
+    for key in ("p_auroc", "p_f1max", "aupro", "p_f1max_threshold"):
+        assert results["per_class"]["none"]["class1"][key] is None
+    assert model_unified["aupro"] == pytest.approx(results["per_class"]["none"]["class0"]["aupro"])
+    assert "aupro=-" in format_per_class(results)
+
+
+def test_figures_equal_the_metrics_on_the_materialised_aligned_maps():
+    """evaluate reads the aligned maps of a subset lazily; the figures must be those of the full arrays."""
+    outputs = _outputs([0.0, 0.3, 0.6], per_class=12)
+    rng = np.random.default_rng(1)
+    outputs.maps += torch.from_numpy(rng.normal(0, 0.2, outputs.maps.shape).astype(np.float32))
+    outputs.spread[:] = rng.uniform(0.5, 2.0, outputs.spread.shape)
+    outputs.has_mask[3] = False  # an anomalous image without mask: out of the pixel metrics only
+    results = results_table(outputs, "revdist", ("none", "cada"))
+    class_names = outputs.class_names
+    for align_name, subset, got in [
+        ("none", np.arange(36), results["rows"][0]),
+        ("cada", np.arange(36), results["rows"][2]),
+        ("cada", np.flatnonzero(class_names == "class0"), results["per_class"]["cada"]["class0"]),
+        ("none", np.flatnonzero(class_names == "class2"), results["per_class"]["none"]["class2"]),
+    ]:
+        u, spread = torch.from_numpy(outputs.u[subset]), torch.from_numpy(outputs.spread[subset])
+        image_scores, maps = torch.from_numpy(outputs.base_scores[subset]), outputs.maps[subset]
+        if align_name == "cada":
+            image_scores, maps = align(image_scores, u, spread), align(maps, u, spread)
+        image = binary_metrics(image_scores, outputs.labels[subset])
+        keep = outputs.has_mask[subset]
+        pixel = pixel_metrics(maps[keep], outputs.masks[subset][keep])
+        assert got["i_auroc"] == image["auroc"] and got["i_ap"] == image["ap"]
+        assert (got["i_f1max"], got["i_f1max_threshold"]) == (image["f1max"], image["f1max_threshold"])
+        assert (got["p_auroc"], got["p_ap"], got["aupro"]) == (pixel["auroc"], pixel["ap"], pixel["aupro"])
+        assert (got["p_f1max"], got["p_f1max_threshold"]) == (pixel["f1max"], pixel["f1max_threshold"])
+    assert 0.5 < results["rows"][0]["aupro"] < 1.0

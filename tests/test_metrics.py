@@ -1,16 +1,12 @@
-"""Tests for cada.metrics against scikit-learn.
-
-Running this file directly (``PYTHONPATH=src python tests/test_metrics.py [n_maps]``)
-instead times ``binary_metrics`` and scikit-learn on pixel-sized data; see ``_bench``.
-"""
+"""cada.metrics against scikit-learn and a brute-force AUPRO (timing: benchmarks/pixel_metrics.py)."""
 
 import numpy as np
 import pytest
+import sklearn.metrics as skm
 import torch
 
-from cada.metrics import auroc, average_precision, binary_metrics
-
-skm = pytest.importorskip("sklearn.metrics")
+import cada.metrics
+from cada.metrics import aupro, auroc, average_precision, binary_metrics, f1_max, pixel_metrics
 
 SEEDS = [0, 1, 2, 3, 4]
 
@@ -147,41 +143,208 @@ def test_labels_not_binary(labels):
         auroc(np.arange(4.0), np.array(labels))
 
 
-def _bench():
-    """By hand: time and peak RSS on 1725 maps of 256x256 float32 (~113M pixels, ~3% anomalous).
-
-    Each method runs in a fresh subprocess so ru_maxrss is its own peak.
-    """
-    import resource
-    import subprocess
-    import sys
-    import time
-
-    if len(sys.argv) > 2:  # child process: generate the data and run one method
-        which, n_maps = sys.argv[1], int(sys.argv[2])
-        rng = np.random.default_rng(0)
-        blobs = rng.random((n_maps, 16, 16)) < 0.03  # 16x16-pixel anomalous blocks
-        labels = blobs.repeat(16, axis=1).repeat(16, axis=2)
-        scores = rng.standard_normal(labels.shape, dtype=np.float32)
-        scores[labels] += 1.5  # (1.5 * labels would allocate a float64 array)
-        with open("/proc/self/statm") as f:  # Linux: current RSS before the metric runs
-            rss0 = int(f.read().split()[1]) * resource.getpagesize() / 2**30
-        t0 = time.perf_counter()
-        if which == "cada":
-            res = binary_metrics(scores, labels)
-        else:
-            y, s = labels.ravel(), scores.ravel()
-            res = {"auroc": skm.roc_auc_score(y, s), "ap": skm.average_precision_score(y, s)}
-        dt = time.perf_counter() - t0
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(f"{which:8s} n={scores.size:,} pos={labels.mean():.3%}  {dt:6.1f} s  "
-              f"peak RSS {rss:5.2f} GiB (before: {rss0:.2f} GiB, +{rss - rss0:.2f})  "
-              f"auroc={res['auroc']:.12f} ap={res['ap']:.12f}", flush=True)
-        return
-    n_maps = sys.argv[1] if len(sys.argv) > 1 else "1725"
-    for which in ("cada", "sklearn"):
-        subprocess.run([sys.executable, __file__, which, n_maps], check=False)
+# ---- F1-max -------------------------------------------------------------------------------------------
 
 
-if __name__ == "__main__":
-    _bench()
+def _check_f1(scores, labels):
+    """Against the maximum of 2PR/(P+R) over scikit-learn's precision_recall_curve (ascending thresholds)."""
+    precision, recall, thresholds = skm.precision_recall_curve(labels.ravel(), scores.ravel())
+    precision, recall = precision[:-1], recall[:-1]  # the last point (P=1, R=0) has no threshold
+    denominator = precision + recall
+    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
+    best, threshold = f1_max(scores, labels)
+    assert best == pytest.approx(f1.max(), abs=1e-12)
+    # among (numerically) tied maxima, the lowest threshold
+    assert threshold == thresholds[np.flatnonzero(f1 >= f1.max() - 1e-12)[0]]
+    assert binary_metrics(scores, labels)["f1max"] == best
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("pos_frac", [0.01, 0.1, 0.5, 0.97])
+def test_f1_max_against_sklearn(seed, pos_frac):
+    scores, labels = _data(seed, n=1000, pos_frac=pos_frac)
+    _check_f1(scores, labels)
+    _check_f1(np.round(scores, 1), labels)  # ties
+    _check_f1(np.floor(scores * 2).astype(np.int64), labels.astype(np.uint8))
+    _check_f1(scores.astype(np.float32).reshape(40, 25), labels.reshape(40, 25))
+
+
+def test_f1_max_small_exact_values():
+    # thresholds 0.8: TP 1, FP 0 -> F1 2/3; 0.4: TP 2, FP 2 -> 2/3 too (the lower wins); 0.1: 4/7
+    scores = np.array([0.1, 0.4, 0.4, 0.4, 0.8])
+    labels = np.array([0, 0, 0, 1, 1])
+    assert f1_max(scores, labels) == (pytest.approx(2 / 3), 0.4)
+    _check_f1(scores, labels)
+
+
+def test_f1_max_constant_and_perfect():
+    labels = np.array([0, 1, 0, 0, 1, 0, 0, 0])
+    # one threshold: everything predicted anomalous, P = 2/8, R = 1
+    assert f1_max(np.full(8, 0.3), labels) == (pytest.approx(2 * 0.25 / 1.25), 0.3)
+    _check_f1(np.full(8, 0.3), labels)
+    scores = np.arange(8.0) + 10 * labels
+    assert f1_max(scores, labels) == (1.0, 11.0)
+    with pytest.raises(ValueError, match="f1_max needs both .* got 0 anomalous"):
+        f1_max(scores, np.zeros(8))
+
+
+# ---- AUPRO --------------------------------------------------------------------------------------------
+
+
+def _components(mask):
+    """8-connected components by flood fill: (labels 1..n, n). Independent of scipy on purpose."""
+    labels, n = np.zeros(mask.shape, int), 0
+    for start in zip(*np.nonzero(mask)):
+        if labels[start]:
+            continue
+        n += 1
+        labels[start], stack = n, [start]
+        while stack:
+            i, j = stack.pop()
+            for a in range(max(i - 1, 0), min(i + 2, mask.shape[0])):
+                for b in range(max(j - 1, 0), min(j + 2, mask.shape[1])):
+                    if mask[a, b] and not labels[a, b]:
+                        labels[a, b] = n
+                        stack.append((a, b))
+    return labels, n
+
+
+def _brute_aupro(maps, masks, fpr_limit):
+    """The definition, threshold by threshold: the PRO(FPR) curve from (0, 0) through every distinct score,
+    trapezoids up to fpr_limit (the last one cut where the curve crosses it), divided by fpr_limit."""
+    regions = []
+    for i, mask in enumerate(masks):
+        labels, n = _components(mask)
+        regions += [(i, labels == k) for k in range(1, n + 1)]
+    normal = ~masks
+    fpr, pro = [0.0], [0.0]
+    for t in np.unique(maps)[::-1]:
+        above = maps >= t
+        fpr.append(above[normal].mean())
+        pro.append(np.mean([above[i][region].mean() for i, region in regions]))
+    area = 0.0
+    for x0, y0, x1, y1 in zip(fpr, pro, fpr[1:], pro[1:]):
+        if x0 >= fpr_limit:
+            break
+        if x1 > fpr_limit:  # interpolate the curve at the limit
+            x1, y1 = fpr_limit, y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
+        area += (x1 - x0) * (y0 + y1) / 2
+    return area / fpr_limit
+
+
+def _pixel_data(seed, n=6, h=9, w=11):
+    """Random masks (many small regions, diagonal contacts), a rectangle, and images without any region."""
+    rng = np.random.default_rng(seed)
+    masks = rng.random((n, h, w)) < 0.12
+    masks[1, 2:6, 3:8] = True
+    masks[::3] = False  # images 0, 3: no region
+    maps = rng.normal(size=masks.shape) + 1.5 * masks
+    return maps, masks
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("fpr_limit", [0.01, 0.05, 0.3, 1.0])
+def test_aupro_against_brute_force(seed, fpr_limit):
+    maps, masks = _pixel_data(seed)
+    assert aupro(maps, masks, fpr_limit) == pytest.approx(_brute_aupro(maps, masks, fpr_limit), abs=1e-12)
+    ties = np.round(maps, 1)  # ties inside regions, and between normal and anomalous pixels
+    assert aupro(ties, masks, fpr_limit) == pytest.approx(_brute_aupro(ties, masks, fpr_limit), abs=1e-12)
+    coarse = np.floor(maps).astype(np.float32)  # a handful of distinct values
+    assert aupro(coarse, masks, fpr_limit) == pytest.approx(_brute_aupro(coarse, masks, fpr_limit), abs=1e-7)
+
+
+def test_aupro_hand_made_values():
+    masks = np.zeros((2, 4, 4), bool)
+    masks[0, 0, 0] = masks[0, 1, 1] = True  # one region: diagonal neighbours are connected (8-connectivity)
+    masks[1, 3, 3] = True
+    maps = np.zeros(masks.shape)
+    maps[0, 0, 0] = maps[1, 3, 3] = 1.0
+    maps[0, 1, 1] = -1.0  # below every normal pixel: half of the first region is never found before FPR = 1
+    # PRO = (1/2 + 1) / 2 at every FPR < 1 (with 4-connectivity it would be (1 + 0 + 1) / 3)
+    assert aupro(maps, masks) == pytest.approx(0.75)
+    assert aupro(maps, masks, fpr_limit=1.0) == pytest.approx(_brute_aupro(maps, masks, 1.0))
+    assert aupro(np.where(masks, 1.0, 0.0), masks) == 1.0  # perfect
+    assert aupro(np.where(masks, 0.0, 1.0), masks) == 0.0  # inverted
+    # constant scores: one threshold, the curve is the diagonal PRO = FPR, so the area is limit^2 / 2
+    assert aupro(np.full(masks.shape, 0.5), masks, 0.3) == pytest.approx(0.15)
+
+
+def test_aupro_is_auroc_when_every_pixel_weighs_the_same():
+    # Regions of one pixel each, apart from one another: uniform PRO weights, and up to FPR 1 the area is AUROC.
+    rng = np.random.default_rng(0)
+    masks = np.zeros((5, 12, 12), bool)
+    masks[:, ::3, ::3] = rng.random((5, 4, 4)) < 0.5
+    maps = np.round(rng.normal(size=masks.shape) + masks, 1)
+    assert aupro(maps, masks, fpr_limit=1.0) == pytest.approx(auroc(maps, masks), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_pixel_metrics_against_references(seed):
+    maps, masks = _pixel_data(seed)
+    maps = np.round(maps, 1).astype(np.float32)
+    got = pixel_metrics(torch.from_numpy(maps), torch.from_numpy(masks))
+    assert got["auroc"] == pytest.approx(skm.roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    assert got["ap"] == pytest.approx(skm.average_precision_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    assert (got["f1max"], got["f1max_threshold"]) == f1_max(maps, masks)
+    _check_f1(maps, masks)
+    assert got["aupro"] == pytest.approx(_brute_aupro(maps, masks, 0.3), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_pixel_metrics_the_same_read_in_small_chunks(seed, monkeypatch):
+    # Regions are labelled chunk by chunk: region ids must stay distinct across chunks.
+    maps, masks = _pixel_data(seed, n=7)
+    whole = pixel_metrics(maps, masks)
+    monkeypatch.setattr(cada.metrics, "_CHUNK", 2 * maps[0].size)  # two images per chunk
+    assert pixel_metrics(maps, masks) == whole
+    monkeypatch.setattr(cada.metrics, "_CHUNK", 1)
+    assert pixel_metrics(maps, masks) == whole
+    assert whole["aupro"] == pytest.approx(_brute_aupro(maps, masks, 0.3), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("block", [1, 2, 7])
+def test_positives_walked_in_small_blocks(seed, block, monkeypatch):
+    # Blocks must not split a run of equal positive scores (the coarse scores have long runs).
+    maps, masks = _pixel_data(seed)
+    for scores in (maps, np.round(maps, 1), np.floor(maps)):
+        whole = pixel_metrics(scores, masks)
+        with monkeypatch.context() as patch:
+            patch.setattr(cada.metrics, "_BLOCK", block)
+            blocked = pixel_metrics(scores, masks)
+        assert blocked == pytest.approx(whole, abs=1e-12)
+        assert blocked["f1max_threshold"] == whole["f1max_threshold"]
+
+
+def test_pixel_metrics_reads_lazy_maps():
+    class Doubled:  # only .shape and slicing, as evaluate's aligned view
+        shape = (6, 9, 11)
+
+        def __getitem__(self, rows):
+            return 2 * maps[rows]
+
+    maps, masks = _pixel_data(0)
+    assert pixel_metrics(Doubled(), masks.astype(np.uint8)) == pixel_metrics(maps, masks) | {
+        "f1max_threshold": 2 * pixel_metrics(maps, masks)["f1max_threshold"]}
+
+
+def test_pixel_metrics_degenerate_inputs():
+    maps = np.random.default_rng(0).random((3, 5, 5))
+    with pytest.raises(ValueError, match="aupro needs both normal and anomalous pixels; got 0 anomalous out of 75"):
+        aupro(maps, np.zeros(maps.shape, bool))
+    with pytest.raises(ValueError, match="pixel_metrics needs both .* got 0 normal out of 75"):
+        pixel_metrics(maps, np.ones(maps.shape, bool))
+    masks = maps > 0.8
+    with pytest.raises(ValueError, match="N x H x W"):
+        aupro(maps[0], masks[0])
+    with pytest.raises(ValueError, match=r"\(3, 5, 5\) and \(3, 5, 4\)"):
+        pixel_metrics(maps, masks[..., :4])
+    with pytest.raises(ValueError, match="fpr_limit must be in"):
+        aupro(maps, masks, fpr_limit=0.0)
+    with pytest.raises(ValueError, match="fpr_limit must be in"):
+        aupro(maps, masks, fpr_limit=1.5)
+    maps[1, 2, 2] = np.nan
+    with pytest.raises(ValueError, match="1 non-finite"):
+        pixel_metrics(maps, masks)
+    with pytest.raises(ValueError, match="labels must be 0/1"):
+        pixel_metrics(maps, masks * 2)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -16,9 +19,33 @@ from cada.align import Aligner, create_aligner
 from cada.config import Settings
 from cada.config import preset as make_preset
 from cada.data.dataset import load_all, normalize
-from cada.data.mvtec import Sample, mvtec_samples
+from cada.data.layouts import find_samples
+from cada.data.mvtec import Sample
 from cada.methods import BaseMethod, create_method
 from cada.scoring import align, image_score, smooth
+from cada.threshold import threshold_at_fpr, threshold_f1
+
+
+def split_holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(kept, held out): `fraction` of each class's images, drawn with `seed`, at least one kept per class."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"the held-out fraction must be in [0, 1), got {fraction}")
+    if fraction == 0:
+        return list(samples), []
+    rng = np.random.default_rng(seed)
+    held = set()
+    for name in sorted({s.class_name for s in samples}):
+        members = [i for i, s in enumerate(samples) if s.class_name == name]
+        count = min(len(members) - 1, round(fraction * len(members)))
+        held.update(rng.choice(members, size=count, replace=False).tolist() if count > 0 else [])
+    return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
+
+
+def _batches(images: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 16) -> Iterable[torch.Tensor]:
+    """A uint8 tensor (one image or N) split into batches; an iterable of batches passes through."""
+    if isinstance(images, torch.Tensor):
+        return (images.unsqueeze(0) if images.dim() == 3 else images).split(batch_size)
+    return images
 
 
 @dataclass
@@ -29,6 +56,7 @@ class BatchResult:
     base_scores: torch.Tensor  # B
     u: torch.Tensor  # B
     spread: torch.Tensor  # B, gamma - u kept away from zero
+    align_features: torch.Tensor  # B x C x h x w, what the aligner read
 
     @property
     def aligned_scores(self) -> torch.Tensor:
@@ -61,48 +89,67 @@ class Detector:
             self.settings.method, self.settings.backbone, self.settings.image_size, pretrained, weights_path
         )
         self.aligner: Aligner = create_aligner(self.settings.align, self.method.align_channels, self.settings.aligner)
-        self.threshold: float | None = None
+        # How the one decision threshold was chosen; None until calibrated (see `calibrate`).
+        self.calibration: dict | None = None
         self.training_info: dict = {}
         self.eval()
 
     # -- training ---------------------------------------------------------------------------------------
-    def fit(self, data: str | Path | Sequence[Sample], progress: bool = True) -> "Detector":
+    def fit(self, data: str | Path | Sequence[Sample], progress: bool = True, holdout: float = 0.0,
+            fpr: float = 0.01, format: str = "auto", cache_dir: str | Path | None = "auto") -> "Detector":
         """Train the base method, then the aligner, on the normal images of every class of `data` mixed.
 
-        `data` is an MVTec-layout root (its train/good images are used) or a list of samples.
+        `data` is a data root (MVTec AD, VisA, BTAD or a folder of normal images, see `format`; its training
+        split is used) or a list of samples. Decoded images are cached under `cache_dir`. With `holdout`,
+        that fraction of each class's training images is kept out of training and used to calibrate the
+        threshold at false-positive rate `fpr`.
         """
-        samples = mvtec_samples(data, "train") if isinstance(data, (str, Path)) else list(data)
+        chosen = "samples"
+        if isinstance(data, (str, Path)):
+            samples, chosen = find_samples(data, "train", format)
+        else:
+            samples = list(data)
         if not samples:
             raise ValueError("no training images given")
         settings = self.settings
-        images, samples = load_all(samples, settings.image_size)
+        samples, held_out = split_holdout(samples, holdout, settings.seed)
+        images, samples = load_all(samples, settings.image_size, cache_dir=cache_dir)
         generator = torch.Generator().manual_seed(settings.seed)
         started = time.perf_counter()
         base_losses = self.method.fit(images, settings.base, generator, progress, cache_gib=settings.feature_cache_gib)
         base_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        features, targets = self.training_statistics(images, progress)
-        aligner_settings = settings.aligner
-        if aligner_settings.smooth_l1_alpha is None:
-            aligner_settings.smooth_l1_alpha = self.method.score_scale
-        aligner_losses = self.aligner.fit(
-            features, targets, aligner_settings, generator, [s.class_name for s in samples], progress
-        )
+        features, image_stats = self.training_statistics(images, progress)
+        aligner_losses = self.fit_aligner(features, image_stats, [s.class_name for s in samples], generator, progress)
         self.eval()
         self.training_info = {
+            "data": str(data) if isinstance(data, (str, Path)) else None,
+            "format": chosen,
             "n_images": len(samples),
             "classes": sorted({s.class_name for s in samples}),
             "base_seconds": round(base_seconds, 1),
             "aligner_seconds": round(time.perf_counter() - started, 1),
             "base_loss_first_last": [base_losses[0], base_losses[-1]],
             "aligner_loss_first_last": [aligner_losses[0], aligner_losses[-1]] if aligner_losses else None,
-            "target_mean_u_gamma": targets.mean(dim=0).tolist(),
+            "mean_image_stats": dict(zip(("mean", "max", "std"), image_stats.mean(dim=0).tolist())),
         }
+        if held_out:
+            held_out_images, held_out = load_all(held_out, settings.image_size, cache_dir=cache_dir)
+            self.calibrate(held_out_images, fpr, source=f"{len(held_out)} training images held out ({holdout:.0%} per class)")
         return self
+
+    def fit_aligner(self, features: torch.Tensor, image_stats: torch.Tensor, class_names: list[str],
+                    generator: torch.Generator | None = None, progress: bool = True) -> list[float]:
+        """Train the aligner alone on cached training statistics; the base method is not touched."""
+        settings = self.settings.aligner
+        if settings.smooth_l1_alpha is None:
+            settings.smooth_l1_alpha = self.method.score_scale
+        generator = generator or torch.Generator().manual_seed(self.settings.seed)
+        return self.aligner.fit(features, image_stats, settings, generator, class_names, progress)
 
     @torch.inference_mode()
     def training_statistics(self, images: torch.Tensor, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Aligner inputs and targets: features and per-image (mean, max) of the raw map, from the frozen base."""
+        """Aligner inputs and targets: features and per-image (mean, max, std) of the raw map, from the frozen base."""
         self.eval()
         features, targets = [], []
         batch_size = self.settings.base.batch_size
@@ -110,8 +157,52 @@ class Detector:
             output = self.method(normalize(images[start : start + batch_size]))
             raw = output.anomaly_map.flatten(1)
             features.append(output.align_features)
-            targets.append(torch.stack([raw.mean(dim=1), raw.amax(dim=1)], dim=1))
+            targets.append(torch.stack([raw.mean(dim=1), raw.amax(dim=1), raw.std(dim=1)], dim=1))
         return torch.cat(features).clone(), torch.cat(targets).clone()
+
+    # -- the one threshold -------------------------------------------------------------------------------
+    @property
+    def threshold(self) -> float | None:
+        """Aligned image scores >= threshold are anomalous, whatever the product."""
+        return None if self.calibration is None else self.calibration["threshold"]
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """Per map ('none': the base map, and the aligner's), for evaluating decisions of both."""
+        if self.calibration is None:
+            return {}
+        return {"none": self.calibration["base_threshold"], self.settings.align: self.calibration["threshold"]}
+
+    def _all_scores(self, images) -> tuple[np.ndarray, np.ndarray]:
+        base, aligned = [], []
+        for batch in _batches(images):
+            result = self.infer(batch)
+            base.append(result.base_scores)
+            aligned.append(result.aligned_scores)
+        return torch.cat(base).numpy(), torch.cat(aligned).numpy()
+
+    def calibrate(self, normal_images, fpr: float = 0.01, source: str = "") -> dict:
+        """Choose the threshold from held-out normal images (uint8 tensors or batches) at a target false-positive rate.
+
+        Never calibrate on test images: the point is an honest false-positive rate on new ones.
+        """
+        base, aligned = self._all_scores(normal_images)
+        if fpr > 0 and fpr * len(aligned) < 1:
+            warnings.warn(f"{len(aligned)} normal images cannot resolve a false-positive rate of {fpr}: the "
+                          f"threshold is set above all of them (use at least {math.ceil(1 / fpr)} images)")
+        self.calibration = {"threshold": threshold_at_fpr(aligned, fpr), "base_threshold": threshold_at_fpr(base, fpr),
+                            "how": "fpr", "target_fpr": fpr, "n_normal": len(aligned), "n_anomalous": 0,
+                            "source": source}
+        return self.calibration
+
+    def calibrate_f1(self, images, labels, source: str = "") -> dict:
+        """Choose the F1-optimal threshold on a labelled validation set (not the test set)."""
+        base, aligned = self._all_scores(images)
+        labels = np.asarray(labels, dtype=bool)
+        self.calibration = {"threshold": threshold_f1(aligned, labels), "base_threshold": threshold_f1(base, labels),
+                            "how": "f1", "target_fpr": None, "n_normal": int((~labels).sum()),
+                            "n_anomalous": int(labels.sum()), "source": source}
+        return self.calibration
 
     # -- inference ---------------------------------------------------------------------------------------
     def eval(self) -> "Detector":
@@ -120,28 +211,26 @@ class Detector:
         return self
 
     @torch.inference_mode()
-    def infer(self, images: torch.Tensor) -> BatchResult:
-        """uint8 B x 3 x S x S (already resized) -> smoothed base maps, base scores and alignment statistics."""
+    def infer(self, images: torch.Tensor, class_names: list[str] | None = None) -> BatchResult:
+        """uint8 B x 3 x S x S (already resized) -> smoothed base maps, base scores and alignment statistics.
+
+        `class_names` is read only by the class-aware reference aligner (CaDA-A); the detector itself never needs it.
+        """
         output = self.method(normalize(images))
         maps = smooth(output.anomaly_map, self.settings.smoothing_sigma)
-        u, gamma = self.aligner.stats(output.align_features)
-        return BatchResult(maps, image_score(maps, self.settings.top_fraction), u, self.aligner.spread(u, gamma))
+        u, gamma = self.aligner.stats(output.align_features, class_names)
+        return BatchResult(maps, image_score(maps, self.settings.top_fraction), u, self.aligner.spread(u, gamma),
+                           output.align_features)
 
     def predict(self, images: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 16) -> Prediction:
         """Aligned image scores and maps (and decisions, once a threshold is set) for uint8 images."""
-        if isinstance(images, torch.Tensor):
-            if images.dim() == 3:
-                images = images.unsqueeze(0)
-            batches = images.split(batch_size)
-        else:
-            batches = images
         scores, maps = [], []
-        for batch in batches:
+        for batch in _batches(images, batch_size):
             result = self.infer(batch)
             scores.append(result.aligned_scores)
             maps.append(result.aligned_maps)
         score_tensor = torch.cat(scores)
-        decisions = None if self.threshold is None else score_tensor > self.threshold
+        decisions = None if self.threshold is None else score_tensor >= self.threshold
         return Prediction(score_tensor, torch.cat(maps), decisions)
 
     # -- persistence -------------------------------------------------------------------------------------
@@ -151,8 +240,9 @@ class Detector:
     def save(self, folder: str | Path) -> Path:
         config = {
             "settings": self.settings.to_dict(),
-            "threshold": self.threshold,
+            "calibration": self.calibration,
             "training": self.training_info,
+            "aligner_state": self.aligner.config_state(),
         }
         return checkpoint.save_run(folder, self._modules().state_dict(), config)
 
@@ -160,6 +250,7 @@ class Detector:
     def load(cls, folder: str | Path) -> "Detector":
         config = checkpoint.read_config(folder)
         detector = cls(Settings.from_dict(config["settings"]), pretrained=False)
+        detector.aligner.load_config_state(config.get("aligner_state", {}))
         state = checkpoint.load_weights(folder)
         try:
             detector._modules().load_state_dict(state, strict=True)
@@ -167,6 +258,6 @@ class Detector:
             raise checkpoint.IncompatibleRunError(
                 f"the weights in {folder} do not fit the model its config describes: {error}"
             ) from error
-        detector.threshold = config.get("threshold")
+        detector.calibration = config.get("calibration")
         detector.training_info = config.get("training", {})
         return detector.eval()

@@ -12,9 +12,8 @@ from cada.config import ALIGNERS, METHODS, preset
 
 
 def _settings_from_args(args):
-    settings = preset(args.preset)
+    settings = preset(args.preset, args.method)  # each method has its own schedule (optimiser, iterations, size)
     settings.align = args.align
-    settings.method = args.method
     settings.seed = args.seed
     if args.backbone:
         settings.backbone = args.backbone
@@ -27,30 +26,45 @@ def _settings_from_args(args):
     return settings.validate()
 
 
-def train_and_save(settings, data: Path, out: Path, weights: str | None = None, progress: bool = True):
+def train_and_save(settings, data: Path, out: Path, weights: str | None = None, progress: bool = True,
+                   holdout: float = 0.0, fpr: float = 0.01, format: str = "auto", cache_dir="auto"):
     from cada.api import Detector
 
     detector = Detector(settings, weights_path=weights)
     print(f"training {settings.method} ({settings.backbone}, {settings.image_size}px, {settings.base.iters} iters) "
           f"+ aligner {settings.align} on all classes of {data} mixed")
-    detector.fit(data, progress=progress)
+    detector.fit(data, progress=progress, holdout=holdout, fpr=fpr, format=format, cache_dir=cache_dir)
     info = detector.training_info
+    print(f"  data layout: {info['format']}")
     print(f"  {info['n_images']} training images of {len(info['classes'])} classes; base {info['base_seconds']} s, "
           f"aligner {info['aligner_seconds']} s")
+    if detector.calibration:
+        _print_calibration(detector.calibration)
     detector.save(out)
     print(f"saved run to {out}")
     return detector
 
 
-def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: bool = True) -> dict:
-    from cada.data.mvtec import mvtec_samples
-    from cada.evaluate import collect, format_per_class, format_table, results_table
+def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: bool = True,
+                        plots_dir: Path | None = None, samples=None, cache_dir="auto",
+                        report_dir: Path | None = None) -> dict:
+    """Evaluate on the test split of `data` (or on `samples`), print the tables, write JSON and plots."""
+    from cada.data.duplicates import warn_duplicates
+    from cada.evaluate import collect, format_decisions, format_per_class, format_table, results_table
 
-    samples = mvtec_samples(data, "test")
+    if samples is None:
+        samples = _samples(data, "test")
+    trained_on = detector.training_info.get("data")
+    if trained_on and Path(trained_on).is_dir():
+        try:
+            warn_duplicates(_samples(trained_on, "train", detector.training_info.get("format", "auto"), quiet=True),
+                            samples)
+        except (FileNotFoundError, ValueError):
+            pass  # the training data moved or changed layout: nothing to compare with
     started = time.perf_counter()
-    outputs = collect(detector, samples, progress=progress)
+    outputs = collect(detector, samples, progress=progress, cache_dir=cache_dir)
     aligners = ("none",) if detector.settings.align == "none" else ("none", detector.settings.align)
-    results = results_table(outputs, detector.settings.method, aligners)
+    results = results_table(outputs, detector.settings.method, aligners, detector.thresholds)
     results["meta"] = {
         "data": str(data),
         "n_test_images": len(outputs.samples),
@@ -61,6 +75,21 @@ def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: 
     print(format_table(results))
     print("per class:")
     print(format_per_class(results))
+    if detector.calibration:
+        print(f"at the stored threshold ({detector.calibration['how']}, {detector.calibration['source']}):")
+        print(format_decisions(results))
+    figure = None
+    if plots_dir or report_dir:
+        from cada.report.plots import score_distributions
+
+        figure = score_distributions(outputs.base_scores, outputs.u, outputs.spread, outputs.labels,
+                                     outputs.class_names, (plots_dir or report_dir) / "score_distributions.png",
+                                     detector.settings.align)
+        print(f"wrote {figure}")
+    if report_dir:
+        from cada.report.html import write_report
+
+        print(f"wrote {write_report(report_dir, results, outputs, detector, figure)}")
     if json_path:
         from cada.checkpoint import write_json
 
@@ -68,6 +97,19 @@ def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: 
         write_json(json_path, results)
         print(f"wrote {json_path}")
     return results
+
+
+def _samples(root, split: str, format: str = "auto", quiet: bool = False):
+    from cada.data.layouts import find_samples
+
+    samples, chosen = find_samples(root, split, format)
+    if format == "auto" and not quiet:
+        print(f"data layout of {root}: {chosen}")
+    return samples
+
+
+def _cache_dir(args):
+    return None if getattr(args, "no_cache", False) else "auto"
 
 
 def cmd_synth(args) -> int:
@@ -80,15 +122,92 @@ def cmd_synth(args) -> int:
 
 
 def cmd_train(args) -> int:
-    train_and_save(_settings_from_args(args), Path(args.data), Path(args.out), args.weights, not args.quiet)
+    train_and_save(_settings_from_args(args), Path(args.data), Path(args.out), args.weights, not args.quiet,
+                   args.holdout, args.fpr, args.format, _cache_dir(args))
+    return 0
+
+
+def _print_calibration(calibration: dict) -> None:
+    how = (f"at false-positive rate {calibration['target_fpr']}" if calibration["how"] == "fpr"
+           else "F1-optimal on labelled validation images")
+    print(f"threshold {calibration['threshold']:.4f} (aligned score; base map {calibration['base_threshold']:.4f}) "
+          f"chosen {how} from {calibration['source']}")
+
+
+def cmd_calibrate(args) -> int:
+    from cada.api import Detector
+    from cada.data.dataset import load_all
+    from cada.data.folder import folder_samples
+
+    detector = Detector.load(args.run)
+    size = detector.settings.image_size
+    if args.val:
+        samples = _samples(args.val, "test", args.format)
+        images, samples = load_all(samples, size, cache_dir=_cache_dir(args))
+        detector.calibrate_f1(images, [s.label for s in samples], source=f"{len(samples)} labelled images of {args.val}")
+    else:
+        samples = folder_samples(normal=args.normal)
+        images, samples = load_all(samples, size, cache_dir=_cache_dir(args))
+        detector.calibrate(images, args.fpr, source=f"{len(samples)} normal images in {', '.join(args.normal)}")
+    detector.save(args.run)
+    _print_calibration(detector.calibration)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from cada.api import Detector
+    from cada.export import export_onnx, sidecar_path
+
+    try:
+        import onnx  # noqa: F401 - torch's exporter needs it
+    except ImportError:
+        raise ValueError('ONNX export needs the onnx package: pip install -e ".[export]"') from None
+    out = export_onnx(Detector.load(args.run), args.out)
+    print(f"wrote {out} and {sidecar_path(out)}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from cada.predict import detector_scorer, predict_paths
+
+    target = Path(args.model)
+    if target.suffix == ".onnx":
+        from cada.export import onnx_scorer
+
+        scorer, image_size, threshold, description = onnx_scorer(target)
+    else:
+        from cada.api import Detector
+
+        detector = Detector.load(target)
+        scorer, image_size, threshold = detector_scorer(detector), detector.settings.image_size, detector.threshold
+        description = {"run": str(target)}
+    if threshold is None:
+        print("note: the run has no threshold yet (cada calibrate); scores only, no decisions", file=sys.stderr)
+    summary = predict_paths(scorer, image_size, threshold, args.paths, args.out, args.overlays, args.masks,
+                            args.batch_size, not args.quiet, description)
+    for message in summary["skipped"]:
+        print(f"skipped: {message}", file=sys.stderr)
+    print(f"{summary['n_images']} images, {summary['n_anomalous']} anomalous, {len(summary['skipped'])} skipped; "
+          f"{summary['images_per_second']} images/s; wrote {Path(args.out) / 'predictions.csv'}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from cada.api import Detector
+    from cada.data.folder import folder_samples
 
     detector = Detector.load(args.run)
-    evaluate_and_report(detector, Path(args.data), Path(args.json) if args.json else None, not args.quiet)
+    if args.format == "folder":
+        if not (args.normal and args.anomalous):
+            raise ValueError("--format folder needs --normal DIR... and --anomalous DIR... (and optionally --masks)")
+        samples = folder_samples(args.normal, args.anomalous, args.masks or ())
+    else:
+        if not args.data:
+            raise ValueError("give --data ROOT, or --format folder with --normal/--anomalous folders")
+        samples = _samples(args.data, "test", args.format)
+    evaluate_and_report(detector, Path(args.data or args.anomalous[0]), Path(args.json) if args.json else None,
+                        not args.quiet, Path(args.plots) if args.plots else None, samples, _cache_dir(args),
+                        Path(args.report) if args.report else None)
     return 0
 
 
@@ -114,6 +233,83 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from cada.ablation import Ablation, format_rows, noisy_split, table_3, table_4, table_5
+    from cada.api import Detector
+    from cada.checkpoint import write_json
+    out = Path(args.out)
+    train_samples = _samples(args.data, "train", args.format)
+    test_samples = _samples(args.data, "test", args.format, quiet=True)
+    settings = _settings_from_args(args)
+    settings.align = "none"  # the base alone; every aligner is fitted afterwards on its cached outputs
+    started = time.perf_counter()
+    if args.run:
+        detector = Detector.load(args.run)
+    else:
+        detector = train_and_save(settings, Path(args.data), out / "base", args.weights, progress=not args.quiet)
+    base_seconds = time.perf_counter() - started
+
+    def run_tables(ablation: Ablation, tables) -> dict:
+        report = {}
+        base = ablation.base_rows()["absolute-unified"]
+        for title, variants in tables:
+            entries = [("base (no alignment)", base, None)]
+            for variant in variants:
+                rows, seconds = ablation.run(variant)
+                entries.append((variant.label, rows["absolute-unified"], seconds))
+                report.setdefault(title, []).append({"variant": variant.label, "seconds": round(seconds, 2), **rows})
+            print(format_rows(title, entries) + "\n")
+        return report
+
+    ablation = Ablation(detector, train_samples, test_samples, progress=not args.quiet)
+    print(f"base: trained or loaded in {base_seconds:.0f} s; cached training statistics and test outputs in "
+          f"{ablation.cache_seconds:.0f} s. Each variant below only fits an aligner on those caches.\n")
+    tables = [("Table 3: regressor structure, dropout, score reduction (absolute-unified)", table_3()),
+              ("Table 4: class-aware or agnostic (absolute-unified)", table_4()),
+              ("Table 5: (u, gamma) or (u, sigma) (absolute-unified)", table_5())]
+    report = {"base_seconds": round(base_seconds, 1), "cache_seconds": round(ablation.cache_seconds, 1),
+              "tables": run_tables(ablation, tables)}
+    if args.noise:
+        noisy_train, reduced_test = noisy_split(train_samples, test_samples, args.noise, args.seed)
+        moved = len(noisy_train) - len(train_samples)
+        print(f"noisy training set: {moved} anomalous test images ({args.noise:.0%} per class) moved into training; "
+              f"both bases below are evaluated on the {len(reduced_test)} remaining test images.\n")
+        clean = Ablation(detector, train_samples, reduced_test, progress=not args.quiet)
+        noisy_detector = Detector(settings, weights_path=args.weights).fit(noisy_train, progress=not args.quiet)
+        noisy = Ablation(noisy_detector, noisy_train, reduced_test, progress=not args.quiet)
+        report["noise"] = {
+            "fraction": args.noise, "moved": moved,
+            "clean": run_tables(clean, [("Table 5, clean training set", table_5())]),
+            "noisy": run_tables(noisy, [(f"Table 5, noisy training set ({args.noise:.0%})", table_5())]),
+        }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "ablation.json", report)
+    print(f"wrote {out / 'ablation.json'}")
+    return 0
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    from cada.data.layouts import FORMATS
+
+    parser.add_argument("--format", choices=FORMATS, default="auto",
+                        help="data layout (default: recognised from the folder, and said which)")
+    parser.add_argument("--no-cache", action="store_true", help="decode every image again instead of using the "
+                        "on-disk cache of decoded images ($CADA_CACHE_DIR, default ~/.cache/cada)")
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
+    parser.add_argument("--method", choices=METHODS, default="revdist")
+    parser.add_argument("--backbone", help="encoder name (default: the preset's)")
+    parser.add_argument("--weights", help="local encoder weights file (.pth or .safetensors)")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--iters", type=int, help="base training iterations (default: the preset's)")
+    parser.add_argument("--align-iters", type=int, help="aligner training iterations (default: the preset's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_data_options(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cada", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -137,22 +333,60 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train one model on the normal images of all classes mixed")
     train.add_argument("--data", required=True, help="data root in the MVTec AD layout")
     train.add_argument("--out", required=True, help="run folder to write")
-    train.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
-    train.add_argument("--method", choices=METHODS, default="revdist")
-    train.add_argument("--align", choices=ALIGNERS, default="cada")
-    train.add_argument("--backbone", help="encoder name (default: the preset's)")
-    train.add_argument("--weights", help="local encoder weights file (.pth or .safetensors)")
-    train.add_argument("--image-size", type=int)
-    train.add_argument("--iters", type=int, help="base training iterations (default: the preset's)")
-    train.add_argument("--align-iters", type=int, help="aligner training iterations (default: the preset's)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--quiet", action="store_true")
+    train.add_argument("--holdout", type=float, default=0.0,
+                       help="hold out this fraction of each class's training images to calibrate the threshold")
+    train.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate for --holdout calibration")
+    train.add_argument("--align", choices=ALIGNERS, default="cada",
+                       help="cada: (u, gamma) regressor; cada-sigma: (u, sigma); class-aware: CaDA-A, needs class "
+                            "names at test (a reference); classifier: CaDA-B; none: the base alone")
+    _add_training_options(train)
     train.set_defaults(func=cmd_train)
+
+    calibrate = commands.add_parser("calibrate", help="choose the one decision threshold of a run")
+    calibrate.add_argument("run", help="run folder; the threshold is stored in it")
+    source = calibrate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--normal", nargs="+", help="folders of held-out normal images (not the test set)")
+    source.add_argument("--val", help="labelled validation data (its test split): F1-optimal threshold")
+    calibrate.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate with --normal")
+    _add_data_options(calibrate)
+    calibrate.set_defaults(func=cmd_calibrate)
+
+    predict = commands.add_parser("predict", help="score images of any product: no class names, no layout")
+    predict.add_argument("model", help="run folder, or an exported .onnx file")
+    predict.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    predict.add_argument("--out", required=True, help="folder for predictions.csv/.json (and overlays, masks)")
+    predict.add_argument("--overlays", action="store_true", help="write a heatmap overlay PNG per image")
+    predict.add_argument("--masks", action="store_true", help="write a binary mask PNG per image (map >= threshold)")
+    predict.add_argument("--batch-size", type=int, default=16)
+    predict.add_argument("--quiet", action="store_true")
+    predict.set_defaults(func=cmd_predict)
+
+    export = commands.add_parser("export", help="one ONNX graph: image -> aligned map and image score")
+    export.add_argument("run", help="run folder")
+    export.add_argument("--format", choices=("onnx",), default="onnx")
+    export.add_argument("--out", required=True, help="the .onnx file to write (threshold and preprocessing: .json beside it)")
+    export.set_defaults(func=cmd_export)
+
+    ablate = commands.add_parser("ablate", help="the paper's Tables 3-5: train the base once, then every aligner")
+    ablate.add_argument("--data", required=True, help="data root in the MVTec AD layout")
+    ablate.add_argument("--out", required=True, help="folder for the base run and ablation.json")
+    ablate.add_argument("--run", help="reuse this trained run as the base instead of training one")
+    ablate.add_argument("--noise", type=float, default=0.0,
+                        help="also train a base on a noisy training set: this fraction of each class's anomalous "
+                             "test images moved into training, and compare (u, gamma) with (u, sigma) on it")
+    _add_training_options(ablate)
+    ablate.set_defaults(func=cmd_ablate, align="none")
 
     evaluate = commands.add_parser("evaluate", help="absolute-unified and model-unified metrics of a run")
     evaluate.add_argument("run", help="run folder written by `cada train`")
-    evaluate.add_argument("--data", required=True, help="data root in the MVTec AD layout (its test split is used)")
+    evaluate.add_argument("--data", help="data root (its test split is used)")
+    _add_data_options(evaluate)
+    evaluate.add_argument("--normal", nargs="+", help="with --format folder: folders of normal test images")
+    evaluate.add_argument("--anomalous", nargs="+", help="with --format folder: folders of anomalous test images")
+    evaluate.add_argument("--masks", nargs="+", help="with --format folder: mask folders (matched by file stem)")
     evaluate.add_argument("--json", help="write the results here")
+    evaluate.add_argument("--plots", help="folder for score_distributions.png (per class, before/after alignment)")
+    evaluate.add_argument("--report", help="folder for report.html: tables, score distributions, image gallery")
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
     return parser

@@ -5,19 +5,28 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-METHODS = ("revdist",)
-ALIGNERS = ("none", "cada")
+METHODS = ("revdist", "recontrast", "uniad")
+ALIGNERS = ("none", "cada", "cada-sigma", "class-aware", "classifier")
 
 
 @dataclass
 class BaseTraining:
-    """Training of the base method (paper Sec. 4.2: AdamW 2e-3, (0.9, 0.999), wd 1e-5, batch 16)."""
+    """Training of the base method (paper Sec. 4.2: AdamW 2e-3, (0.9, 0.999), wd 1e-5, batch 16).
+
+    The defaults are RevDist's; `preset(name, method)` gives each method its own (ReContrast: AMSGrad, eps 1e-10,
+    encoder lr 1e-5, LR x0.2 at 80%; UniAD: lr 3e-4, wd 1e-4, batch 64).
+    """
 
     iters: int = 5000
     batch_size: int = 16
     lr: float = 2e-3
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 1e-5
+    eps: float = 1e-8
+    amsgrad: bool = False
+    encoder_lr: float = 1e-5  # ReContrast's trainable encoder copy; unused by the methods with a frozen encoder
+    lr_drop_at: float | None = None  # fraction of the iterations after which every lr is multiplied by lr_drop
+    lr_drop: float = 0.2
 
 
 @dataclass
@@ -31,6 +40,9 @@ class AlignTraining:
     weight_decay: float = 1e-4
     dropout: float = 0.25
     hidden: int = 256
+    # Head structure (paper Table 3): 0-2 convolutions keeping the channel count, then 1-3 linear layers.
+    convs: int = 1
+    linears: int = 2
     # Smooth-L1 threshold; None means "the base method's own scale" (0.1 RevDist, 10 UniAD).
     smooth_l1_alpha: float | None = None
 
@@ -44,7 +56,7 @@ class Settings:
     base: BaseTraining = field(default_factory=BaseTraining)
     aligner: AlignTraining = field(default_factory=AlignTraining)
     smoothing_sigma: float = 4.0
-    top_fraction: float = 0.01  # image score = mean of the top 1% pixels
+    top_fraction: float = 0.01  # image score = mean of the top 1% pixels; 0 = the max pixel
     seed: int = 0
     # Encoder features of the training set are kept in memory (the encoder is frozen) when they fit.
     feature_cache_gib: float = 4.0
@@ -71,21 +83,39 @@ class Settings:
             raise ValueError(f"unknown aligner {self.align!r}; choose one of {', '.join(ALIGNERS)}")
         if self.image_size < 64 or self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32 and at least 64, got {self.image_size}")
-        if not 0 < self.top_fraction <= 1:
-            raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
+        if not 0 <= self.top_fraction <= 1:
+            raise ValueError(f"top_fraction must be in [0, 1] (0 = max pixel), got {self.top_fraction}")
+        if self.aligner.convs not in (0, 1, 2) or self.aligner.linears not in (1, 2, 3):
+            raise ValueError("the aligner head has 0-2 convolutions and 1-3 linear layers")
+        if not 0 <= self.aligner.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.aligner.dropout}")
         if self.base.iters < 1 or self.aligner.iters < 0:
             raise ValueError("iteration counts must be positive")
+        if self.base.lr_drop_at is not None and not 0 < self.base.lr_drop_at <= 1:
+            raise ValueError(f"lr_drop_at is a fraction of the iterations in (0, 1], got {self.base.lr_drop_at}")
         return self
 
 
-def preset(name: str) -> Settings:
-    """`paper`: the paper's schedule (a GPU job). `cpu`: EfficientNet-Lite0, sized for 2 CPU cores."""
-    if name == "paper":
-        return Settings()
+def preset(name: str, method: str = "revdist") -> Settings:
+    """The settings of `method` under preset `name`.
+
+    `paper`: the paper's schedule (Sec. 4.2; a GPU job). `cpu`: EfficientNet-Lite0 and 400 iterations of batch 16
+    for every method, sized for 2 CPU cores and a few hundred training images.
+    """
+    if name not in ("cpu", "paper"):
+        raise ValueError(f"unknown preset {name!r}; choose 'cpu' or 'paper'")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    settings = Settings(method=method)
+    if method == "recontrast":  # the reference's multi-class optimisation
+        settings.base = BaseTraining(eps=1e-10, amsgrad=True, encoder_lr=1e-5, lr_drop_at=0.8)
+    elif method == "uniad":  # paper Sec. 4.2; EfficientNet-B4 as in UniAD, regressor trained 20,000 iterations
+        settings.backbone, settings.image_size = "efficientnet_b4", 224
+        settings.base = BaseTraining(iters=50_000, batch_size=64, lr=3e-4, weight_decay=1e-4)
+        settings.aligner.iters = 20_000
     if name == "cpu":
-        return Settings(
-            backbone="efficientnet_lite0",
-            base=BaseTraining(iters=400),
-            aligner=AlignTraining(iters=1000),
-        )
-    raise ValueError(f"unknown preset {name!r}; choose 'cpu' or 'paper'")
+        # Lite0 has B4's stage structure (strides 2-16), so UniAD keeps its shape and its 224 px input.
+        settings.backbone = "efficientnet_lite0"
+        settings.base.iters, settings.base.batch_size = 400, 16
+        settings.aligner.iters = 1000
+    return settings

@@ -2,6 +2,11 @@
 
 absolute-unified: every test image of every class pooled, one ROC/PR curve (one threshold for all).
 model-unified: the same metrics per class, then averaged over classes (each class its own threshold).
+
+Metrics (fractions; None where undefined, e.g. pixel metrics of a class without anomalous pixels):
+I-AUROC, I-AP, I-F1-max, P-AUROC, P-AP, P-F1-max and AUPRO (FPR limit 0.3), all exact (cada.metrics).
+The F1-max thresholds are reported for absolute-unified rows and per class; model-unified rows have
+none (each class has its own), so they are None there.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,11 +23,16 @@ from tqdm.auto import tqdm
 
 from cada.data.dataset import iterate_batches
 from cada.data.mvtec import Sample
-from cada.metrics import binary_metrics
+from cada.metrics import binary_metrics, pixel_metrics
 from cada.scoring import align
+from cada.threshold import decision_metrics
 
 PROTOCOLS = ("absolute-unified", "model-unified")
-METRICS = ("i_auroc", "i_ap", "p_auroc", "p_ap")
+METRICS = ("i_auroc", "i_ap", "i_f1max", "p_auroc", "p_ap", "p_f1max", "aupro")
+HEADERS = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
+THRESHOLDS = ("i_f1max_threshold", "p_f1max_threshold")  # score values, not percentages
+FPR_LIMIT = 0.3  # AUPRO integrates up to this false-positive rate
+DECISIONS = ("fpr", "recall", "precision", "f1")  # at the stored threshold, when the run has one
 
 
 @dataclass
@@ -34,6 +46,7 @@ class EvalOutputs:
     base_scores: np.ndarray
     u: np.ndarray
     spread: np.ndarray
+    align_features: torch.Tensor | None = None  # N x C x h x w, kept for re-fitting aligners (ablations)
 
     @property
     def labels(self) -> np.ndarray:
@@ -43,15 +56,28 @@ class EvalOutputs:
     def class_names(self) -> np.ndarray:
         return np.array([s.class_name for s in self.samples])
 
+    @cached_property
+    def anomalous_pixels(self) -> np.ndarray:
+        """Per image, how many of its mask pixels are anomalous."""
+        return self.masks.flatten(1).sum(1).numpy()
 
-def collect(detector, samples: list[Sample], batch_size: int = 16, progress: bool = True) -> EvalOutputs:
-    """Run the detector over the test samples once; base and aligned results both come from this pass."""
-    kept, maps, masks, has_mask, scores, u, spread = [], [], [], [], [], [], []
-    batches = iterate_batches(samples, detector.settings.image_size, batch_size)
+
+def collect(detector, samples: list[Sample], batch_size: int = 16, progress: bool = True,
+            keep_features: bool = False, cache_dir: str | Path | None = "auto") -> EvalOutputs:
+    """Run the detector over the test samples once; base and aligned results both come from this pass.
+
+    Class names reach the detector only for the class-aware reference aligner (CaDA-A), which needs them.
+    """
+    kept, maps, masks, has_mask, scores, u, spread, features = [], [], [], [], [], [], [], []
+    batches = iterate_batches(samples, detector.settings.image_size, batch_size, cache_dir=cache_dir)
     with tqdm(total=len(samples), desc="evaluating", disable=not progress, leave=False) as bar:
         for batch in batches:
-            result = detector.infer(batch["image"])
-            kept.extend(samples[i] for i in batch["index"].tolist())
+            batch_samples = [samples[i] for i in batch["index"].tolist()]
+            class_names = [s.class_name for s in batch_samples] if detector.aligner.needs_class_names else None
+            result = detector.infer(batch["image"], class_names)
+            kept.extend(batch_samples)
+            if keep_features:
+                features.append(result.align_features)
             maps.append(result.maps)
             masks.append(batch["mask"])
             has_mask.append(batch["has_mask"])
@@ -64,6 +90,7 @@ def collect(detector, samples: list[Sample], batch_size: int = 16, progress: boo
     outputs = EvalOutputs(
         kept, torch.cat(maps), torch.cat(masks), torch.cat(has_mask).numpy(),
         *(torch.cat(values).numpy() for values in (scores, u, spread)),
+        torch.cat(features) if keep_features else None,
     )
     missing = [s.path for s, ok in zip(kept, outputs.has_mask) if not ok]
     if missing:
@@ -82,23 +109,44 @@ def _safe(metric, scores, labels) -> dict | None:
     return metric(scores, labels)
 
 
-def subset_metrics(outputs: EvalOutputs, index: np.ndarray, aligned: bool) -> dict:
-    """I-AUROC, I-AP, P-AUROC, P-AP of the images at `index`, with base or aligned scores."""
+class _Rows:
+    """Images `index` of an N x H x W tensor, aligned by (u, spread) if given, made only when a slice is read:
+    pixel_metrics reads a chunk of images at a time, so no full copy of the subset or of its aligned maps."""
+
+    def __init__(self, tensor: torch.Tensor, index: np.ndarray, u=None, spread=None):
+        self.tensor, self.index, self.u, self.spread = tensor, torch.from_numpy(index), u, spread
+        self.shape = (len(index), *tensor.shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        chunk = self.tensor[self.index[rows]]
+        return chunk if self.u is None else align(chunk, self.u[rows], self.spread[rows])
+
+
+def image_scores(outputs: EvalOutputs, index: np.ndarray, aligned: bool) -> np.ndarray:
+    scores = outputs.base_scores[index]
+    return align(torch.from_numpy(scores), torch.from_numpy(outputs.u[index]),
+                 torch.from_numpy(outputs.spread[index])).numpy() if aligned else scores
+
+
+def subset_metrics(outputs: EvalOutputs, index: np.ndarray, aligned: bool, fpr_limit: float = FPR_LIMIT) -> dict:
+    """METRICS and F1-max THRESHOLDS of the images at `index`, with base or aligned scores (None: undefined)."""
     u, spread = torch.from_numpy(outputs.u[index]), torch.from_numpy(outputs.spread[index])
-    image_scores = torch.from_numpy(outputs.base_scores[index])
-    if aligned:
-        image_scores = align(image_scores, u, spread)
-    row = dict.fromkeys(METRICS)
-    image = _safe(binary_metrics, image_scores.numpy(), outputs.labels[index])
+    row = dict.fromkeys(METRICS + THRESHOLDS)
+    image = _safe(binary_metrics, image_scores(outputs, index, aligned), outputs.labels[index])
     if image:
-        row["i_auroc"], row["i_ap"] = image["auroc"], image["ap"]
-    pixel_index = index[outputs.has_mask[index]]
-    maps = outputs.maps[pixel_index]
-    if aligned:
-        maps = align(maps, u[outputs.has_mask[index]], spread[outputs.has_mask[index]])
-    pixel = _safe(binary_metrics, maps.numpy(), outputs.masks[pixel_index].numpy())
-    if pixel:
-        row["p_auroc"], row["p_ap"] = pixel["auroc"], pixel["ap"]
+        row.update(i_auroc=image["auroc"], i_ap=image["ap"], i_f1max=image["f1max"],
+                   i_f1max_threshold=image["f1max_threshold"])
+    keep = outputs.has_mask[index]
+    pixel_index = index[keep]
+    n_anomalous = int(outputs.anomalous_pixels[pixel_index].sum())
+    if 0 < n_anomalous < len(pixel_index) * outputs.masks[0].numel():  # both kinds of pixel present
+        maps = _Rows(outputs.maps, pixel_index, *((u[keep], spread[keep]) if aligned else ()))
+        pixel = pixel_metrics(maps, _Rows(outputs.masks, pixel_index), fpr_limit)
+        row.update(p_auroc=pixel["auroc"], p_ap=pixel["ap"], p_f1max=pixel["f1max"], aupro=pixel["aupro"],
+                   p_f1max_threshold=pixel["f1max_threshold"])
     return row
 
 
@@ -107,8 +155,34 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def results_table(outputs: EvalOutputs, method: str, aligners: tuple[str, ...]) -> dict:
-    """{"rows": [...], "per_class": {align: {class: metrics}}} for the base ("none") and each aligner."""
+def threshold_metrics(outputs: EvalOutputs, aligned: bool, threshold: float, classes: list[str]
+                      ) -> tuple[dict, dict, dict[str, dict]]:
+    """Decisions at one stored threshold: (pooled, mean over classes, per class) FPR, recall, precision, F1.
+
+    Both summary rows also get the threshold and the spread of per-class false-positive rates: with one
+    threshold for every class, an even spread is what absolute-unified alignment is for.
+    """
+    labels, class_names = outputs.labels, outputs.class_names
+    everything = np.arange(len(labels))
+    pooled = decision_metrics(image_scores(outputs, everything, aligned), labels, threshold)
+    per_class = {}
+    for name in classes:
+        index = np.flatnonzero(class_names == name)
+        per_class[name] = decision_metrics(image_scores(outputs, index, aligned), labels[index], threshold)
+    averaged = {key: _mean([per_class[name][key] for name in classes]) for key in DECISIONS}
+    class_fprs = [m["fpr"] for m in per_class.values() if m["fpr"] is not None]
+    spread = {"threshold": threshold,
+              "class_fpr_min": min(class_fprs, default=None), "class_fpr_max": max(class_fprs, default=None),
+              "class_fpr_std": float(np.std(class_fprs)) if class_fprs else None}
+    return {**pooled, **spread}, {**averaged, **spread}, per_class
+
+
+def results_table(outputs: EvalOutputs, method: str, aligners: tuple[str, ...],
+                  thresholds: dict[str, float] | None = None) -> dict:
+    """{"rows": [...], "per_class": {align: {class: metrics}}} for the base ("none") and each aligner.
+
+    With `thresholds` ({align name: threshold}) rows and classes also get the decision metrics at it.
+    """
     class_names = outputs.class_names
     classes = sorted(set(class_names))
     everything = np.arange(len(outputs.samples))
@@ -120,6 +194,14 @@ def results_table(outputs: EvalOutputs, method: str, aligners: tuple[str, ...]) 
         }
         pooled = subset_metrics(outputs, everything, aligned)
         averaged = {key: _mean([per_class[align_name][name][key] for name in classes]) for key in METRICS}
+        averaged.update(dict.fromkeys(THRESHOLDS))  # no single threshold: each class has its own
+        if thresholds and align_name in thresholds:
+            pooled_decisions, averaged_decisions, class_decisions = threshold_metrics(
+                outputs, aligned, thresholds[align_name], classes)
+            pooled.update(pooled_decisions)
+            averaged.update(averaged_decisions)
+            for name in classes:
+                per_class[align_name][name].update(class_decisions[name])
         for protocol, metrics in zip(PROTOCOLS, (pooled, averaged)):
             rows.append({"method": method, "align": align_name, "protocol": protocol, **metrics})
     return {"rows": rows, "per_class": per_class}
@@ -127,9 +209,9 @@ def results_table(outputs: EvalOutputs, method: str, aligners: tuple[str, ...]) 
 
 def format_table(results: dict) -> str:
     """The rows as an aligned text table, metrics in percent."""
-    header = ["method", "align", "protocol", "I-AUROC", "I-AP", "P-AUROC", "P-AP"]
+    header = ["method", "align", "protocol", *HEADERS]
     lines = [[row["method"], row["align"], row["protocol"]] + [
-        "-" if row[key] is None or math.isnan(row[key]) else f"{100 * row[key]:.1f}" for key in METRICS
+        "-" if row.get(key) is None or math.isnan(row[key]) else f"{100 * row[key]:.1f}" for key in METRICS
     ] for row in results["rows"]]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines)]
     render = lambda cells: "  ".join(  # noqa: E731 - a one-line formatter
@@ -138,12 +220,26 @@ def format_table(results: dict) -> str:
     return "\n".join([render(header), render(["-" * w for w in widths])] + [render(line) for line in lines])
 
 
+def format_decisions(results: dict) -> str:
+    """Decisions at the stored threshold: pooled and per-class-mean FPR, recall, precision, F1, FPR range."""
+    percent = lambda value: "-" if value is None else f"{100 * value:.1f}"  # noqa: E731
+    lines = [f"{'align':<11} {'protocol':<17} {'FPR':>6} {'recall':>7} {'prec.':>6} {'F1':>6}  per-class FPR"]
+    for row in results["rows"]:
+        if row.get("fpr") is None and row.get("recall") is None:
+            continue
+        lines.append(f"{row['align']:<11} {row['protocol']:<17} {percent(row['fpr']):>6} {percent(row['recall']):>7} "
+                     f"{percent(row['precision']):>6} {percent(row['f1']):>6}  "
+                     f"{percent(row['class_fpr_min'])}-{percent(row['class_fpr_max'])} (std {percent(row['class_fpr_std'])})")
+    return "\n".join(lines)
+
+
 def format_per_class(results: dict) -> str:
+    """One line per aligner and class, metrics in percent ("-": undefined)."""
     lines = []
     for align_name, classes in results["per_class"].items():
         for name, metrics in classes.items():
             cells = " ".join(
-                f"{key}={'-' if metrics[key] is None else f'{100 * metrics[key]:.1f}'}" for key in METRICS
+                f"{key}={'-' if metrics.get(key) is None else f'{100 * metrics[key]:.1f}'}" for key in METRICS
             )
             lines.append(f"  {align_name:<6} {name:<16} {cells}")
     return "\n".join(lines)

@@ -1,99 +1,225 @@
-"""Exact, memory-lean AUROC and average precision for image- and pixel-level evaluation.
+"""Exact, memory-lean anomaly-detection metrics: AUROC, AP, F1-max (image and pixel level) and AUPRO.
 
-Both metrics equal scikit-learn's ``roc_auc_score`` and ``average_precision_score``
-(ties included: all samples with the same score form one threshold), but never
-argsort the input and never build a ROC or PR curve: on top of the inputs they
-need about 1.5x the size of the scores (sorted copies plus boolean masks), e.g.
-+0.6 GiB and a few seconds for 113M float32 pixel scores, where scikit-learn
-takes ~5.5 GiB extra and minutes.
+AUROC, AP and F1-max equal scikit-learn's ``roc_auc_score``, ``average_precision_score`` and the maximum
+of 2PR/(P+R) over ``precision_recall_curve`` (ties included: all samples with the same score form one
+threshold, and a sample is predicted anomalous when its score >= the threshold). AUPRO is the MVTec AD
+definition, exact at every distinct threshold (no fixed grid, no downsampling).
 
-Algorithm: split the scores into positives and negatives and sort each (float32
-stays float32). Walk the *distinct* positive values v (multiplicity m) and look
-each up in the sorted negatives with two binary searches:
+Algorithm: one pass over the scores, a chunk of images at a time, routes them to positives and negatives.
+The negatives (~97% of the pixels) go straight into one preallocated array that is sorted in place: the
+only full-size copy. The positives are few and sorted by argsort, carrying their per-pixel AUPRO weight.
+Then, for each *distinct* positive value v (multiplicity m), binary searches in the sorted negatives give
+#neg < v and #neg <= v (the second only where a negative equals v), and every metric follows in
+O(distinct positives * log n_neg):
 
-* AUROC (Mann-Whitney U): every positive at v beats the negatives strictly below v
-  and ties with the ones equal to v, so U = sum m * (#neg < v + #neg == v / 2)
-  and AUROC = U / (n_pos * n_neg).
-* AP = sum over thresholds of (R_n - R_{n-1}) * P_n. Recall only moves at
-  thresholds where positives lie, by m / n_pos, and there the precision is
-  TP / (TP + FP) with TP = #pos >= v, FP = #neg >= v.
+* AUROC (Mann-Whitney U): every positive at v beats the negatives strictly below v and ties with the
+  ones equal to v, so U = sum m * (#neg < v + #neg == v / 2) and AUROC = U / (n_pos * n_neg).
+* AP = sum over thresholds of (R_n - R_{n-1}) * P_n. Recall only moves at thresholds where positives
+  lie, by m / n_pos, and there the precision is TP / (TP + FP) with TP = #pos >= v, FP = #neg >= v.
+* F1 = 2PR / (P + R) = 2 TP / (TP + FP + n_pos). Lowering the threshold onto a value with only
+  negatives adds false positives and no true positive, so the maximum lies at a positive value.
+* AUPRO: PRO(t) = mean over ground-truth regions of the fraction of the region with score >= t, i.e.
+  the sum of w = 1 / (n_regions * region_size) over anomalous pixels scoring >= t. The area under
+  PRO(FPR) is then a sum over positives: one at v adds w over the FPR range where the threshold is
+  <= v, a linear ramp across the tie segment [#neg > v, #neg >= v] / n_neg (the trapezoid rule), then
+  flat; clipping that at the FPR limit gives the linear interpolation of the curve at the limit.
 
-Work after the two sorts is O(distinct positives * log n_neg).
+Cost at MVTec AD size (1,725 maps of 256x256, 113M pixels, 2.7% anomalous; benchmarks/pixel_metrics.py,
+2 busy cores): all four pixel metrics in 4-8 s and +0.55 GiB over the data (0.42 GiB of it the sorted
+normal scores), where scikit-learn's roc_auc_score + average_precision_score take 150-210 s and +5.5 GiB.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
-__all__ = ["auroc", "average_precision", "binary_metrics"]
+__all__ = ["auroc", "average_precision", "f1_max", "aupro", "binary_metrics", "pixel_metrics"]
+
+_CHUNK = 1 << 22  # elements read at a time, so per-chunk temporaries stay at a few tens of MB
+_BLOCK = 1 << 18  # sorted positives walked at a time, for the same reason
+# 8-connectivity within each image and none across images (MVTec AD's reference labels with a 3x3 of ones).
+_REGION_STRUCTURE = np.zeros((3, 3, 3), bool)
+_REGION_STRUCTURE[1] = True
 
 
-def _to_numpy(x) -> np.ndarray:
-    """Flat NumPy view of an array-like or torch tensor (torch is not imported here)."""
+def _as_array(x) -> np.ndarray:
+    """NumPy view of an array-like or torch tensor (torch is not imported here)."""
     if hasattr(x, "detach"):
         x = x.detach().cpu()
         if str(x.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
             x = x.float()
         x = x.numpy()
-    return np.asarray(x).ravel()
+    return np.asarray(x)
 
 
-def _sorted_split(scores, labels, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Validate the inputs and return (sorted positive scores, sorted negative scores)."""
-    s, y = _to_numpy(scores), _to_numpy(labels)
+def _as_bool(labels: np.ndarray, name: str) -> np.ndarray:
+    if labels.dtype == bool:
+        return labels
+    n_bad = np.count_nonzero((labels != 0) & (labels != 1))
+    if n_bad:
+        raise ValueError(f"{name}: labels must be 0/1 or bool; got {n_bad} other values")
+    return labels == 1
+
+
+def _split(scores, labels, name: str, unit: str, regions: bool = False):
+    """Validate and split, a chunk of rows (first axis) at a time: (sorted positive scores, sorted negative
+    scores, AUPRO weight of each sorted positive or None). Scores and labels only need `.shape` and
+    slicing, so they can be lazy views that make their rows when read."""
+    n_rows, size = labels.shape[0], int(np.prod(labels.shape))
+    if size == 0:
+        raise ValueError(f"{name}: got empty scores and labels")
+    step = max(1, _CHUNK // (size // n_rows))
+    chunks = [slice(i, i + step) for i in range(0, n_rows, step)]
+    read_labels = lambda c: _as_bool(_as_array(labels[c]), name)  # noqa: E731
+    n_pos = sum(np.count_nonzero(read_labels(c)) for c in chunks)  # a first, cheap pass: size of the copy
+    if n_pos == 0 or n_pos == size:
+        missing = "anomalous" if n_pos == 0 else "normal"
+        raise ValueError(f"{name} needs both normal and anomalous {unit}; got 0 {missing} out of {size}")
+
+    neg, pos, region_ids = None, [], []
+    n_neg = filled = n_regions = n_nan = n_inf = 0
+    for c in chunks:
+        y, s = read_labels(c), _as_array(scores[c])
+        if s.shape != y.shape:
+            raise ValueError(f"{name}: scores rows {c.start}:{c.stop} have shape {s.shape}, labels {y.shape}")
+        n_nan += np.count_nonzero(np.isnan(s))
+        n_inf += np.count_nonzero(np.isinf(s))
+        if neg is None:
+            n_neg = size - n_pos
+            neg = np.empty(n_neg, s.dtype)
+        pos.append(s[y])
+        part = s[~y]
+        neg[filled:filled + part.size] = part
+        filled += part.size
+        if regions:
+            components, count = ndimage.label(y, _REGION_STRUCTURE)
+            region_ids.append(components[y] + (n_regions - 1))  # ids 0..n_regions-1 over all images
+            n_regions += count
+    if n_nan or n_inf:
+        raise ValueError(f"{name}: scores contain {n_nan + n_inf} non-finite values ({n_nan} NaN, {n_inf} inf)")
+
+    pos = np.concatenate(pos)
+    order = np.argsort(pos)  # positives are few: an argsort of them is cheap (order within ties is moot)
+    pos = pos[order]
+    neg.sort()  # in place: the one sorted full-size copy
+    weight = None
+    if regions:
+        region_ids = np.concatenate(region_ids)[order]
+        region_size = np.bincount(region_ids, minlength=n_regions)
+        weight = 1.0 / (n_regions * region_size[region_ids])
+    return pos, neg, weight
+
+
+def _from_sorted(pos: np.ndarray, neg: np.ndarray, pro_weight=None, fpr_limit: float = 0.3) -> dict:
+    """All metrics from sorted positive and negative scores (see module docstring).
+
+    The positives are walked in blocks that never split a run of equal values, so the per-value
+    temporaries stay at a few tens of MB however many anomalous pixels there are.
+    """
+    n_pos, n_neg = pos.size, neg.size
+    limit = fpr_limit * n_neg  # the FPR limit in negative counts
+    u2, ap, pro_area, best_f1, best_threshold = 0, 0.0, 0.0, -1.0, None
+    cuts = np.unique(np.searchsorted(pos, pos[_BLOCK::_BLOCK], "left"))  # block starts at run starts
+    bounds = [0, *cuts[cuts > 0], n_pos]
+    for lo, hi in zip(bounds, bounds[1:]):
+        block = pos[lo:hi]
+        first = np.flatnonzero(np.concatenate(([True], block[1:] != block[:-1])))  # run starts in the block
+        values, mult = block[first], np.diff(first, append=block.size)
+        neg_below = np.searchsorted(neg, values, "left")
+        # #neg <= v: only values that some negative ties need the second search
+        neg_at_or_below = neg_below.copy()
+        tied = np.flatnonzero(neg[np.minimum(neg_below, n_neg - 1)] == values)
+        neg_at_or_below[tied] = np.searchsorted(neg, values[tied], "right")
+        # 2U in exact int64 arithmetic; Python int division rounds correctly at the end.
+        u2 += int(np.dot(mult, neg_below + neg_at_or_below))
+        tp = n_pos - lo - first  # positives >= v
+        fp = n_neg - neg_below  # negatives >= v
+        ap += float(np.dot(mult, tp / (tp + fp)))
+        f1 = 2 * tp / (tp + fp + n_pos)
+        i = int(np.argmax(f1))  # the first maximum: the lowest threshold that attains it
+        if f1[i] > best_f1:  # blocks go up in score: a tie in a later block is a higher threshold
+            best_f1, best_threshold = float(f1[i]), values[i].item()
+        if pro_weight is not None:
+            # The ramp of a positive at v runs from #neg > v to #neg >= v, then PRO stays up to the limit.
+            start, end = (n_neg - neg_at_or_below).astype(float), fp.astype(float)
+            reached = np.clip(limit, start, end)
+            ramp = np.divide((reached - start) ** 2, 2 * (end - start), out=np.zeros_like(start),
+                             where=end > start)
+            area = ramp + np.maximum(limit - end, 0.0)
+            pro_area += float(np.dot(np.add.reduceat(pro_weight[lo:hi], first), area))
+    result = {"auroc": u2 / (2 * n_pos * n_neg), "ap": ap / n_pos,
+              "f1max": best_f1, "f1max_threshold": best_threshold}
+    if pro_weight is not None:
+        result["aupro"] = pro_area / limit
+    return result
+
+
+def _flat(scores, labels, name: str) -> dict:
+    s, y = _as_array(scores).ravel(), _as_array(labels).ravel()
     if s.size != y.size:
         raise ValueError(f"{name}: scores has {s.size} elements but labels has {y.size}")
-    if s.size == 0:
-        raise ValueError(f"{name}: got empty scores and labels")
-    if y.dtype != bool:
-        n_bad = np.count_nonzero((y != 0) & (y != 1))
-        if n_bad:
-            raise ValueError(f"{name}: labels must be 0/1 or bool; got {n_bad} other values")
-        y = y == 1
-    n_bad = s.size - np.count_nonzero(np.isfinite(s))
-    if n_bad:
-        n_nan = np.count_nonzero(np.isnan(s))
-        raise ValueError(
-            f"{name}: scores contain {n_bad} non-finite values ({n_nan} NaN, {n_bad - n_nan} inf)"
-        )
-    n_pos = np.count_nonzero(y)
-    if n_pos == 0 or n_pos == y.size:
-        missing = "anomalous" if n_pos == 0 else "normal"
-        raise ValueError(
-            f"{name} needs both normal and anomalous samples; got 0 {missing} out of {y.size}"
-        )
-    pos, neg = s[y], s[~y]  # boolean indexing copies, so sorting in place is safe
-    pos.sort()
-    neg.sort()
-    return pos, neg
+    return _from_sorted(*_split(s, y, name, "samples"))
 
 
-def _from_sorted(pos: np.ndarray, neg: np.ndarray) -> dict[str, float]:
-    """AUROC and AP from sorted positive and negative scores (see module docstring)."""
-    n_pos, n_neg = pos.size, neg.size
-    first = np.flatnonzero(np.concatenate(([True], pos[1:] != pos[:-1])))  # run starts
-    values = pos[first]
-    mult = np.diff(np.append(first, n_pos))
-    neg_below = np.searchsorted(neg, values, "left")
-    neg_at_or_below = np.searchsorted(neg, values, "right")
-    # 2U in exact int64 arithmetic; Python int division rounds correctly.
-    auroc = int(np.dot(mult, neg_below + neg_at_or_below)) / (2 * n_pos * n_neg)
-    tp = n_pos - first
-    fp = n_neg - neg_below
-    ap = float(np.sum(mult * (tp / (tp + fp)))) / n_pos
-    return {"auroc": auroc, "ap": ap}
+def binary_metrics(scores, labels) -> dict:
+    """``{"auroc", "ap", "f1max", "f1max_threshold"}`` from one split and sort of the scores.
 
-
-def binary_metrics(scores, labels) -> dict[str, float]:
-    """``{"auroc": ..., "ap": ...}``, splitting and sorting the scores only once."""
-    return _from_sorted(*_sorted_split(scores, labels, "binary_metrics"))
+    Any shapes with the same number of elements; labels 0/1 or bool, 1 = anomalous; higher score = more
+    anomalous. Both kinds of label must be present (else ValueError).
+    """
+    return _flat(scores, labels, "binary_metrics")
 
 
 def auroc(scores, labels) -> float:
     """Area under the ROC curve; labels 1 = anomalous, higher score = more anomalous."""
-    return _from_sorted(*_sorted_split(scores, labels, "auroc"))["auroc"]
+    return _flat(scores, labels, "auroc")["auroc"]
 
 
 def average_precision(scores, labels) -> float:
     """Average precision (scikit-learn's step-wise definition, no interpolation)."""
-    return _from_sorted(*_sorted_split(scores, labels, "average_precision"))["ap"]
+    return _flat(scores, labels, "average_precision")["ap"]
+
+
+def f1_max(scores, labels) -> tuple[float, float]:
+    """(best F1, threshold): the maximum over thresholds t of the F1 score of ``score >= t``.
+
+    The threshold is a score value; among thresholds with the same F1, the lowest. ValueError when
+    the labels are all 0 or all 1.
+    """
+    result = _flat(scores, labels, "f1_max")
+    return result["f1max"], result["f1max_threshold"]
+
+
+def _check_limit(fpr_limit: float) -> float:
+    if not 0 < fpr_limit <= 1:
+        raise ValueError(f"fpr_limit must be in (0, 1]; got {fpr_limit}")
+    return float(fpr_limit)
+
+
+def pixel_metrics(maps, masks, fpr_limit: float = 0.3, name: str = "pixel_metrics") -> dict:
+    """``{"auroc", "ap", "aupro", "f1max", "f1max_threshold"}`` of anomaly maps against ground-truth masks.
+
+    maps: N x H x W scores; masks: N x H x W, 0/1 or bool. Each is a NumPy array, a torch tensor (any
+    device) or any object with ``.shape`` that slices along the first axis into those: they are read a
+    chunk of images at a time. AUPRO counts the 8-connected components of each image's mask as regions.
+    Extra memory: one sorted copy of the normal pixels' scores plus ~30 bytes per anomalous pixel.
+    ValueError when the masks have no anomalous pixel or no normal pixel.
+    """
+    fpr_limit = _check_limit(fpr_limit)
+    maps, masks = (x if hasattr(x, "shape") else np.asarray(x) for x in (maps, masks))
+    if len(masks.shape) != 3 or tuple(maps.shape) != tuple(masks.shape):
+        raise ValueError(f"{name}: maps and masks must both be N x H x W; got {tuple(maps.shape)} and "
+                         f"{tuple(masks.shape)}")
+    pos, neg, weight = _split(maps, masks, name, "pixels", regions=True)
+    return _from_sorted(pos, neg, weight, fpr_limit)
+
+
+def aupro(maps, masks, fpr_limit: float = 0.3) -> float:
+    """Normalised area under the per-region-overlap curve up to `fpr_limit` (MVTec AD's AUPRO).
+
+    Regions are the 8-connected components of each N x H x W mask; the false-positive rate counts all
+    normal pixels of all images. 1.0 is perfect; constant scores give fpr_limit / 2. ValueError when the
+    masks have no region (or no normal pixel). See ``pixel_metrics`` for the inputs.
+    """
+    return pixel_metrics(maps, masks, fpr_limit, "aupro")["aupro"]

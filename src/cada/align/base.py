@@ -1,39 +1,53 @@
-"""What every aligner provides (see DESIGN.md, "Aligner")."""
+"""What every aligner provides (see DESIGN.md, "Aligner"), and the head they share."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+
+# Columns of the per-image statistics of the raw map that aligners learn from.
+MEAN, MAX, STD = 0, 1, 2
 
 
 class Aligner(nn.Module):
     """Predicts per-image normal-score statistics (u, gamma); the aligned map is (M - u) / (gamma - u).
 
     `min_spread` keeps gamma - u away from zero (and positive, so the alignment never flips the order of
-    scores): it is a fraction of the typical spread seen in training, set by `fit`.
+    scores): a fraction of the typical spread seen in training, set by `fit`.
     """
 
     name: str = ""
+    needs_class_names = False  # only the class-aware upper-bound reference reads test-time class names
 
     def __init__(self):
         super().__init__()
         self.register_buffer("min_spread", torch.tensor(1e-6))
 
-    def fit(self, features: torch.Tensor, targets: torch.Tensor, settings, generator: torch.Generator,
+    def fit(self, features: torch.Tensor, image_stats: torch.Tensor, settings, generator: torch.Generator,
             class_names: list[str] | None = None, progress: bool = True) -> list[float]:
-        """features: N x C x h x w of normal training images; targets: N x 2 per-image (mean, max) of the raw map."""
+        """features: N x C x h x w of normal training images; image_stats: N x 3 (mean, max, std) of each raw map."""
         raise NotImplementedError
 
-    def stats(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def stats(self, features: torch.Tensor, class_names: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(u, gamma), each of shape B."""
         raise NotImplementedError
 
     def spread(self, u: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         return torch.clamp(gamma - u, min=self.min_spread)
 
-    def set_min_spread(self, targets: torch.Tensor, fraction: float = 0.1) -> None:
-        typical = (targets[:, 1] - targets[:, 0]).median().clamp(min=1e-6)
+    def set_min_spread(self, image_stats: torch.Tensor, fraction: float = 0.1) -> None:
+        typical = (image_stats[:, MAX] - image_stats[:, MEAN]).median().clamp(min=1e-6)
         self.min_spread.fill_(float(typical) * fraction)
+
+    # Non-tensor state (e.g. class names) goes to the run's config.json; tensors go to safetensors.
+    def config_state(self) -> dict:
+        return {}
+
+    def load_config_state(self, state: dict) -> None:
+        pass
 
 
 class NoAlign(Aligner):
@@ -41,9 +55,64 @@ class NoAlign(Aligner):
 
     name = "none"
 
-    def fit(self, features, targets, settings, generator, class_names=None, progress=True) -> list[float]:
+    def fit(self, features, image_stats, settings, generator, class_names=None, progress=True) -> list[float]:
         return []
 
-    def stats(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def stats(self, features, class_names=None):
         batch = features.shape[0]
         return features.new_zeros(batch), features.new_ones(batch)
+
+
+class Head(nn.Module):
+    """0-2 convs keeping the channel count, global average pooling, then 1-3 linear layers.
+
+    Default (paper): 1 conv + 2 linear, hidden 256, dropout before each linear layer.
+    """
+
+    def __init__(self, channels: int, outputs: int, hidden: int = 256, dropout: float = 0.25, convs: int = 1,
+                 linears: int = 2):
+        super().__init__()
+        self.convs = nn.Sequential(*[
+            layer for _ in range(convs) for layer in (nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels), nn.ReLU())
+        ])
+        widths = [channels] + [hidden] * (linears - 1) + [outputs]
+        layers: list[nn.Module] = []
+        for index, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
+            layers += [nn.Dropout(dropout), nn.Linear(width_in, width_out)]
+            if index < linears - 1:
+                layers.append(nn.ReLU())
+        self.mlp = nn.Sequential(*layers)
+
+    @property
+    def output_layer(self) -> nn.Linear:
+        return self.mlp[-1]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.convs(features).mean(dim=(2, 3)))
+
+
+def make_head(channels: int, outputs: int, settings) -> Head:
+    return Head(channels, outputs, settings.hidden, settings.dropout, settings.convs, settings.linears)
+
+
+def train_head(head: Head, features: torch.Tensor, loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               settings, generator: torch.Generator, description: str, progress: bool) -> list[float]:
+    """SGD on random batches of cached features (paper: lr 5e-2, momentum 0.9, wd 1e-4, batch 16).
+
+    `loss_of(outputs, batch_indices)` gives the loss of one batch.
+    """
+    optimizer = torch.optim.SGD(head.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)
+    head.train()
+    losses: list[float] = []
+    bar = tqdm(range(settings.iters), desc=description, disable=not progress, leave=False)
+    for _ in bar:
+        batch = torch.randint(len(features), (settings.batch_size,), generator=generator)
+        loss = loss_of(head(features[batch]), batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    head.eval()
+    return losses

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cada.data.cache import open_cache
 from cada.data.mvtec import Sample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -84,29 +85,53 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 class ImageSet(torch.utils.data.Dataset):
-    """Samples -> dict(image uint8, mask bool, has_mask, index). A bad file yields an `error` entry instead."""
+    """Samples -> dict(image uint8, mask bool, has_mask, index). A bad file yields an `error` entry instead.
 
-    def __init__(self, samples: Sequence[Sample], size: int):
+    cache_dir: 'auto' (the default folder, see cada.data.cache), a folder, or None for no cache.
+    """
+
+    def __init__(self, samples: Sequence[Sample], size: int, cache_dir: str | Path | None = "auto"):
         self.samples = list(samples)
         self.size = size
+        self.cache = open_cache(cache_dir)
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _decode(self, sample: Sample) -> np.ndarray:
+        """4 x size x size uint8: RGB and the 0/1 mask (zeros when there is no mask file)."""
+        image, original_size = load_image(sample.path, self.size)
+        both = np.zeros((4, self.size, self.size), np.uint8)
+        both[:3] = image.numpy()
+        if sample.mask_path is not None:
+            both[3] = load_mask(sample.mask_path, self.size, original_size).numpy()
+        return both
+
+    def _load(self, sample: Sample) -> np.ndarray:
+        if self.cache is None:
+            return self._decode(sample)
+        try:
+            key = self.cache.key([sample.path, sample.mask_path], f"size={self.size}")
+        except OSError:
+            return self._decode(sample)  # unreadable: decoding reports it with its path
+        stored = self.cache.get(key, (4, self.size, self.size))
+        if stored is not None:
+            return stored
+        decoded = self._decode(sample)
+        self.cache.put(key, decoded)
+        return decoded
+
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         try:
-            image, original_size = load_image(sample.path, self.size)
-            has_mask = sample.mask_path is not None
-            if has_mask:
-                mask = load_mask(sample.mask_path, self.size, original_size)
-            else:
-                mask = torch.zeros(self.size, self.size, dtype=torch.bool)
+            both = self._load(sample)
         except BadImageError as error:
             return {"index": index, "error": str(error)}
         # Normal images need no mask file: their mask is empty by definition.
-        has_mask = has_mask or sample.label == 0
-        return {"index": index, "image": image, "mask": mask, "has_mask": has_mask}
+        has_mask = sample.mask_path is not None or sample.label == 0
+        # NumPy, not torch, for the mask test: torch's threaded kernels are slow on such small arrays.
+        return {"index": index, "image": torch.from_numpy(both[:3]), "mask": torch.from_numpy(both[3] != 0),
+                "has_mask": has_mask}
 
 
 def _collate(items: list[dict]) -> dict:
@@ -123,14 +148,17 @@ def _collate(items: list[dict]) -> dict:
 
 
 def iterate_batches(
-    samples: Sequence[Sample], size: int, batch_size: int = 16, workers: int = 1, strict: bool = False
+    samples: Sequence[Sample], size: int, batch_size: int = 16, workers: int = 1, strict: bool = False,
+    cache_dir: str | Path | None = "auto",
 ) -> Iterator[dict]:
     """Batches of decoded images in sample order; decoding overlaps compute in `workers` processes.
 
-    A file that cannot be read is reported with its path and skipped, unless `strict`.
+    A file that cannot be read is reported with its path and skipped, unless `strict`. Decoded images are
+    cached on disk under `cache_dir` ('auto': the default folder; None: no cache).
     """
     loader = torch.utils.data.DataLoader(
-        ImageSet(samples, size), batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate
+        ImageSet(samples, size, cache_dir), batch_size=batch_size, shuffle=False, num_workers=workers,
+        collate_fn=_collate,
     )
     for batch in loader:
         for index, message in batch["errors"]:
@@ -141,10 +169,11 @@ def iterate_batches(
             yield batch
 
 
-def load_all(samples: Sequence[Sample], size: int, strict: bool = False) -> tuple[torch.Tensor, list[Sample]]:
+def load_all(samples: Sequence[Sample], size: int, strict: bool = False, cache_dir: str | Path | None = "auto",
+             workers: int = 1) -> tuple[torch.Tensor, list[Sample]]:
     """All images as one uint8 tensor N x 3 x size x size (for training sets), with the samples kept."""
     images, kept = [], []
-    for batch in iterate_batches(samples, size, batch_size=32, strict=strict):
+    for batch in iterate_batches(samples, size, batch_size=32, workers=workers, strict=strict, cache_dir=cache_dir):
         images.append(batch["image"])
         kept.extend(samples[i] for i in batch["index"].tolist())
     if not images:

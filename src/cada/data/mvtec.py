@@ -1,7 +1,11 @@
-"""The MVTec AD folder layout.
+"""The MVTec AD folder layout, and MVTec AD-like trees with any class and defect names.
 
 ROOT/<class>/train/good/*.png, ROOT/<class>/test/<defect>/*.png,
 ROOT/<class>/ground_truth/<defect>/<name>_mask.png (no masks for test/good).
+
+Masks are matched by file stem, with or without the `_mask` suffix and in any image format, so VisA
+trees converted to this layout (JPG images, PNG masks of the same stem) read as they are. BTAD is the
+same tree with `ok` for `good` (see btad.py).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from pathlib import Path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 NORMAL = "good"
+MASK_SUFFIX = "_mask"
 
 
 @dataclass(frozen=True)
@@ -25,34 +30,55 @@ class Sample:
     mask_path: Path | None = None
 
 
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def is_image_file(path: Path) -> bool:
+    # Hidden files are skipped: macOS leaves `._name.png` resource forks that carry an image suffix.
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
 
 
-def _mask_for(image: Path, mask_dir: Path) -> Path | None:
-    for candidate in (mask_dir / f"{image.stem}_mask{image.suffix}", mask_dir / f"{image.stem}_mask.png", mask_dir / image.name):
-        if candidate.is_file():
-            return candidate
-    return None
+def list_images(folder: Path) -> list[Path]:
+    """The image files directly in `folder` (not in subfolders), sorted; [] when it does not exist."""
+    return sorted(p for p in folder.iterdir() if is_image_file(p)) if folder.is_dir() else []
 
 
-def class_folders(root: str | Path) -> list[Path]:
+def mask_index(folders: list[Path]) -> dict[str, Path]:
+    """Image stem -> mask file, over the images in `folders`: `000.png` and `000_mask.png` both serve `000.*`.
+
+    One listing per folder instead of probing every suffix for every image; a `_mask` file wins a tie.
+    """
+    index: dict[str, Path] = {}
+    for folder in folders:
+        for mask in list_images(folder):
+            stem = mask.stem
+            if stem.endswith(MASK_SUFFIX):
+                index[stem[: -len(MASK_SUFFIX)]] = mask
+            else:
+                index.setdefault(stem, mask)
+    return index
+
+
+def class_folders(root: str | Path, normal: str = NORMAL, layout: str = "MVTec AD") -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
     classes = sorted(d for d in root.iterdir() if d.is_dir() and ((d / "train").is_dir() or (d / "test").is_dir()))
     if not classes:
         raise FileNotFoundError(
-            f"{root} holds no MVTec AD class folders (expected {root}/<class>/train/good and {root}/<class>/test/<defect>)"
+            f"{root} holds no {layout} class folders (expected {root}/<class>/train/{normal} and "
+            f"{root}/<class>/test/<defect>)"
         )
     return classes
 
 
-def mvtec_samples(root: str | Path, split: str, classes: list[str] | None = None) -> list[Sample]:
-    """All samples of `split` ('train' or 'test') over every class folder of `root`, sorted by class and path."""
+def mvtec_samples(root: str | Path, split: str, classes: list[str] | None = None, *, normal: str = NORMAL,
+                  layout: str = "MVTec AD") -> list[Sample]:
+    """All samples of `split` ('train' or 'test') over every class folder of `root`, sorted by class and path.
+
+    `normal` names the folder of normal images (`good` in MVTec AD, `ok` in BTAD); every other folder under
+    test/ is a defect type whose masks are in ground_truth/<defect>.
+    """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    folders = class_folders(root)
+    folders = class_folders(root, normal, layout)
     if classes is not None:
         missing = set(classes) - {f.name for f in folders}
         if missing:
@@ -62,17 +88,17 @@ def mvtec_samples(root: str | Path, split: str, classes: list[str] | None = None
     for folder in folders:
         split_dir = folder / split
         if split == "train":
-            found = [Sample(p, 0, folder.name) for p in _images(split_dir / NORMAL)] if (split_dir / NORMAL).is_dir() else []
+            found = [Sample(p, 0, folder.name, normal) for p in list_images(split_dir / normal)]
             if not found:
-                raise ValueError(f"class {folder.name!r} has no training images in {split_dir / NORMAL}")
+                raise ValueError(f"class {folder.name!r} has no training images in {split_dir / normal}")
         else:
             found = []
             defect_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir()) if split_dir.is_dir() else []
             for defect_dir in defect_dirs:
-                is_normal = defect_dir.name == NORMAL
-                for image in _images(defect_dir):
-                    mask = None if is_normal else _mask_for(image, folder / "ground_truth" / defect_dir.name)
-                    found.append(Sample(image, int(not is_normal), folder.name, defect_dir.name, mask))
+                is_normal = defect_dir.name == normal
+                masks = {} if is_normal else mask_index([folder / "ground_truth" / defect_dir.name])
+                for image in list_images(defect_dir):
+                    found.append(Sample(image, int(not is_normal), folder.name, defect_dir.name, masks.get(image.stem)))
             if not found:
                 warnings.warn(f"class {folder.name!r} has no test images in {split_dir}; it is left out of evaluation")
         samples.extend(found)

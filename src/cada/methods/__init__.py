@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from cada.methods.base import BaseMethod, MethodOutput
+from cada.methods.recontrast import ReContrast
 from cada.methods.revdist import RevDist
+from cada.methods.uniad import UniAD
+
+METHOD_CLASSES: dict[str, type[BaseMethod]] = {"revdist": RevDist, "recontrast": ReContrast, "uniad": UniAD}
 
 
 def create_method(name: str, backbone: str, image_size: int, pretrained: bool = True,
                   weights_path: str | None = None) -> BaseMethod:
-    if name == "revdist":
-        return RevDist(backbone, image_size, pretrained=pretrained, weights_path=weights_path)
-    raise ValueError(f"unknown method {name!r}; available: revdist")
+    if name not in METHOD_CLASSES:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(METHOD_CLASSES)}")
+    return METHOD_CLASSES[name](backbone, image_size, pretrained=pretrained, weights_path=weights_path)
 
 
-__all__ = ["BaseMethod", "MethodOutput", "RevDist", "create_method"]
+__all__ = ["BaseMethod", "METHOD_CLASSES", "MethodOutput", "ReContrast", "RevDist", "UniAD", "create_method"]

@@ -1,0 +1,127 @@
+"""The paper's ablations (Tables 3, 4, 5) on any data, training the base method once.
+
+The base method is trained (or loaded) once; its training-set statistics (aligner inputs and targets) and its
+test outputs (maps, image scores, aligner inputs) are computed once. Each variant then only fits an aligner on
+the cached training statistics and re-aligns the cached test outputs, which takes seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cada.api import Detector
+from cada.align import create_aligner
+from cada.data.dataset import load_all
+from cada.data.mvtec import Sample
+from cada.evaluate import EvalOutputs, collect, results_table
+from cada.scoring import image_score
+
+
+@dataclass
+class Variant:
+    """One row: an aligner and the settings it differs in."""
+
+    label: str
+    align: str
+    changes: dict = dataclasses.field(default_factory=dict)  # AlignTraining fields
+    top_fraction: float | None = None  # image-score reduction, None = the run's
+
+
+def table_3() -> list[Variant]:
+    """Regressor structure, dropout rate and image-score reduction (paper Table 3)."""
+    structures = [("1 linear", 0, 1), ("2 linear", 0, 2), ("3 linear", 0, 3), ("1 conv, 2 linear", 1, 2),
+                  ("2 conv, 2 linear", 2, 2)]
+    rows = [Variant(f"structure: {name}", "cada", {"convs": convs, "linears": linears})
+            for name, convs, linears in structures]
+    rows += [Variant(f"dropout {rate}", "cada", {"dropout": rate}) for rate in (0.0, 0.25, 0.5, 0.75)]
+    rows += [Variant(f"score: {name}", "cada", top_fraction=fraction)
+             for name, fraction in (("max", 0.0), ("top 0.1%", 0.001), ("top 1%", 0.01), ("top 2%", 0.02))]
+    return rows
+
+
+def table_4() -> list[Variant]:
+    """Class-aware or agnostic (paper Table 4)."""
+    return [Variant("CaDA-A (class labels at train and test)", "class-aware"),
+            Variant("CaDA-B (class labels at train only)", "classifier"),
+            Variant("CADA (no class labels)", "cada")]
+
+
+def table_5() -> list[Variant]:
+    """(u, gamma) or (u, sigma) (paper Table 5)."""
+    return [Variant("CADA (u, gamma)", "cada"), Variant("CADA (u, sigma)", "cada-sigma")]
+
+
+class Ablation:
+    """Cached base outputs of one trained detector, and the variants evaluated on them."""
+
+    def __init__(self, detector: Detector, train_samples: list[Sample], test_samples: list[Sample],
+                 progress: bool = True):
+        started = time.perf_counter()
+        self.detector = detector
+        images, kept = load_all(train_samples, detector.settings.image_size)
+        self.train_features, self.train_stats = detector.training_statistics(images)
+        self.train_class_names = [s.class_name for s in kept]
+        self.test = collect(detector, test_samples, progress=progress, keep_features=True)
+        self.cache_seconds = time.perf_counter() - started
+
+    def base_rows(self) -> dict[str, dict]:
+        return self._rows(self.test, "none")
+
+    def run(self, variant: Variant) -> tuple[dict[str, dict], float]:
+        """Fit the variant's aligner on the cached training statistics and evaluate it; (rows, seconds)."""
+        started = time.perf_counter()
+        settings = copy.deepcopy(self.detector.settings)
+        settings.aligner = dataclasses.replace(settings.aligner, **variant.changes)
+        settings.align = variant.align
+        torch.manual_seed(settings.seed)
+        aligner = create_aligner(variant.align, self.train_features.shape[1], settings.aligner)
+        aligner.fit(self.train_features, self.train_stats, settings.aligner,
+                    torch.Generator().manual_seed(settings.seed), self.train_class_names, progress=False)
+        aligner.eval()
+        class_names = list(self.test.class_names) if aligner.needs_class_names else None
+        with torch.inference_mode():
+            u, gamma = aligner.stats(self.test.align_features, class_names)
+            spread = aligner.spread(u, gamma)
+        outputs = dataclasses.replace(self.test, u=u.numpy(), spread=spread.numpy())
+        if variant.top_fraction is not None:
+            outputs = dataclasses.replace(outputs, base_scores=image_score(outputs.maps, variant.top_fraction).numpy())
+        return self._rows(outputs, variant.align), time.perf_counter() - started
+
+    def _rows(self, outputs: EvalOutputs, align_name: str) -> dict[str, dict]:
+        """protocol -> metrics row."""
+        rows = results_table(outputs, self.detector.settings.method, (align_name,))["rows"]
+        return {row["protocol"]: row for row in rows}
+
+
+def noisy_split(train: list[Sample], test: list[Sample], fraction: float, seed: int = 0
+                ) -> tuple[list[Sample], list[Sample]]:
+    """Move `fraction` of each class's anomalous test images into the training set (as BTAD's noisy set does).
+
+    The moved images leave the test set, so no image is both trained on and tested.
+    """
+    rng = np.random.default_rng(seed)
+    moved: set[int] = set()
+    for name in sorted({s.class_name for s in test}):
+        anomalous = [i for i, s in enumerate(test) if s.class_name == name and s.label == 1]
+        count = int(round(fraction * len(anomalous)))
+        moved.update(rng.choice(anomalous, size=count, replace=False).tolist() if count else [])
+    noisy_train = train + [dataclasses.replace(test[i], label=0) for i in sorted(moved)]
+    return noisy_train, [s for i, s in enumerate(test) if i not in moved]
+
+
+def format_rows(title: str, entries: list[tuple[str, dict, float | None]]) -> str:
+    """A paper-shaped table: one line per variant, absolute-unified metrics in percent, and its time."""
+    header = f"{'variant':<42} {'I-AUROC':>8} {'I-AP':>6} {'P-AUROC':>8} {'P-AP':>6} {'time':>7}"
+    lines = [title, header, "-" * len(header)]
+    for label, row, seconds in entries:
+        cells = ["-" if row.get(k) is None or np.isnan(row[k]) else f"{100 * row[k]:.1f}"
+                 for k in ("i_auroc", "i_ap", "p_auroc", "p_ap")]
+        timing = "" if seconds is None else f"{seconds:6.1f}s"
+        lines.append(f"{label:<42} {cells[0]:>8} {cells[1]:>6} {cells[2]:>8} {cells[3]:>6} {timing:>7}")
+    return "\n".join(lines)

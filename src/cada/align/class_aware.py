@@ -1,0 +1,89 @@
+"""Class-aware alignment (paper Sec. 3.2), the references CADA is compared with.
+
+Per training class c: u_c = mean of its normal pixel scores, gamma_c = mean over its images of each image's
+max pixel score. CaDA-A looks the class up by the true class name (labels at training and test: an upper
+bound, not usable on anonymous images). CaDA-B predicts the class with a classifier of the regressor's
+structure trained with cross-entropy (labels at training only).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cada.align.base import MAX, MEAN, Aligner, make_head, train_head
+
+
+class ClassAware(Aligner):
+    """CaDA-A: (u_c, gamma_c) of the image's given class."""
+
+    name = "class-aware"
+    needs_class_names = True
+
+    def __init__(self, channels: int, settings):
+        super().__init__()
+        self.channels, self.settings = channels, settings
+        self.class_names: list[str] = []
+        self.register_buffer("class_u", torch.zeros(0))
+        self.register_buffer("class_gamma", torch.zeros(0))
+
+    def _set_classes(self, class_names: list[str]) -> None:
+        self.class_names = list(class_names)
+        self.class_u = torch.zeros(len(class_names))
+        self.class_gamma = torch.zeros(len(class_names))
+
+    def fit(self, features, image_stats, settings, generator, class_names=None, progress=True) -> list[float]:
+        if class_names is None:
+            raise ValueError(f"{self.name} alignment needs the class name of every training image")
+        self._set_classes(sorted(set(class_names)))
+        labels = torch.tensor([self.class_names.index(name) for name in class_names])
+        for index in range(len(self.class_names)):
+            # Equal-sized maps, so the mean of image means is the mean over all normal pixels.
+            self.class_u[index] = image_stats[labels == index, MEAN].mean()
+            self.class_gamma[index] = image_stats[labels == index, MAX].mean()
+        self.set_min_spread(image_stats)
+        return self._fit_classifier(features, labels, settings, generator, progress)
+
+    def _fit_classifier(self, features, labels, settings, generator, progress) -> list[float]:
+        return []
+
+    def class_indices(self, features, class_names) -> torch.Tensor:
+        if class_names is None:
+            raise ValueError(
+                "class-aware alignment (CaDA-A) needs the class name of each test image: it is an upper-bound "
+                "reference. For anonymous images use --align cada."
+            )
+        unknown = sorted(set(class_names) - set(self.class_names))
+        if unknown:
+            raise ValueError(f"classes {unknown} were not seen in training; CaDA-A knows {self.class_names}")
+        return torch.tensor([self.class_names.index(name) for name in class_names], device=features.device)
+
+    def stats(self, features, class_names=None):
+        index = self.class_indices(features, class_names)
+        return self.class_u[index], self.class_gamma[index]
+
+    def config_state(self) -> dict:
+        return {"class_names": self.class_names}
+
+    def load_config_state(self, state: dict) -> None:
+        self._set_classes(state["class_names"])
+
+
+class ClassifierAligner(ClassAware):
+    """CaDA-B: a classifier picks the class, whose (u_c, gamma_c) then align the map."""
+
+    name = "classifier"
+    needs_class_names = False
+
+    def _set_classes(self, class_names):
+        super()._set_classes(class_names)
+        self.head = make_head(self.channels, len(class_names), self.settings)
+
+    def _fit_classifier(self, features, labels, settings, generator, progress) -> list[float]:
+        def loss_of(outputs, batch):  # the paper's Eq. 2
+            return F.cross_entropy(outputs, labels[batch])
+
+        return train_head(self.head, features, loss_of, settings, generator, "class classifier", progress)
+
+    def class_indices(self, features, class_names=None):
+        return self.head(features).argmax(dim=1)  # an unseen class still maps to its nearest known class

@@ -1,0 +1,115 @@
+"""Prediction on anonymous images: no class names, no layout, one threshold.
+
+Writes DIR/predictions.csv (path,score,anomalous) and DIR/predictions.json, and optionally a heatmap overlay
+and a binary mask per image. Images are streamed in batches, so memory does not grow with the folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from cada.data.dataset import iterate_batches
+from cada.data.folder import image_files
+from cada.data.mvtec import Sample
+
+# Overlays colour aligned maps on one fixed scale for every image: 0 is the predicted normal mean of the
+# image's product, 1 its normal maximum; values at or above HEATMAP_MAX are full red. A normal image looks calm.
+HEATMAP_MAX = 2.0
+
+# (uint8 batch B x 3 x S x S) -> (aligned image scores B, aligned maps B x S x S)
+Scorer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def colour_map(values: np.ndarray) -> np.ndarray:
+    """Aligned map values -> RGB uint8 on the fixed scale [0, HEATMAP_MAX] (matplotlib's 'jet')."""
+    from matplotlib import colormaps
+
+    scaled = np.clip(values / HEATMAP_MAX, 0.0, 1.0)
+    return (colormaps["jet"](scaled)[..., :3] * 255).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, aligned_map: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Heatmap blended over the image (both H x W, uint8 RGB out)."""
+    return (image * (1 - alpha) + colour_map(aligned_map) * alpha).astype(np.uint8)
+
+
+def _output_name(path: Path, used: set[str]) -> str:
+    """A file name per input image, unique even when two folders hold files of the same name."""
+    name, counter = path.stem, 1
+    while name in used:
+        counter += 1
+        name = f"{path.stem}_{counter}"
+    used.add(name)
+    return name
+
+
+def predict_paths(scorer: Scorer, image_size: int, threshold: float | None, paths, out: str | Path,
+                  overlays: bool = False, masks: bool = False, batch_size: int = 16, progress: bool = True,
+                  description: dict | None = None) -> dict:
+    """Score every image under `paths`; write the CSV, the JSON and (optionally) overlays and masks to `out`."""
+    files = image_files(paths)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if masks and threshold is None:
+        raise ValueError("binary masks need a threshold: calibrate the run first (cada calibrate)")
+    for wanted, folder in ((overlays, "overlays"), (masks, "masks")):
+        if wanted:
+            (out / folder).mkdir(exist_ok=True)
+    samples = [Sample(path, 0, "") for path in files]
+    rows, used = [], set()
+    started = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught, tqdm(total=len(files), desc="predicting",
+                                                                disable=not progress) as bar:
+        warnings.simplefilter("always")
+        # No image cache: production images are seen once, caching them would only fill the disk.
+        for batch in iterate_batches(samples, image_size, batch_size, cache_dir=None):
+            scores, maps = scorer(batch["image"])
+            for position, index in enumerate(batch["index"].tolist()):
+                path, score = files[index], float(scores[position])
+                row = {"path": str(path), "score": score,
+                       "anomalous": None if threshold is None else bool(score >= threshold)}
+                if overlays or masks:
+                    name = _output_name(path, used)
+                    aligned_map = maps[position].numpy()
+                    if overlays:
+                        image = batch["image"][position].permute(1, 2, 0).numpy()
+                        Image.fromarray(overlay(image, aligned_map)).save(out / "overlays" / f"{name}.png")
+                    if masks:
+                        Image.fromarray((aligned_map >= threshold).astype(np.uint8) * 255).save(
+                            out / "masks" / f"{name}.png")
+                rows.append(row)
+            bar.update(len(batch["index"]) + len(batch["errors"]))
+    # A bad file is skipped, not fatal: it is listed in the JSON with the reason.
+    skipped = [str(w.message).removeprefix("skipped: ") for w in caught if str(w.message).startswith("skipped:")]
+    for warning in caught:
+        if not str(warning.message).startswith("skipped:"):
+            warnings.warn(warning.message, warning.category)
+    seconds = time.perf_counter() - started
+    with open(out / "predictions.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "score", "anomalous"])
+        for row in rows:
+            writer.writerow([row["path"], f"{row['score']:.6f}", "" if row["anomalous"] is None else int(row["anomalous"])])
+    summary = {"threshold": threshold, "n_images": len(rows), "n_anomalous": sum(bool(r["anomalous"]) for r in rows),
+               "skipped": skipped, "seconds": round(seconds, 2),
+               "images_per_second": round(len(rows) / seconds, 2) if seconds else None, **(description or {})}
+    (out / "predictions.json").write_text(json.dumps({**summary, "predictions": rows}, indent=2) + "\n")
+    return summary
+
+
+def detector_scorer(detector) -> Scorer:
+    def score(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        result = detector.infer(images)
+        return result.aligned_scores, result.aligned_maps
+
+    return score
