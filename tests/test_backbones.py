@@ -11,8 +11,9 @@ from cada.backbones import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     WeightsNotFoundError,
+    b4_cache_files,
     create_encoder,
-    lite_state_dict,
+    efficientnet_state_dict,
     wide_resnet_hub_files,
 )
 
@@ -75,7 +76,7 @@ def test_lite0_full_classifier_and_exact_input_conversion(lite0):
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     before = model.classifier.weight.clone()
-    model.load_state_dict(lite_state_dict("efficientnet_lite0", model))  # strict: every tensor mapped
+    model.load_state_dict(efficientnet_state_dict("efficientnet_lite0", model))  # strict: every tensor mapped
     assert not torch.equal(before, model.classifier.weight)
     pix = _images(2, 64)
     hooks, got = [], {}
@@ -157,7 +158,7 @@ def test_lite0_weights_path_formats(tmp_path, lite0):
 
     # timm key names, as .safetensors
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    sd = {k: v.contiguous() for k, v in lite_state_dict("efficientnet_lite0", model).items()}  # the .pth has strided views
+    sd = {k: v.contiguous() for k, v in efficientnet_state_dict("efficientnet_lite0", model).items()}  # the .pth has strided views
     save_file(sd, str(tmp_path / "timm.safetensors"))
     enc = create_encoder("efficientnet_lite0", weights_path=str(tmp_path / "timm.safetensors"))
     for a, b in zip(enc.state_dict().values(), lite0.state_dict().values()):
@@ -168,6 +169,55 @@ def test_lite0_weights_path_formats(tmp_path, lite0):
     torch.save(sd, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="not the same architecture"):
         create_encoder("efficientnet_lite0", weights_path=str(tmp_path / "bad.pth"))
+
+
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
+    """Point the torch hub and Hugging Face caches at an empty folder."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
+    return tmp_path
+
+
+def test_b4_uniad_stages_random_init():
+    enc = create_encoder("efficientnet_b4", pretrained=False, stages="uniad")
+    assert enc.channels == (24, 32, 56, 160) and enc.strides == (2, 4, 8, 16)  # UniAD's 272 channels
+    assert [f.shape[1:] for f in enc(torch.randn(1, 3, 64, 64))] == [(24, 32, 32), (32, 16, 16), (56, 8, 8), (160, 4, 4)]
+    assert enc.in_scale is None  # B4's TF weights take ImageNet normalisation, unlike Lite's [-1, 1]
+
+
+def test_missing_b4_weights(empty_caches):
+    files = b4_cache_files()
+    assert len(files) == 2 and files[1].endswith(os.path.join("hub", "checkpoints", "efficientnet-b4-6ed6700e.pth"))
+    with pytest.raises(WeightsNotFoundError, match="efficientnet-b4-6ed6700e.pth") as err:
+        create_encoder("efficientnet_b4", stages="uniad")
+    assert "tf_efficientnet_b4.aa_in1k" in str(err.value) and "--weights" in str(err.value)
+
+
+def test_b4_weights_from_caches(empty_caches):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    sd = timm.create_model("tf_efficientnet_b4", pretrained=False).state_dict()
+    sd["blocks.4.0.bn1.running_mean"] = torch.randn_like(sd["blocks.4.0.bn1.running_mean"])  # visible if loaded
+    # timm's Hugging Face cache (timm key names) is found without weights_path
+    snapshot = empty_caches / "hf" / "hub" / "models--timm--tf_efficientnet_b4.aa_in1k" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(snapshot / "model.safetensors"))
+    enc = create_encoder("efficientnet_b4", stages="uniad")
+    assert torch.equal(enc.stages[4][0].bn1.running_mean, sd["blocks.4.0.bn1.running_mean"])
+    # UniAD's file (efficientnet-pytorch names, same tensors in the same order) is mapped by position
+    os.remove(snapshot / "model.safetensors")
+    tensors = [v for k, v in sd.items() if not k.endswith("num_batches_tracked")]  # that file has no BN counters
+    renamed = {f"_blocks.{i}": v for i, v in enumerate(tensors)}
+    os.makedirs(os.path.dirname(b4_cache_files()[-1]))
+    torch.save(renamed, b4_cache_files()[-1])
+    enc = create_encoder("efficientnet_b4", stages="uniad")
+    assert torch.equal(enc.stages[4][0].bn1.running_mean, sd["blocks.4.0.bn1.running_mean"])
+    assert torch.equal(enc.stem[0].weight, sd["conv_stem.weight"])
 
 
 def test_unknown_name():

