@@ -117,3 +117,16 @@ def test_non_ascii_and_spaces_in_names(tmp_path):
     path = _png(tmp_path / "prüf bild 1.png", np.zeros((16, 16, 3), np.uint8))
     tensor, _ = load_image(path, 32)
     assert tensor.shape == (3, 32, 32)
+
+
+def test_image_size_of_follows_exif_rotation_like_read_image(tmp_path):
+    from PIL import Image
+
+    from cada.data.dataset import image_size_of, read_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: width and height swap
+    Image.new("RGB", (40, 20)).save(tmp_path / "rotated.jpg", exif=exif)
+    Image.new("RGB", (40, 20)).save(tmp_path / "plain.png")
+    assert image_size_of(tmp_path / "rotated.jpg") == read_image(tmp_path / "rotated.jpg").size == (20, 40)
+    assert image_size_of(tmp_path / "plain.png") == (40, 20)

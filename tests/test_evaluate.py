@@ -123,3 +123,65 @@ def test_figures_equal_the_metrics_on_the_materialised_aligned_maps():
         assert (got["p_auroc"], got["p_ap"], got["aupro"]) == (pixel["auroc"], pixel["ap"], pixel["aupro"])
         assert (got["p_f1max"], got["p_f1max_threshold"]) == (pixel["f1max"], pixel["f1max_threshold"])
     assert 0.5 < results["rows"][0]["aupro"] < 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_detector(tiny_data, tiny_settings):
+    from cada import Detector
+
+    return Detector(tiny_settings()).fit(tiny_data, progress=False)
+
+
+def test_original_resolution_equals_model_resolution_when_the_sizes_agree(tiny_data, tiny_detector):
+    """The synthetic images and masks are 64 x 64, the model's size: upsampling is the identity."""
+    from cada.data.mvtec import mvtec_samples
+    from cada.evaluate import collect
+
+    samples = mvtec_samples(tiny_data, "test")
+    model = collect(tiny_detector, samples, progress=False)
+    original = collect(tiny_detector, samples, progress=False, pixel_resolution="original")
+    assert (original.original_sizes == 64).all()
+    assert np.array_equal(original.anomalous_pixels, model.anomalous_pixels)
+    aligners = ("none", "cada")
+    assert results_table(original, "revdist", aligners) == results_table(model, "revdist", aligners)
+    with pytest.raises(ValueError, match="pixel_resolution"):
+        collect(tiny_detector, samples, progress=False, pixel_resolution="full")
+
+
+def test_original_resolution_upsamples_maps_to_each_masks_size(tiny_data, tiny_detector, tmp_path):
+    """Test images and masks enlarged to 96 x 80 (one class) and 72 x 72 (the others): the pixel metrics must
+    be those of the 64 x 64 aligned maps upsampled bilinearly to those sizes, against the full-size masks."""
+    import shutil
+
+    import sklearn.metrics as skm
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from cada.data.mvtec import mvtec_samples
+    from cada.evaluate import collect
+
+    root = tmp_path / "big"
+    shutil.copytree(tiny_data, root)
+    for path in root.glob("*/test/*/*.png"):
+        size = (96, 80) if path.parts[-4] == "weave" else (72, 72)
+        Image.open(path).resize(size, Image.BILINEAR).save(path)
+    for path in root.glob("*/ground_truth/*/*.png"):
+        size = (96, 80) if path.parts[-4] == "weave" else (72, 72)
+        Image.open(path).resize(size, Image.NEAREST).save(path)
+    samples = mvtec_samples(root, "test")
+    outputs = collect(tiny_detector, samples, progress=False, pixel_resolution="original", cache_dir=None)
+    weave = outputs.class_names == "weave"
+    assert (outputs.original_sizes[weave] == (80, 96)).all() and (outputs.original_sizes[~weave] == 72).all()
+    results = results_table(outputs, "revdist", ("none", "cada"))
+    maps = align(outputs.maps, torch.from_numpy(outputs.u), torch.from_numpy(outputs.spread))
+    big_maps, big_masks = [], []
+    for image_map, sample, (height, width) in zip(maps, outputs.samples, outputs.original_sizes):
+        big = F.interpolate(image_map[None, None], size=(int(height), int(width)), mode="bilinear", align_corners=False)
+        big_maps.append(big.ravel().numpy())
+        mask = np.zeros((height, width), bool) if sample.mask_path is None else np.array(Image.open(sample.mask_path)) > 0
+        big_masks.append(mask.ravel())
+    pooled = results["rows"][2]  # cada, absolute-unified
+    assert pooled["align"] == "cada" and pooled["protocol"] == "absolute-unified"
+    big_maps, big_masks = np.concatenate(big_maps), np.concatenate(big_masks)
+    assert pooled["p_auroc"] == pytest.approx(skm.roc_auc_score(big_masks, big_maps), abs=1e-6)
+    assert pooled["p_ap"] == pytest.approx(skm.average_precision_score(big_masks, big_maps), abs=1e-6)

@@ -216,11 +216,12 @@ def _brute_aupro(maps, masks, fpr_limit):
     for i, mask in enumerate(masks):
         labels, n = _components(mask)
         regions += [(i, labels == k) for k in range(1, n + 1)]
-    normal = ~masks
+    # Image by image, so that images of different sizes (a list) work too.
+    n_normal = sum(np.count_nonzero(~mask) for mask in masks)
     fpr, pro = [0.0], [0.0]
-    for t in np.unique(maps)[::-1]:
-        above = maps >= t
-        fpr.append(above[normal].mean())
+    for t in np.unique(np.concatenate([np.ravel(m) for m in maps]))[::-1]:
+        above = [m >= t for m in maps]
+        fpr.append(sum(np.count_nonzero(a[~mask]) for a, mask in zip(above, masks)) / n_normal)
         pro.append(np.mean([above[i][region].mean() for i, region in regions]))
     area = 0.0
     for x0, y0, x1, y1 in zip(fpr, pro, fpr[1:], pro[1:]):
@@ -288,6 +289,31 @@ def test_pixel_metrics_against_references(seed):
     assert (got["f1max"], got["f1max_threshold"]) == f1_max(maps, masks)
     _check_f1(maps, masks)
     assert got["aupro"] == pytest.approx(_brute_aupro(maps, masks, 0.3), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_pixel_metrics_on_images_of_different_sizes(seed):
+    """Original-resolution evaluation: a list of maps and masks of different sizes, read one image at a time."""
+    rng = np.random.default_rng(seed)
+    shapes = [(9, 11), (5, 7), (12, 4), (8, 8), (3, 13)]
+    masks = [rng.random(shape) < 0.15 for shape in shapes]
+    masks[1][:] = False  # an image without any region
+    maps = [np.round(rng.normal(size=m.shape) + 1.5 * m, 1).astype(np.float32) for m in masks]
+    got = pixel_metrics(maps, masks)
+    flat_maps, flat_masks = np.concatenate([m.ravel() for m in maps]), np.concatenate([m.ravel() for m in masks])
+    assert got["auroc"] == pytest.approx(skm.roc_auc_score(flat_masks, flat_maps), abs=1e-12)
+    assert got["ap"] == pytest.approx(skm.average_precision_score(flat_masks, flat_maps), abs=1e-12)
+    assert (got["f1max"], got["f1max_threshold"]) == f1_max(flat_maps, flat_masks)
+    assert got["aupro"] == pytest.approx(_brute_aupro(maps, masks, 0.3), abs=1e-12)
+    # images of one size give the same as the N x H x W array
+    same_maps, same_masks = _pixel_data(seed)
+    assert pixel_metrics(list(same_maps), list(same_masks)) == pixel_metrics(same_maps, same_masks)
+    with pytest.raises(ValueError, match="shape"):
+        pixel_metrics(maps, masks[::-1])
+    with pytest.raises(ValueError, match="4 maps but 5 masks"):
+        pixel_metrics(maps[:4], masks)
+    with pytest.raises(ValueError, match="both as"):
+        pixel_metrics(same_maps, list(same_masks))
 
 
 @pytest.mark.parametrize("seed", SEEDS)

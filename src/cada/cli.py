@@ -47,7 +47,7 @@ def train_and_save(settings, data: Path, out: Path, weights: str | None = None, 
 
 def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: bool = True,
                         plots_dir: Path | None = None, samples=None, cache_dir="auto",
-                        report_dir: Path | None = None) -> dict:
+                        report_dir: Path | None = None, pixel_resolution: str = "model") -> dict:
     """Evaluate on the test split of `data` (or on `samples`), print the tables, write JSON and plots."""
     from cada.data.duplicates import warn_duplicates
     from cada.evaluate import collect, format_decisions, format_per_class, format_table, results_table
@@ -62,7 +62,7 @@ def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: 
         except (FileNotFoundError, ValueError):
             pass  # the training data moved or changed layout: nothing to compare with
     started = time.perf_counter()
-    outputs = collect(detector, samples, progress=progress, cache_dir=cache_dir)
+    outputs = collect(detector, samples, progress=progress, cache_dir=cache_dir, pixel_resolution=pixel_resolution)
     aligners = ("none",) if detector.settings.align == "none" else ("none", detector.settings.align)
     results = results_table(outputs, detector.settings.method, aligners, detector.thresholds)
     results["meta"] = {
@@ -70,6 +70,7 @@ def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: 
         "n_test_images": len(outputs.samples),
         "backbone": detector.settings.backbone,
         "image_size": detector.settings.image_size,
+        "pixel_resolution": pixel_resolution,
         "evaluate_seconds": round(time.perf_counter() - started, 1),
     }
     print(format_table(results))
@@ -207,7 +208,7 @@ def cmd_evaluate(args) -> int:
         samples = _samples(args.data, "test", args.format)
     evaluate_and_report(detector, Path(args.data or args.anomalous[0]), Path(args.json) if args.json else None,
                         not args.quiet, Path(args.plots) if args.plots else None, samples, _cache_dir(args),
-                        Path(args.report) if args.report else None)
+                        Path(args.report) if args.report else None, args.pixel_resolution)
     return 0
 
 
@@ -387,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="write the results here")
     evaluate.add_argument("--plots", help="folder for score_distributions.png (per class, before/after alignment)")
     evaluate.add_argument("--report", help="folder for report.html: tables, score distributions, image gallery")
+    evaluate.add_argument("--pixel-resolution", choices=("model", "original"), default="model",
+                          help="compare maps and masks at the model's input size (default) or at each mask's own "
+                               "size, maps upsampled bilinearly (exact; 4 bytes per normal pixel of memory)")
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
     return parser

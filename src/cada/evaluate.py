@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cada.data.dataset import iterate_batches
+from cada.data.dataset import iterate_batches, original_mask
 from cada.data.mvtec import Sample
 from cada.metrics import binary_metrics, pixel_metrics
 from cada.scoring import align
@@ -33,6 +34,7 @@ HEADERS = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
 THRESHOLDS = ("i_f1max_threshold", "p_f1max_threshold")  # score values, not percentages
 FPR_LIMIT = 0.3  # AUPRO integrates up to this false-positive rate
 DECISIONS = ("fpr", "recall", "precision", "f1")  # at the stored threshold, when the run has one
+PIXEL_RESOLUTIONS = ("model", "original")
 
 
 @dataclass
@@ -47,6 +49,9 @@ class EvalOutputs:
     u: np.ndarray
     spread: np.ndarray
     align_features: torch.Tensor | None = None  # N x C x h x w, kept for re-fitting aligners (ablations)
+    # Pixel metrics at the ground truth's own resolution: per image (height, width) and anomalous pixel count.
+    original_sizes: np.ndarray | None = None  # N x 2
+    original_anomalous: np.ndarray | None = None  # N
 
     @property
     def labels(self) -> np.ndarray:
@@ -56,18 +61,37 @@ class EvalOutputs:
     def class_names(self) -> np.ndarray:
         return np.array([s.class_name for s in self.samples])
 
+    @property
+    def at_original_resolution(self) -> bool:
+        return self.original_sizes is not None
+
     @cached_property
     def anomalous_pixels(self) -> np.ndarray:
-        """Per image, how many of its mask pixels are anomalous."""
+        """Per image, how many of its ground-truth pixels (at the resolution of the pixel metrics) are anomalous."""
+        if self.at_original_resolution:
+            return self.original_anomalous
         return self.masks.flatten(1).sum(1).numpy()
+
+    @cached_property
+    def pixels(self) -> np.ndarray:
+        """Per image, how many ground-truth pixels it has at the resolution of the pixel metrics."""
+        if self.at_original_resolution:
+            return self.original_sizes.prod(axis=1)
+        return np.full(len(self.samples), self.masks[0].numel())
 
 
 def collect(detector, samples: list[Sample], batch_size: int = 16, progress: bool = True,
-            keep_features: bool = False, cache_dir: str | Path | None = "auto") -> EvalOutputs:
+            keep_features: bool = False, cache_dir: str | Path | None = "auto",
+            pixel_resolution: str = "model") -> EvalOutputs:
     """Run the detector over the test samples once; base and aligned results both come from this pass.
 
     Class names reach the detector only for the class-aware reference aligner (CaDA-A), which needs them.
+    pixel_resolution: "model" compares maps and masks at the model's input size (S x S, masks resized by
+    nearest neighbour); "original" compares at each ground truth's own size, the maps bilinearly upsampled
+    (the maps are still held at S x S; the metrics read the masks again, an image at a time).
     """
+    if pixel_resolution not in PIXEL_RESOLUTIONS:
+        raise ValueError(f"pixel_resolution must be one of {PIXEL_RESOLUTIONS}, got {pixel_resolution!r}")
     kept, maps, masks, has_mask, scores, u, spread, features = [], [], [], [], [], [], [], []
     batches = iterate_batches(samples, detector.settings.image_size, batch_size, cache_dir=cache_dir)
     with tqdm(total=len(samples), desc="evaluating", disable=not progress, leave=False) as bar:
@@ -92,6 +116,13 @@ def collect(detector, samples: list[Sample], batch_size: int = 16, progress: boo
         *(torch.cat(values).numpy() for values in (scores, u, spread)),
         torch.cat(features) if keep_features else None,
     )
+    if pixel_resolution == "original":
+        sizes, counts = [], []
+        for sample in tqdm(kept, desc="reading masks", disable=not progress, leave=False):
+            mask = original_mask(sample)
+            sizes.append(mask.shape)
+            counts.append(np.count_nonzero(mask))
+        outputs.original_sizes, outputs.original_anomalous = np.array(sizes), np.array(counts)
     missing = [s.path for s, ok in zip(kept, outputs.has_mask) if not ok]
     if missing:
         warnings.warn(
@@ -125,6 +156,36 @@ class _Rows:
         return chunk if self.u is None else align(chunk, self.u[rows], self.spread[rows])
 
 
+class _OriginalMaps:
+    """Images `index` of the S x S maps, aligned if (u, spread) are given, bilinearly upsampled to each one's
+    original (height, width) when read: one image at a time (see cada.metrics.pixel_metrics)."""
+
+    def __init__(self, maps: torch.Tensor, index: np.ndarray, sizes: np.ndarray, u=None, spread=None):
+        self.maps, self.index, self.sizes, self.u, self.spread = maps, index, sizes, u, spread
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        small = self.maps[self.index[i]][None, None]
+        if self.u is not None:
+            small = align(small, self.u[i : i + 1], self.spread[i : i + 1])
+        return F.interpolate(small, size=tuple(self.sizes[i].tolist()), mode="bilinear", align_corners=False)[0, 0]
+
+
+class _OriginalMasks:
+    """The ground truth of `samples` at its own resolution, read from the files when asked for."""
+
+    def __init__(self, samples: list[Sample]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return original_mask(self.samples[i])
+
+
 def image_scores(outputs: EvalOutputs, index: np.ndarray, aligned: bool) -> np.ndarray:
     scores = outputs.base_scores[index]
     return align(torch.from_numpy(scores), torch.from_numpy(outputs.u[index]),
@@ -142,9 +203,14 @@ def subset_metrics(outputs: EvalOutputs, index: np.ndarray, aligned: bool, fpr_l
     keep = outputs.has_mask[index]
     pixel_index = index[keep]
     n_anomalous = int(outputs.anomalous_pixels[pixel_index].sum())
-    if 0 < n_anomalous < len(pixel_index) * outputs.masks[0].numel():  # both kinds of pixel present
-        maps = _Rows(outputs.maps, pixel_index, *((u[keep], spread[keep]) if aligned else ()))
-        pixel = pixel_metrics(maps, _Rows(outputs.masks, pixel_index), fpr_limit)
+    if 0 < n_anomalous < int(outputs.pixels[pixel_index].sum()):  # both kinds of pixel present
+        alignment = (u[keep], spread[keep]) if aligned else ()
+        if outputs.at_original_resolution:
+            maps = _OriginalMaps(outputs.maps, pixel_index, outputs.original_sizes[pixel_index], *alignment)
+            masks = _OriginalMasks([outputs.samples[i] for i in pixel_index])
+        else:
+            maps, masks = _Rows(outputs.maps, pixel_index, *alignment), _Rows(outputs.masks, pixel_index)
+        pixel = pixel_metrics(maps, masks, fpr_limit)
         row.update(p_auroc=pixel["auroc"], p_ap=pixel["ap"], p_f1max=pixel["f1max"], aupro=pixel["aupro"],
                    p_f1max_threshold=pixel["f1max_threshold"])
     return row

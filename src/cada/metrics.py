@@ -65,14 +65,23 @@ def _as_bool(labels: np.ndarray, name: str) -> np.ndarray:
 def _split(scores, labels, name: str, unit: str, regions: bool = False):
     """Validate and split, a chunk of rows (first axis) at a time: (sorted positive scores, sorted negative
     scores, AUPRO weight of each sorted positive or None). Scores and labels only need `.shape` and
-    slicing, so they can be lazy views that make their rows when read."""
-    n_rows, size = labels.shape[0], int(np.prod(labels.shape))
+    slicing, so they can be lazy views that make their rows when read. Without `.shape` they are sequences
+    of per-image arrays, each of its own size, read one image at a time."""
+    if hasattr(labels, "shape"):
+        n_rows = labels.shape[0] if len(labels.shape) else 0
+        step = max(1, _CHUNK // max(1, int(np.prod(labels.shape[1:]))))
+        read = lambda x, c: _as_array(x[c])  # noqa: E731
+    else:
+        n_rows, step = len(labels), 1
+        read = lambda x, c: _as_array(x[c.start])[None]  # noqa: E731
+    chunks = [slice(i, i + step) for i in range(0, n_rows, step)]
+    read_labels = lambda c: _as_bool(read(labels, c), name)  # noqa: E731
+    n_pos = size = 0
+    for c in chunks:  # a first, cheap pass: the size of the one copy
+        y = read_labels(c)
+        n_pos, size = n_pos + np.count_nonzero(y), size + y.size
     if size == 0:
         raise ValueError(f"{name}: got empty scores and labels")
-    step = max(1, _CHUNK // (size // n_rows))
-    chunks = [slice(i, i + step) for i in range(0, n_rows, step)]
-    read_labels = lambda c: _as_bool(_as_array(labels[c]), name)  # noqa: E731
-    n_pos = sum(np.count_nonzero(read_labels(c)) for c in chunks)  # a first, cheap pass: size of the copy
     if n_pos == 0 or n_pos == size:
         missing = "anomalous" if n_pos == 0 else "normal"
         raise ValueError(f"{name} needs both normal and anomalous {unit}; got 0 {missing} out of {size}")
@@ -80,7 +89,7 @@ def _split(scores, labels, name: str, unit: str, regions: bool = False):
     neg, pos, region_ids = None, [], []
     n_neg = filled = n_regions = n_nan = n_inf = 0
     for c in chunks:
-        y, s = read_labels(c), _as_array(scores[c])
+        y, s = read_labels(c), read(scores, c)
         if s.shape != y.shape:
             raise ValueError(f"{name}: scores rows {c.start}:{c.stop} have shape {s.shape}, labels {y.shape}")
         n_nan += np.count_nonzero(np.isnan(s))
@@ -202,15 +211,21 @@ def pixel_metrics(maps, masks, fpr_limit: float = 0.3, name: str = "pixel_metric
 
     maps: N x H x W scores; masks: N x H x W, 0/1 or bool. Each is a NumPy array, a torch tensor (any
     device) or any object with ``.shape`` that slices along the first axis into those: they are read a
-    chunk of images at a time. AUPRO counts the 8-connected components of each image's mask as regions.
-    Extra memory: one sorted copy of the normal pixels' scores plus ~30 bytes per anomalous pixel.
-    ValueError when the masks have no anomalous pixel or no normal pixel.
+    chunk of images at a time. Images of different sizes (e.g. at their original resolution) come as two
+    sequences (anything without ``.shape``: a list, or a lazy reader) of H_i x W_i arrays, read one image at
+    a time. AUPRO counts the 8-connected components of each image's mask as regions.
+    Extra memory: one sorted copy of the normal pixels' scores (4 bytes each for float32) plus ~30 bytes
+    per anomalous pixel. ValueError when the masks have no anomalous pixel or no normal pixel.
     """
     fpr_limit = _check_limit(fpr_limit)
-    maps, masks = (x if hasattr(x, "shape") else np.asarray(x) for x in (maps, masks))
-    if len(masks.shape) != 3 or tuple(maps.shape) != tuple(masks.shape):
-        raise ValueError(f"{name}: maps and masks must both be N x H x W; got {tuple(maps.shape)} and "
-                         f"{tuple(masks.shape)}")
+    if hasattr(maps, "shape") != hasattr(masks, "shape"):
+        raise ValueError(f"{name}: give maps and masks both as N x H x W arrays or both as sequences of images")
+    if hasattr(masks, "shape"):
+        if len(masks.shape) != 3 or tuple(maps.shape) != tuple(masks.shape):
+            raise ValueError(f"{name}: maps and masks must both be N x H x W; got {tuple(maps.shape)} and "
+                             f"{tuple(masks.shape)}")
+    elif len(maps) != len(masks):
+        raise ValueError(f"{name}: {len(maps)} maps but {len(masks)} masks")
     pos, neg, weight = _split(maps, masks, name, "pixels", regions=True)
     return _from_sorted(pos, neg, weight, fpr_limit)
 

@@ -72,9 +72,29 @@ def load_mask(path: str | Path, size: int, image_size: tuple[int, int]) -> torch
                 f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image is {image_size[0]}x{image_size[1]}: "
                 "the aspect ratios differ, so it cannot be this image's mask"
             )
-    grey = np.asarray(mask.convert("L") if mask.mode not in ("L", "1", "I", "I;16") else mask)
-    binary = Image.fromarray((grey > 0).astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
+    binary = Image.fromarray(_binary(mask).astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
     return torch.from_numpy(np.array(binary) > 0)
+
+
+def _binary(mask: Image.Image) -> np.ndarray:
+    return np.asarray(mask.convert("L") if mask.mode not in ("L", "1", "I", "I;16") else mask) > 0
+
+
+def image_size_of(path: str | Path) -> tuple[int, int]:
+    """(width, height) as read_image would give it (EXIF rotation included), from the header alone."""
+    with Image.open(path) as image:
+        width, height = image.size
+        rotated = image.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the axes
+    return (height, width) if rotated else (width, height)
+
+
+def original_mask(sample: Sample) -> np.ndarray:
+    """The ground truth at its own resolution, bool H x W: the mask file, or for a normal image without one,
+    zeros of the image's size."""
+    if sample.mask_path is None:
+        width, height = image_size_of(sample.path)
+        return np.zeros((height, width), bool)
+    return _binary(read_image(sample.mask_path))
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
