@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cada.config import ALIGNERS, METHODS, preset
+from cada.config import ALIGNERS, METHODS, Settings, preset
 
 
 def _settings_from_args(args):
@@ -246,6 +246,8 @@ def cmd_ablate(args) -> int:
     started = time.perf_counter()
     if args.run:
         detector = Detector.load(args.run)
+        # The noisy base (--noise) must be trained exactly as the reused one was.
+        settings = Settings.from_dict({**detector.settings.to_dict(), "align": "none"})
     else:
         detector = train_and_save(settings, Path(args.data), out / "base", args.weights, progress=not args.quiet)
     base_seconds = time.perf_counter() - started
