@@ -29,6 +29,13 @@ distance matrix fits `search_gib`, keeping a running minimum: the full distance 
 The map is the patch scores upsampled bilinearly to the input; the Detector smooths it (Gaussian sigma 4), as
 for every method, and its image score is the pipeline's (mean of the top 1% of the smoothed map).
 PatchCore's own image score, the paper's re-weighted maximum patch score, is `reweighted_score`.
+
+CADA. The aligner reads the frozen encoder's stride-16 map, averaged to stride 32 (`align_features`); the
+aligner contract is unchanged. Its targets come from the maps of the training images, scored against a bank
+built from those same images: a bank patch is at distance ~0 from itself and the others are within their
+block's covering radius, so these maps are lower than those of unseen normal images of the same class. The
+aligner learns that offset for every class alike; holding out training images (`Detector.fit(holdout=...)`)
+only affects the threshold.
 """
 
 from __future__ import annotations
@@ -158,7 +165,7 @@ class PatchCore(BaseMethod):
 
     # -- scores --------------------------------------------------------------------------------------------
     def patch_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(scores B x h x w, nearest bank index B x h x w, embedding B x hw x C, stride-16 features)."""
+        """(scores B x h x w, nearest bank index B x h x w, embedding B x hw x C, 3x3-averaged stride-16 map)."""
         middle, deep = self.local_features(x)
         embedding = self.patch_embedding(middle, deep)
         batch, patches, channels = embedding.shape
@@ -170,7 +177,19 @@ class PatchCore(BaseMethod):
     def forward(self, x: torch.Tensor) -> MethodOutput:
         scores, _, _, deep = self.patch_scores(x)
         anomaly_map = F.interpolate(scores.unsqueeze(1), size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return MethodOutput(anomaly_map.squeeze(1), deep)
+        return MethodOutput(anomaly_map.squeeze(1), self.align_features(deep))
+
+    @staticmethod
+    def align_features(deep: torch.Tensor) -> torch.Tensor:
+        """What the aligner reads: the frozen encoder's 3x3-averaged stride-16 map, 2x2-averaged to stride 32.
+
+        PatchCore has no bottleneck of its own (RevDist's aligner reads its stride-32 bottleneck). Stride 32 is
+        the grid RevDist's aligner reads (8x8 at 256 px) and a quarter of the stride-16 map's memory, which
+        matters because `Detector.training_statistics` keeps these for every training image (VisA with
+        wide_resnet50_2: 2.1 GiB instead of 8.5). The CADA head (1x1 convs, global average pooling) loses
+        little by it.
+        """
+        return F.avg_pool2d(deep, 2, ceil_mode=True)
 
     def reweighted_score(self, x: torch.Tensor) -> torch.Tensor:
         """PatchCore's own image score (paper Eq. 7), B: the largest patch score s* = |m_test* - m*|, times
