@@ -88,6 +88,7 @@ class Detector:
         self.method: BaseMethod = create_method(
             self.settings.method, self.settings.backbone, self.settings.image_size, pretrained, weights_path
         )
+        self.method.configure(self.settings)
         self.aligner: Aligner = create_aligner(self.settings.align, self.method.align_channels, self.settings.aligner)
         # How the one decision threshold was chosen; None until calibrated (see `calibrate`).
         self.calibration: dict | None = None
@@ -129,7 +130,8 @@ class Detector:
             "classes": sorted({s.class_name for s in samples}),
             "base_seconds": round(base_seconds, 1),
             "aligner_seconds": round(time.perf_counter() - started, 1),
-            "base_loss_first_last": [base_losses[0], base_losses[-1]],
+            # None for a method without gradient training (PatchCore): it has no loss to report.
+            "base_loss_first_last": [base_losses[0], base_losses[-1]] if base_losses else None,
             "aligner_loss_first_last": [aligner_losses[0], aligner_losses[-1]] if aligner_losses else None,
             "mean_image_stats": dict(zip(("mean", "max", "std"), image_stats.mean(dim=0).tolist())),
         }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-METHODS = ("revdist", "recontrast", "uniad")
+METHODS = ("revdist", "recontrast", "uniad", "patchcore")
 ALIGNERS = ("none", "cada", "cada-sigma", "class-aware", "classifier")
 
 
@@ -48,6 +48,24 @@ class AlignTraining:
 
 
 @dataclass
+class PatchCoreSettings:
+    """PatchCore (no gradient training): coreset, search memory and image-score re-weighting.
+
+    The memory bank is a greedy k-center coreset of `coreset_ratio` of all training patches (paper: 10%), picked
+    with distances between random projections to `projection_dim` dimensions (paper: 128). Selection runs on
+    consecutive blocks of about `coreset_block` patches streamed from the encoder, so the full features of the
+    training set are never held (see methods/patchcore.py). `search_gib` bounds one chunk of the query x bank
+    distance matrix in the nearest-neighbour search. `neighbours` is b of the paper's image-score re-weighting.
+    """
+
+    coreset_ratio: float = 0.1
+    projection_dim: int = 128
+    coreset_block: int = 16384
+    search_gib: float = 0.5
+    neighbours: int = 9
+
+
+@dataclass
 class Settings:
     method: str = "revdist"
     backbone: str = "wide_resnet50_2"
@@ -55,6 +73,7 @@ class Settings:
     align: str = "cada"
     base: BaseTraining = field(default_factory=BaseTraining)
     aligner: AlignTraining = field(default_factory=AlignTraining)
+    patchcore: PatchCoreSettings = field(default_factory=PatchCoreSettings)  # read by method "patchcore" only
     smoothing_sigma: float = 4.0
     top_fraction: float = 0.01  # image score = mean of the top 1% pixels; 0 = the max pixel
     seed: int = 0
@@ -70,11 +89,12 @@ class Settings:
         base = BaseTraining(**{**data.pop("base", {})})
         base.betas = tuple(base.betas)
         aligner = AlignTraining(**data.pop("aligner", {}))
+        patchcore = PatchCoreSettings(**data.pop("patchcore", {}))  # absent from runs saved before PatchCore
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(base=base, aligner=aligner, **data)
+        return cls(base=base, aligner=aligner, patchcore=patchcore, **data)
 
     def validate(self) -> "Settings":
         if self.method not in METHODS:
@@ -93,6 +113,13 @@ class Settings:
             raise ValueError("iteration counts must be positive")
         if self.base.lr_drop_at is not None and not 0 < self.base.lr_drop_at <= 1:
             raise ValueError(f"lr_drop_at is a fraction of the iterations in (0, 1], got {self.base.lr_drop_at}")
+        patchcore = self.patchcore
+        if not 0 < patchcore.coreset_ratio <= 1:
+            raise ValueError(f"patchcore.coreset_ratio is a fraction in (0, 1], got {patchcore.coreset_ratio}")
+        if patchcore.projection_dim < 1 or patchcore.coreset_block < 1 or patchcore.neighbours < 1:
+            raise ValueError("patchcore.projection_dim, patchcore.coreset_block and patchcore.neighbours must be >= 1")
+        if not patchcore.search_gib > 0:
+            raise ValueError(f"patchcore.search_gib must be positive, got {patchcore.search_gib}")
         return self
 
 
@@ -100,7 +127,8 @@ def preset(name: str, method: str = "revdist") -> Settings:
     """The settings of `method` under preset `name`.
 
     `paper`: the paper's schedule (Sec. 4.2; a GPU job). `cpu`: EfficientNet-Lite0 and 400 iterations of batch 16
-    for every method, sized for 2 CPU cores and a few hundred training images.
+    for every method, sized for 2 CPU cores and a few hundred training images. PatchCore trains no weights (its
+    fit is one pass that ignores iters and lr); `paper` gives it wide_resnet50_2 at 256 px, `cpu` Lite0.
     """
     if name not in ("cpu", "paper"):
         raise ValueError(f"unknown preset {name!r}; choose 'cpu' or 'paper'")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from cada.methods.base import BaseMethod, MethodOutput
+from cada.methods.patchcore import PatchCore
 from cada.methods.recontrast import ReContrast
 from cada.methods.revdist import RevDist
 from cada.methods.uniad import UniAD
 
-METHOD_CLASSES: dict[str, type[BaseMethod]] = {"revdist": RevDist, "recontrast": ReContrast, "uniad": UniAD}
+METHOD_CLASSES: dict[str, type[BaseMethod]] = {"revdist": RevDist, "recontrast": ReContrast, "uniad": UniAD,
+                                             "patchcore": PatchCore}
 
 
 def create_method(name: str, backbone: str, image_size: int, pretrained: bool = True,
@@ -17,4 +19,4 @@ def create_method(name: str, backbone: str, image_size: int, pretrained: bool = 
     return METHOD_CLASSES[name](backbone, image_size, pretrained=pretrained, weights_path=weights_path)
 
 
-__all__ = ["BaseMethod", "METHOD_CLASSES", "MethodOutput", "ReContrast", "RevDist", "UniAD", "create_method"]
+__all__ = ["BaseMethod", "METHOD_CLASSES", "MethodOutput", "PatchCore", "ReContrast", "RevDist", "UniAD", "create_method"]

@@ -1,0 +1,208 @@
+"""PatchCore: chunked search and greedy coreset against brute force, shapes, determinism, defects, persistence."""
+
+import math
+
+import pytest
+import torch
+
+from cada import Detector
+from cada.cli import _settings_from_args, build_parser, main
+from cada.config import BaseTraining, PatchCoreSettings, Settings, preset
+from cada.data.dataset import load_all, normalize
+from cada.data.mvtec import mvtec_samples
+from cada.methods.patchcore import PatchCore, chunk_rows, greedy_coreset, nearest_neighbours
+
+
+def tiny_patchcore(**options) -> Settings:
+    settings = preset("cpu", "patchcore")
+    settings.image_size = 64
+    settings.base.batch_size = 4
+    settings.aligner.iters, settings.aligner.batch_size = 5, 4
+    for key, value in options.items():
+        setattr(settings.patchcore, key, value)
+    return settings
+
+
+def fitted(images, seed: int = 0, pretrained: bool = False, **options) -> PatchCore:
+    torch.manual_seed(0)
+    model = PatchCore("efficientnet_lite0", 64, pretrained=pretrained, options=PatchCoreSettings(**options))
+    assert model.fit(images, BaseTraining(batch_size=4), torch.Generator().manual_seed(seed), progress=False) == []
+    return model
+
+
+@pytest.fixture(scope="module")
+def images(tiny_data):
+    return load_all(mvtec_samples(tiny_data, "train"), 64)[0]
+
+
+@pytest.fixture(scope="module")
+def model(images):
+    return fitted(images)
+
+
+# -- search and coreset against brute force ----------------------------------------------------------------
+@pytest.mark.parametrize("chunk", [1, 7, 64, 299, 300, 1000])
+def test_chunked_search_equals_brute_force(chunk):
+    generator = torch.Generator().manual_seed(chunk)
+    queries, bank = torch.randn(50, 16, generator=generator), torch.randn(300, 16, generator=generator)
+    exact = torch.cdist(queries.double(), bank.double())
+    distance, index = nearest_neighbours(queries, bank, chunk=chunk)
+    assert distance.shape == index.shape == (50, 1)
+    assert torch.equal(index[:, 0], exact.argmin(dim=1))
+    assert torch.allclose(distance[:, 0].double(), exact.amin(dim=1), atol=1e-4)
+    distance, index = nearest_neighbours(queries, bank, k=5, chunk=chunk)
+    values, expected = exact.topk(5, dim=1, largest=False)
+    assert torch.equal(index, expected)
+    assert torch.allclose(distance.double(), values, atol=1e-4)
+
+
+def test_chunk_follows_the_memory_budget():
+    assert chunk_rows(1024, 1 / 1024) == 2**20 // (4 * 1024)  # 1 MiB of float32 for 1024 queries: 256 rows
+    assert chunk_rows(10**9, 1e-6) == 1  # never zero
+    # the default chunk of the search obeys the budget: 40 queries, 40 x 100 floats per chunk -> 3 chunks of 300
+    queries, bank = torch.randn(40, 8), torch.randn(300, 8)
+    assert torch.equal(nearest_neighbours(queries, bank, budget_gib=40 * 100 * 4 / 2**30)[1],
+                       nearest_neighbours(queries, bank, chunk=300)[1])
+
+
+def test_greedy_coreset_adds_the_farthest_point_each_step():
+    points = torch.randn(200, 6, generator=torch.Generator().manual_seed(1))
+    chosen = greedy_coreset(points, 30, start=17).tolist()
+    distances = torch.cdist(points.double(), points.double())
+    expected = [17]
+    for _ in range(29):
+        expected.append(int(distances[:, expected].amin(dim=1).argmax()))
+    assert chosen == expected
+    assert len(set(chosen)) == 30
+    assert greedy_coreset(points[:5], 10).tolist() == greedy_coreset(points[:5], 5).tolist()  # k capped at n
+
+
+def test_search_on_an_empty_bank_says_what_to_do():
+    with pytest.raises(ValueError, match="fit"):
+        PatchCore("efficientnet_lite0", 64, pretrained=False)(torch.randn(1, 3, 64, 64))
+
+
+# -- the model ------------------------------------------------------------------------------------------
+def test_shapes_and_bank_size(model, images):
+    n_patches = len(images) * 8 * 8  # one patch per stride-8 position of a 64 px image
+    assert model.memory_bank.shape == (round(0.1 * n_patches), 40 + 112)  # Lite0: stride 8 (40) + stride 16 (112)
+    assert model.align_channels == 112
+    with torch.inference_mode():
+        output = model(normalize(images[:3]))
+        score = model.reweighted_score(normalize(images[:3]))
+    assert output.anomaly_map.shape == (3, 64, 64) and (output.anomaly_map >= 0).all()
+    assert output.align_features.shape == (3, 112, 2, 2)  # stride-16 encoder map averaged to stride 32
+    assert score.shape == (3,) and (score > 0).all()
+
+
+@pytest.mark.parametrize("block", [64, 200, 10**6])
+def test_bank_rows_are_training_patches_and_blocks_keep_the_ratio(images, block):
+    model = fitted(images[:10], coreset_block=block, coreset_ratio=0.25)
+    with torch.no_grad():
+        features = model.patch_embedding(*model.local_features(normalize(images[:10]))).reshape(-1, 152)
+    assert len(model.memory_bank) == round(0.25 * len(features))
+    nearest = torch.cdist(model.memory_bank.double(), features.double()).amin(dim=1)
+    assert (nearest < 1e-3).all()  # every centre is one of the training patches (up to batch-size rounding)
+    assert len(torch.unique(model.memory_bank, dim=0)) == len(model.memory_bank)
+
+
+def test_one_block_is_the_plain_greedy_on_projections(images):
+    """With a block covering every patch, the bank is the reference's global greedy k-center selection."""
+    model = fitted(images[:6], coreset_block=10**6)
+    with torch.no_grad():
+        features = model.patch_embedding(*model.local_features(normalize(images[:6]))).reshape(-1, 152)
+    generator = torch.Generator().manual_seed(0)
+    projection = torch.randn(152, 128, generator=generator) / math.sqrt(128)
+    first = int(torch.randint(len(features), (1,), generator=generator))
+    chosen = greedy_coreset(features @ projection, round(0.1 * len(features)), start=first)
+    assert torch.equal(model.memory_bank, features[chosen])
+
+
+def test_fit_is_deterministic_with_a_seed(model, images):
+    again, other = fitted(images), fitted(images, seed=1)
+    assert torch.equal(model.memory_bank, again.memory_bank)
+    assert not torch.equal(model.memory_bank, other.memory_bank)
+    with torch.inference_mode():
+        x = normalize(images[:4])
+        assert torch.equal(model(x).anomaly_map, again(x).anomaly_map)
+        assert torch.equal(model.reweighted_score(x), again.reweighted_score(x))
+
+
+def test_reweighted_score_is_the_papers_formula(model, images):
+    x = normalize(images[:3])
+    with torch.inference_mode():
+        score = model.reweighted_score(x)
+        embedding = model.patch_embedding(*model.local_features(x))
+    bank = model.memory_bank.double()
+    for i in range(3):
+        distances = torch.cdist(embedding[i].double(), bank)  # patches x bank
+        per_patch, nearest = distances.min(dim=1)
+        worst = int(per_patch.argmax())
+        s_star, m_star = per_patch[worst], nearest[worst]
+        support = torch.cdist(bank[m_star : m_star + 1], bank)[0].topk(9, largest=False).indices
+        assert m_star in support
+        weight = 1 - torch.exp(s_star) / torch.exp(distances[worst, support]).sum()
+        assert 0 < weight < 1
+        assert torch.allclose(score[i].double(), weight * s_star, rtol=1e-4)
+
+
+def test_map_is_larger_on_a_pasted_defect(tiny_data, images):
+    model = fitted(images, pretrained=True)
+    test = [s for s in mvtec_samples(tiny_data, "test") if s.label == 0]
+    clean = load_all(test, 64)[0]
+    defective = clean.clone()
+    defective[:, :, 20:36, 20:36] = torch.tensor([255, 0, 255], dtype=torch.uint8).view(3, 1, 1)
+    with torch.inference_mode():
+        clean_map, defect_map = model(normalize(clean)).anomaly_map, model(normalize(defective)).anomaly_map
+        clean_score = model.reweighted_score(normalize(clean))
+        defect_score = model.reweighted_score(normalize(defective))
+    inside = (slice(None), slice(20, 36), slice(20, 36))
+    assert (defect_map[inside].mean(dim=(1, 2)) > 1.2 * clean_map[inside].mean(dim=(1, 2))).all()
+    assert (defect_score > clean_score).all()
+
+
+# -- settings, Detector, command line ----------------------------------------------------------------------
+def test_presets_settings_and_validation():
+    paper, cpu = preset("paper", "patchcore"), preset("cpu", "patchcore")
+    assert (paper.method, paper.backbone, paper.image_size) == ("patchcore", "wide_resnet50_2", 256)
+    assert (cpu.backbone, cpu.image_size) == ("efficientnet_lite0", 256)
+    assert cpu.patchcore == PatchCoreSettings(coreset_ratio=0.1, projection_dim=128, coreset_block=16384,
+                                              search_gib=0.5, neighbours=9)
+    cpu.patchcore.coreset_ratio = 0.05
+    assert Settings.from_dict(cpu.to_dict()) == cpu
+    old = paper.to_dict()
+    del old["patchcore"]  # a run saved before PatchCore existed
+    assert Settings.from_dict(old).patchcore == PatchCoreSettings()
+    for field, value in [("coreset_ratio", 0.0), ("coreset_ratio", 1.5), ("projection_dim", 0), ("neighbours", 0),
+                         ("search_gib", 0), ("coreset_block", 0)]:
+        bad = preset("cpu", "patchcore")
+        setattr(bad.patchcore, field, value)
+        with pytest.raises(ValueError, match="patchcore"):
+            bad.validate()
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--method", "patchcore"])
+    assert _settings_from_args(args) == preset("cpu", "patchcore")
+
+
+def test_detector_save_load_round_trips_bit_exactly(tiny_data, images, tmp_path):
+    settings = tiny_patchcore(search_gib=1e-4)  # tiny chunks: the Detector's search goes through many of them
+    detector = Detector(settings, pretrained=False).fit(tiny_data, progress=False)
+    assert detector.method.options.search_gib == 1e-4  # the Detector hands the method its settings
+    assert detector.training_info["base_loss_first_last"] is None  # no gradient training, no loss
+    assert detector.settings.aligner.smooth_l1_alpha == 10  # PatchCore's score scale
+    detector.save(tmp_path / "run")
+    loaded = Detector.load(tmp_path / "run")
+    state, loaded_state = detector._modules().state_dict(), loaded._modules().state_dict()
+    assert state.keys() == loaded_state.keys() and "method.memory_bank" in state
+    assert all(torch.equal(v, loaded_state[k]) for k, v in state.items())
+    assert loaded.method.options == detector.method.options
+    before, after = detector.predict(images[:6]), loaded.predict(images[:6])
+    assert torch.equal(before.scores, after.scores) and torch.equal(before.maps, after.maps)
+
+
+def test_command_line_trains_and_evaluates_patchcore(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), "--method", "patchcore", "--image-size", "64",
+                 "--align-iters", "5", "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--data", str(tiny_data), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "training patchcore" in printed and "absolute-unified" in printed
