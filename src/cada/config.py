@@ -182,4 +182,7 @@ def preset(name: str, method: str = "revdist") -> Settings:
             # 400 iterations are ~0.1% of DRAEM's schedule, so the lr is raised to 1e-3 (drops kept at 80%, 90%).
             settings.draem = DraemOptions(reconstructive_width=16, discriminative_width=8)
             settings.base.batch_size, settings.base.lr = 8, 1e-3
+        if method == "cfa":
+            # The patch-to-centroid distances (4096 x 4096 per image at 256 px) dominate: CFA's own batch of 4.
+            settings.base.batch_size = 4
     return settings
