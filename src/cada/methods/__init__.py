@@ -21,4 +21,5 @@ def create_method(name: str, backbone: str, image_size: int, pretrained: bool = 
     return METHOD_CLASSES[name](backbone, image_size, pretrained=pretrained, weights_path=weights_path, **options)
 
 
-__all__ = ["BaseMethod", "CFA", "DRAEM", "METHOD_CLASSES", "MethodOutput", "ReContrast", "RevDist", "UniAD", "create_method"]
+__all__ = ["BaseMethod", "CFA", "DRAEM", "METHOD_CLASSES", "MethodOutput", "ReContrast", "RevDist", "UniAD",
+           "create_method"]
