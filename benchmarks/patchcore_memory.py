@@ -60,7 +60,7 @@ def measure(n_images: int, backbone: str, threads: int, image_size: int, encoder
     settings = preset("paper", "patchcore")
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    model = PatchCore(backbone, image_size, pretrained=False, options=settings.patchcore)
+    model = PatchCore(backbone, image_size, pretrained=False, **settings.method_options())
     if encoder == "stub":
         model.encoder = stub_encoder(model.encoder)
     images = torch.empty(n_images, 3, image_size, image_size, dtype=torch.uint8)

@@ -25,7 +25,7 @@ def tiny_patchcore(**options) -> Settings:
 
 def fitted(images, seed: int = 0, pretrained: bool = False, **options) -> PatchCore:
     torch.manual_seed(0)
-    model = PatchCore("efficientnet_lite0", 64, pretrained=pretrained, options=PatchCoreSettings(**options))
+    model = PatchCore("efficientnet_lite0", 64, pretrained=pretrained, **options)
     assert model.fit(images, BaseTraining(batch_size=4), torch.Generator().manual_seed(seed), progress=False) == []
     return model
 

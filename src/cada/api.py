@@ -86,9 +86,9 @@ class Detector:
         self.settings = (settings or make_preset(preset)).validate()
         torch.manual_seed(self.settings.seed)  # reproducible initial weights
         self.method: BaseMethod = create_method(
-            self.settings.method, self.settings.backbone, self.settings.image_size, pretrained, weights_path
+            self.settings.method, self.settings.backbone, self.settings.image_size, pretrained, weights_path,
+            **self.settings.method_options(),
         )
-        self.method.configure(self.settings)
         self.aligner: Aligner = create_aligner(self.settings.align, self.method.align_channels, self.settings.aligner)
         # How the one decision threshold was chosen; None until calibrated (see `calibrate`).
         self.calibration: dict | None = None

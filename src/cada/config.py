@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-METHODS = ("revdist", "recontrast", "uniad", "patchcore")
+METHODS = ("revdist", "recontrast", "uniad", "patchcore", "draem", "cfa")
 ALIGNERS = ("none", "cada", "cada-sigma", "class-aware", "classifier")
 
 
@@ -25,8 +25,16 @@ class BaseTraining:
     eps: float = 1e-8
     amsgrad: bool = False
     encoder_lr: float = 1e-5  # ReContrast's trainable encoder copy; unused by the methods with a frozen encoder
-    lr_drop_at: float | None = None  # fraction of the iterations after which every lr is multiplied by lr_drop
+    # Fraction(s) of the iterations after which every lr is multiplied by lr_drop (DRAEM: [0.8, 0.9]).
+    lr_drop_at: float | list[float] | None = None
     lr_drop: float = 0.2
+
+    def lr_milestones(self) -> list[int]:
+        """The iterations after which the learning rates drop."""
+        if self.lr_drop_at is None:
+            return []
+        fractions = self.lr_drop_at if isinstance(self.lr_drop_at, (list, tuple)) else [self.lr_drop_at]
+        return [round(fraction * self.iters) for fraction in fractions]
 
 
 @dataclass
@@ -66,6 +74,28 @@ class PatchCoreSettings:
 
 
 @dataclass
+class DraemOptions:
+    """DRAEM's sub-network widths: the reference's are 128 (reconstructive) and 64 (discriminative)."""
+
+    reconstructive_width: int = 128
+    discriminative_width: int = 64
+
+
+@dataclass
+class CfaOptions:
+    """CFA (Lee et al. 2022, reference code): descriptor compression gamma_d, K nearest centroids attracted,
+    J hard negatives repelled, soft-boundary nu and margin alpha, initial radius r. (gamma_c = 1: one
+    centroid per stride-4 position, the reference's default; its k-means compression is not implemented.)"""
+
+    gamma_d: int = 1
+    k: int = 3
+    j: int = 3
+    nu: float = 1e-3
+    alpha: float = 0.1
+    radius: float = 1e-5
+
+
+@dataclass
 class Settings:
     method: str = "revdist"
     backbone: str = "wide_resnet50_2"
@@ -73,7 +103,10 @@ class Settings:
     align: str = "cada"
     base: BaseTraining = field(default_factory=BaseTraining)
     aligner: AlignTraining = field(default_factory=AlignTraining)
-    patchcore: PatchCoreSettings = field(default_factory=PatchCoreSettings)  # read by method "patchcore" only
+    # Options of one method each, read only when that method is chosen (see method_options).
+    patchcore: PatchCoreSettings = field(default_factory=PatchCoreSettings)
+    draem: DraemOptions = field(default_factory=DraemOptions)
+    cfa: CfaOptions = field(default_factory=CfaOptions)
     smoothing_sigma: float = 4.0
     top_fraction: float = 0.01  # image score = mean of the top 1% pixels; 0 = the max pixel
     seed: int = 0
@@ -89,12 +122,20 @@ class Settings:
         base = BaseTraining(**{**data.pop("base", {})})
         base.betas = tuple(base.betas)
         aligner = AlignTraining(**data.pop("aligner", {}))
-        patchcore = PatchCoreSettings(**data.pop("patchcore", {}))  # absent from runs saved before PatchCore
+        # Absent from runs saved before these methods existed: their defaults.
+        patchcore = PatchCoreSettings(**data.pop("patchcore", {}))
+        draem = DraemOptions(**data.pop("draem", {}))
+        cfa = CfaOptions(**data.pop("cfa", {}))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(base=base, aligner=aligner, patchcore=patchcore, **data)
+        return cls(base=base, aligner=aligner, patchcore=patchcore, draem=draem, cfa=cfa, **data)
+
+    def method_options(self) -> dict:
+        """Constructor options of the chosen method beyond (backbone, image_size): its own architecture/loss."""
+        own = {"patchcore": self.patchcore, "draem": self.draem, "cfa": self.cfa}.get(self.method)
+        return {} if own is None else dataclasses.asdict(own)
 
     def validate(self) -> "Settings":
         if self.method not in METHODS:
@@ -111,8 +152,6 @@ class Settings:
             raise ValueError(f"dropout must be in [0, 1), got {self.aligner.dropout}")
         if self.base.iters < 1 or self.aligner.iters < 0:
             raise ValueError("iteration counts must be positive")
-        if self.base.lr_drop_at is not None and not 0 < self.base.lr_drop_at <= 1:
-            raise ValueError(f"lr_drop_at is a fraction of the iterations in (0, 1], got {self.base.lr_drop_at}")
         patchcore = self.patchcore
         if not 0 < patchcore.coreset_ratio <= 1:
             raise ValueError(f"patchcore.coreset_ratio is a fraction in (0, 1], got {patchcore.coreset_ratio}")
@@ -120,6 +159,15 @@ class Settings:
             raise ValueError("patchcore.projection_dim, patchcore.coreset_block and patchcore.neighbours must be >= 1")
         if not patchcore.search_gib > 0:
             raise ValueError(f"patchcore.search_gib must be positive, got {patchcore.search_gib}")
+        drops = self.base.lr_drop_at
+        drops = [] if drops is None else drops if isinstance(drops, (list, tuple)) else [drops]
+        if not all(0 < fraction <= 1 for fraction in drops):
+            raise ValueError(f"lr_drop_at is a fraction of the iterations in (0, 1] (or a list of them), got "
+                             f"{self.base.lr_drop_at}")
+        if min(self.draem.reconstructive_width, self.draem.discriminative_width) < 1:
+            raise ValueError("DRAEM's sub-network widths must be positive")
+        if self.cfa.gamma_d < 1 or self.cfa.k < 1 or self.cfa.j < 0 or self.cfa.nu <= 0:
+            raise ValueError("CFA needs gamma_d >= 1, k >= 1, j >= 0 and nu > 0")
         return self
 
 
@@ -141,9 +189,27 @@ def preset(name: str, method: str = "revdist") -> Settings:
         settings.backbone, settings.image_size = "efficientnet_b4", 224
         settings.base = BaseTraining(iters=50_000, batch_size=64, lr=3e-4, weight_decay=1e-4)
         settings.aligner.iters = 20_000
+    elif method == "draem":
+        # DRAEM's own schedule (its train_DRAEM.py): Adam (AdamW without weight decay is Adam) lr 1e-4, batch 8,
+        # 700 epochs, every lr x0.2 at 80% and 90%; 700 epochs of MVTec AD's 3629 training images (all classes mixed, 454 batches of 8).
+        # The wide_resnet50_2 encoder only feeds the aligner.
+        settings.base = BaseTraining(iters=700 * 454, batch_size=8, lr=1e-4, weight_decay=0.0, lr_drop_at=[0.8, 0.9],
+                                     lr_drop=0.2)
+    elif method == "cfa":
+        # CFA's reference: AdamW lr 1e-3, weight decay 5e-4, AMSGrad, batch 4, 30 epochs (of MVTec AD's 3629
+        # training images mixed, 907 full batches each), 256 px; gamma_c = gamma_d = 1, K = J = 3.
+        settings.base = BaseTraining(iters=30 * 907, batch_size=4, lr=1e-3, weight_decay=5e-4, amsgrad=True)
     if name == "cpu":
         # Lite0 has B4's stage structure (strides 2-16), so UniAD keeps its shape and its 224 px input.
         settings.backbone = "efficientnet_lite0"
         settings.base.iters, settings.base.batch_size = 400, 16
         settings.aligner.iters = 1000
+        if method == "draem":
+            # Full-resolution sub-networks dominate: widths 16 / 8 (reference 128 / 64) and DRAEM's batch of 8.
+            # 400 iterations are ~0.1% of DRAEM's schedule, so the lr is raised to 1e-3 (drops kept at 80%, 90%).
+            settings.draem = DraemOptions(reconstructive_width=16, discriminative_width=8)
+            settings.base.batch_size, settings.base.lr = 8, 1e-3
+        if method == "cfa":
+            # The patch-to-centroid distances (4096 x 4096 per image at 256 px) dominate: CFA's own batch of 4.
+            settings.base.batch_size = 4
     return settings

@@ -20,9 +20,6 @@ class BaseMethod(nn.Module):
     score_scale: float = 0.1
     align_channels: int  # channels of `align_features`, so an aligner can be built before training
 
-    def configure(self, settings) -> None:
-        """Read method-specific options from the full `Settings` (called by the Detector; most methods need none)."""
-
     def fit(self, images: torch.Tensor, settings, generator: torch.Generator, progress: bool = True) -> list[float]:
         """Train on normal uint8 images (N x 3 x S x S); returns the loss per iteration (empty: no gradient training)."""
         raise NotImplementedError

@@ -131,19 +131,16 @@ class PatchCore(BaseMethod):
     score_scale = 10.0
 
     def __init__(self, backbone: str, image_size: int, pretrained: bool = True, weights_path: str | None = None,
-                 options: PatchCoreSettings | None = None):
+                 **options):
         super().__init__()
         self.encoder = create_encoder(backbone, pretrained=pretrained, weights_path=weights_path, stages="revdist")
         self.image_size = image_size
         self.grid = image_size // self.encoder.strides[1]  # one patch per stride-8 position
         self.embedding_dim = self.encoder.channels[1] + self.encoder.channels[2]
         self.align_channels = self.encoder.channels[2]
-        self.options = options or PatchCoreSettings()
+        self.options = PatchCoreSettings(**options)  # Settings.patchcore, handed over by the Detector
         # Size known only after fit: resized to the stored shape when a state dict is loaded.
         self.register_buffer("memory_bank", torch.empty(0, self.embedding_dim))
-
-    def configure(self, settings) -> None:
-        self.options = settings.patchcore
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         stored = state_dict.get(prefix + "memory_bank")

@@ -160,10 +160,10 @@ def run_training(name: str, n_images: int, settings, optimizer, generator: torch
     """`settings.iters` optimiser steps of `loss_of(iteration, batch_indices)` on random batches; the losses.
 
     Batches walk through the images in a fresh random order per pass, drawn from `generator`. With
-    `settings.lr_drop_at`, every learning rate is multiplied by `settings.lr_drop` once that fraction is done.
+    `settings.lr_drop_at`, every learning rate is multiplied by `settings.lr_drop` once that fraction (or each of
+    those fractions) is done.
     """
-    milestones = [] if settings.lr_drop_at is None else [round(settings.lr_drop_at * settings.iters)]
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=settings.lr_drop)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, settings.lr_milestones(), gamma=settings.lr_drop)
     losses: list[float] = []
     order = torch.empty(0, dtype=torch.long)
     bar = tqdm(range(settings.iters), desc=f"{name} training", disable=not progress, leave=False)
