@@ -27,6 +27,9 @@ class BaseTraining:
     encoder_lr: float = 1e-5  # ReContrast's trainable encoder copy; unused by the methods with a frozen encoder
     lr_drop_at: float | None = None  # fraction of the iterations after which every lr is multiplied by lr_drop
     lr_drop: float = 0.2
+    # Multi-process training: the effective batch is batch_size x processes; every lr is multiplied by the
+    # process count only when this is set (the linear scaling rule).
+    scale_lr: bool = False
 
 
 @dataclass
@@ -45,6 +48,7 @@ class AlignTraining:
     linears: int = 2
     # Smooth-L1 threshold; None means "the base method's own scale" (0.1 RevDist, 10 UniAD).
     smooth_l1_alpha: float | None = None
+    scale_lr: bool = False  # as BaseTraining.scale_lr
 
 
 @dataclass

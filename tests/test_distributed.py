@@ -1,0 +1,62 @@
+"""Multi-process training and evaluation (2 CPU processes, gloo) and resuming an interrupted run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from cada.cli import main
+from cada.methods.training import STOP_AFTER_ENV
+
+
+def _train_args(data, out, *extra):
+    return ["train", "--data", str(data), "--out", str(out), "--image-size", "64", "--iters", "4",
+            "--align-iters", "5", "--quiet", "--checkpoint-every", "3", *extra]
+
+
+def _assert_same_tensors(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys()
+    different = [key for key in first if not torch.equal(first[key], second[key])]
+    assert not different, f"{len(different)} of {len(first)} tensors differ, e.g. {different[:3]}"
+
+
+def _weights(run: Path) -> dict:
+    return load_file(str(run / "model.safetensors"))
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tiny_data, tmp_path, monkeypatch, capsys):
+    """Stopped in the base stage, then (second run) in the aligner stage; each resumed ends bit-identical."""
+    whole = tmp_path / "whole"
+    assert main(_train_args(tiny_data, whole)) == 0
+    assert not (whole / "resume").exists()  # a finished run keeps no checkpoint
+    expected = json.loads((whole / "config.json").read_text())["training"]
+
+    assert main(_train_args(tiny_data, tmp_path / "fresh", "--resume")) == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+
+    for stop_after, stage in ((2, "base"), (6, "aligner")):  # base has 4 steps: step 6 is the aligner's second
+        run = tmp_path / f"stopped-in-{stage}"
+        monkeypatch.setenv(STOP_AFTER_ENV, str(stop_after))  # as if SIGTERM arrived during that step
+        assert main(_train_args(tiny_data, run)) == 130
+        error = capsys.readouterr().err
+        assert "--resume" in error and str(run / "resume") in error
+        state = json.loads((run / "resume" / "state.json").read_text())
+        assert (state["stage"], state["iteration"]) == (stage, stop_after if stage == "base" else stop_after - 4)
+        assert not (run / "model.safetensors").exists()
+        monkeypatch.delenv(STOP_AFTER_ENV)
+        if stage == "base":
+            assert main([*_train_args(tiny_data, run, "--resume"), "--seed", "1"]) == 2
+            error = capsys.readouterr().err
+            assert "other settings" in error and "seed: checkpoint 0, now 1" in error
+        assert main(_train_args(tiny_data, run, "--resume")) == 0
+        assert "resuming from" in capsys.readouterr().out
+        _assert_same_tensors(_weights(whole), _weights(run))
+        resumed = json.loads((run / "config.json").read_text())["training"]
+        for key in ("base_loss_first_last", "aligner_loss_first_last", "mean_image_stats"):
+            assert resumed[key] == expected[key]
+        assert not (run / "resume").exists()
