@@ -60,3 +60,37 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_data, tmp_path, monkey
         for key in ("base_loss_first_last", "aligner_loss_first_last", "mean_image_stats"):
             assert resumed[key] == expected[key]
         assert not (run / "resume").exists()
+
+
+def test_two_gloo_processes_train_identical_weights_and_evaluate_exactly(tiny_data, tmp_path):
+    """torchrun, 2 CPU processes, gloo: DDP training leaves both ranks identical (base and aligner, RevDist and
+    ReContrast); distributed evaluation of the saved run equals the single-process evaluation exactly."""
+    assert dist.is_available() and dist.is_gloo_available(), "torch.distributed with gloo is required"
+    worker = Path(__file__).with_name("ddp_worker.py")
+    environment = {**os.environ, "OMP_NUM_THREADS": "1",
+                   "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+               str(tiny_data), str(tmp_path)]
+    finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-5000:]
+    assert "DistributedDataParallel over 2 processes (gloo); batch 2 per process, effective batch 4" in finished.stdout
+    assert "not scaled with the process count" in finished.stdout
+    for method in ("revdist", "recontrast"):
+        ranks = [load_file(str(tmp_path / f"{method}-rank{r}.safetensors")) for r in (0, 1)]
+        _assert_same_tensors(*ranks)
+        _assert_same_tensors(ranks[0], _weights(tmp_path / method))  # what rank 0 saved
+        assert not (tmp_path / method / "resume").exists()
+        assert any(key.startswith("aligner.head.") for key in ranks[0])
+    single = tmp_path / "single.json"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker: CPU kernels split their sums by thread count, which moves the last bit
+    try:
+        assert main(["evaluate", str(tmp_path / "revdist"), "--data", str(tiny_data), "--json", str(single),
+                     "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    one, two = (json.loads(path.read_text()) for path in (single, tmp_path / "distributed.json"))
+    assert two["meta"]["processes"] == 2 and two["meta"]["n_test_images"] == one["meta"]["n_test_images"] == 28
+    assert two["rows"] == one["rows"]
+    assert two["per_class"] == one["per_class"]
+    assert all(row["aupro"] is not None and row["p_auroc"] is not None for row in one["rows"])

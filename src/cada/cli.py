@@ -77,11 +77,15 @@ def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: 
     """Evaluate on the test split of `data` (or on `samples`), print the tables, write JSON and plots."""
     from cada.data.duplicates import warn_duplicates
     from cada.evaluate import collect, format_decisions, format_per_class, format_table, results_table
+    from cada.methods.training import is_main, world_size
 
+    if report_dir and world_size() > 1:
+        raise ValueError("--report shows every image's map, which stay with their process under torchrun: write "
+                         "the report from a single-process `cada evaluate`")
     if samples is None:
-        samples = _samples(data, "test")
+        samples = _samples(data, "test", quiet=not is_main())
     trained_on = detector.training_info.get("data")
-    if trained_on and Path(trained_on).is_dir():
+    if trained_on and Path(trained_on).is_dir() and is_main():
         try:
             warn_duplicates(_samples(trained_on, "train", detector.training_info.get("format", "auto"), quiet=True),
                             samples)
@@ -98,6 +102,10 @@ def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: 
         "image_size": detector.settings.image_size,
         "evaluate_seconds": round(time.perf_counter() - started, 1),
     }
+    if world_size() > 1:
+        results["meta"]["processes"] = world_size()
+    if not is_main():  # every process computed the same results; rank 0 reports them
+        return results
     print(format_table(results))
     print("per class:")
     print(format_per_class(results))
@@ -269,6 +277,9 @@ def cmd_predict(args) -> int:
 def cmd_evaluate(args) -> int:
     from cada.api import Detector
     from cada.data.folder import folder_samples
+    from cada.methods.training import init_distributed, is_main
+
+    init_distributed()  # under torchrun: the test set is sharded over the processes, results on rank 0
 
     detector = Detector.load(args.run)
     if args.format == "folder":
@@ -278,7 +289,7 @@ def cmd_evaluate(args) -> int:
     else:
         if not args.data:
             raise ValueError("give --data ROOT, or --format folder with --normal/--anomalous folders")
-        samples = _samples(args.data, "test", args.format)
+        samples = _samples(args.data, "test", args.format, quiet=not is_main())
     evaluate_and_report(detector, Path(args.data or args.anomalous[0]), Path(args.json) if args.json else None,
                         not args.quiet, Path(args.plots) if args.plots else None, samples, _cache_dir(args),
                         Path(args.report) if args.report else None)

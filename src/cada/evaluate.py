@@ -19,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from cada.data.dataset import iterate_batches
 from cada.data.mvtec import Sample
-from cada.metrics import binary_metrics, pixel_metrics
+from cada.methods.training import is_distributed, is_main, rank, world_size
+from cada.metrics import _check_pieces, _from_counts, _pieces, _sort_positives, binary_metrics, negative_counts, pixel_metrics
 from cada.scoring import align
 from cada.threshold import decision_metrics
 
@@ -61,21 +63,47 @@ class EvalOutputs:
         """Per image, how many of its mask pixels are anomalous."""
         return self.masks.flatten(1).sum(1).numpy()
 
+    @property
+    def pixels_per_image(self) -> int:
+        return self.masks[0].numel()
+
+    def pixel_metrics(self, index: np.ndarray, u: torch.Tensor, spread: torch.Tensor, aligned: bool,
+                      fpr_limit: float) -> dict:
+        """Pixel metrics of the images at `index` (all with masks); maps aligned by (u, spread) if `aligned`."""
+        maps = _Rows(self.maps, index, *((u, spread) if aligned else ()))
+        return pixel_metrics(maps, _Rows(self.masks, index), fpr_limit)
+
+
+def _rank_positions(n_samples: int, batch_size: int) -> list[int]:
+    """The samples this process evaluates: whole batches of the single-process split, batch b on rank
+    b % world, so every image is computed in exactly the batch it would be in one process."""
+    world, me = world_size(), rank()
+    return [i for b, start in enumerate(range(0, n_samples, batch_size)) if b % world == me
+            for i in range(start, min(start + batch_size, n_samples))]
+
 
 def collect(detector, samples: list[Sample], batch_size: int = 16, progress: bool = True,
             keep_features: bool = False, cache_dir: str | Path | None = "auto") -> EvalOutputs:
     """Run the detector over the test samples once; base and aligned results both come from this pass.
 
     Class names reach the detector only for the class-aware reference aligner (CaDA-A), which needs them.
+    Under torch.distributed each process runs its share of the batches and keeps its own maps; the per-image
+    results are gathered to every process (a `DistributedEvalOutputs`, see there).
     """
+    distributed = is_distributed() and world_size() > 1
+    if distributed and keep_features:
+        raise ValueError("keeping the alignment features (ablations) needs a single-process evaluation")
+    positions = _rank_positions(len(samples), batch_size) if distributed else list(range(len(samples)))
+    mine = [samples[i] for i in positions]
     kept, maps, masks, has_mask, scores, u, spread, features = [], [], [], [], [], [], [], []
-    batches = iterate_batches(samples, detector.settings.image_size, batch_size, cache_dir=cache_dir)
-    with tqdm(total=len(samples), desc="evaluating", disable=not progress, leave=False) as bar:
+    batches = iterate_batches(mine, detector.settings.image_size, batch_size, cache_dir=cache_dir)
+    with tqdm(total=len(samples), desc="evaluating", disable=not (progress and is_main()), leave=False) as bar:
         for batch in batches:
-            batch_samples = [samples[i] for i in batch["index"].tolist()]
+            local = batch["index"].tolist()
+            batch_samples = [mine[i] for i in local]
             class_names = [s.class_name for s in batch_samples] if detector.aligner.needs_class_names else None
             result = detector.infer(batch["image"], class_names)
-            kept.extend(batch_samples)
+            kept.extend(positions[i] for i in local)
             if keep_features:
                 features.append(result.align_features)
             maps.append(result.maps)
@@ -84,21 +112,98 @@ def collect(detector, samples: list[Sample], batch_size: int = 16, progress: boo
             scores.append(result.base_scores)
             u.append(result.u)
             spread.append(result.spread)
-            bar.update(len(batch["index"]))
-    if not kept:
-        raise ValueError("no test image could be read")
-    outputs = EvalOutputs(
-        kept, torch.cat(maps), torch.cat(masks), torch.cat(has_mask).numpy(),
-        *(torch.cat(values).numpy() for values in (scores, u, spread)),
-        torch.cat(features) if keep_features else None,
-    )
-    missing = [s.path for s, ok in zip(kept, outputs.has_mask) if not ok]
-    if missing:
+            bar.update(len(local) * world_size())
+    if distributed:
+        outputs = DistributedEvalOutputs.gather(samples, kept, maps, masks, has_mask, scores, u, spread,
+                                                detector.settings.image_size)
+    else:
+        if not kept:
+            raise ValueError("no test image could be read")
+        outputs = EvalOutputs(
+            [samples[i] for i in kept], torch.cat(maps), torch.cat(masks), torch.cat(has_mask).numpy(),
+            *(torch.cat(values).numpy() for values in (scores, u, spread)),
+            torch.cat(features) if keep_features else None,
+        )
+    missing = [s.path for s, ok in zip(outputs.samples, outputs.has_mask) if not ok]
+    if missing and is_main():
         warnings.warn(
             f"{len(missing)} anomalous test image(s) have no mask file (e.g. {missing[0]}); they count for the "
             "image metrics and are left out of the pixel metrics"
         )
     return outputs
+
+
+class DistributedEvalOutputs(EvalOutputs):
+    """EvalOutputs of a multi-process evaluation. Per-image results (scores, u, spread, labels, mask
+    presence, anomalous-pixel counts) are global, in sample order, on every process; `maps` and `masks` hold
+    only this process's images (`local_rows` maps a global row to its local one, -1 elsewhere).
+
+    Pixel metrics never gather the maps: the few anomalous pixels (score and region size) are all-gathered,
+    and each process counts its own normal pixels below and at every distinct anomalous score, summed by an
+    all-reduce; that is all the exact metrics need (cada.metrics), so the results equal a single process's.
+    """
+
+    local_rows: np.ndarray
+    pixels_per_image = 0  # set by `gather` (this process may hold no mask to read it from)
+
+    @classmethod
+    def gather(cls, samples, kept, maps, masks, has_mask, scores, u, spread, image_size: int):
+        size = (0, image_size, image_size)
+        local_maps = torch.cat(maps) if maps else torch.empty(size)
+        local_masks = torch.cat(masks) if masks else torch.empty(size, dtype=torch.bool)
+        mine = {
+            "positions": np.asarray(kept, dtype=np.int64),
+            "has_mask": torch.cat(has_mask).numpy() if has_mask else np.empty(0, bool),
+            "anomalous": local_masks.flatten(1).sum(1).numpy(),
+            **{key: torch.cat(values).numpy() if values else np.empty(0, np.float32)
+               for key, values in (("scores", scores), ("u", u), ("spread", spread))},
+        }
+        pieces = [None] * world_size()
+        dist.all_gather_object(pieces, mine)
+        positions = np.concatenate([p["positions"] for p in pieces])
+        if not len(positions):
+            raise ValueError("no test image could be read")
+        order = np.argsort(positions, kind="stable")
+        joined = {key: np.concatenate([p[key] for p in pieces])[order] for key in mine}
+        outputs = cls([samples[i] for i in joined["positions"]], local_maps, local_masks, joined["has_mask"],
+                      joined["scores"], joined["u"], joined["spread"], None)
+        outputs.__dict__["anomalous_pixels"] = joined["anomalous"]  # the cached_property, from the gathered counts
+        where = {int(position): row for row, position in enumerate(joined["positions"])}
+        outputs.local_rows = np.full(len(positions), -1, dtype=np.int64)
+        outputs.local_rows[[where[int(p)] for p in mine["positions"]]] = np.arange(len(mine["positions"]))
+        outputs.pixels_per_image = image_size * image_size
+        return outputs
+
+    def pixel_metrics(self, index: np.ndarray, u: torch.Tensor, spread: torch.Tensor, aligned: bool,
+                      fpr_limit: float) -> dict:
+        local = self.local_rows[index]
+        here = local >= 0
+        rows = local[here]
+        maps = _Rows(self.maps, rows, *((u[torch.from_numpy(here)], spread[torch.from_numpy(here)]) if aligned else ()))
+        return distributed_pixel_metrics(maps, _Rows(self.masks, rows), fpr_limit)
+
+
+def distributed_pixel_metrics(maps, masks, fpr_limit: float = FPR_LIMIT, name: str = "pixel_metrics") -> dict:
+    """cada.metrics.pixel_metrics over the union of every process's `maps` and `masks` (each N_r x H x W,
+    N_r may be 0), exactly, without moving the normal pixels: see DistributedEvalOutputs."""
+    pos, region_size, neg, n_regions, n_nan, n_inf = _pieces(maps, masks, name, regions=True)
+    pieces = [None] * world_size()
+    dist.all_gather_object(pieces, (pos, region_size, n_regions, neg.size, n_nan, n_inf))
+    pos = np.concatenate([p[0] for p in pieces])
+    region_size = np.concatenate([p[1] for p in pieces])
+    n_regions, n_neg, n_nan, n_inf = (sum(p[i] for p in pieces) for i in range(2, 6))
+    _check_pieces(name, "pixels", pos.size, n_neg, n_nan, n_inf)
+    pos, weight = _sort_positives(pos, region_size, n_regions)
+    values = np.unique(pos)
+    counts = torch.from_numpy(np.stack(negative_counts(neg, values)).astype(np.int64))
+    dist.all_reduce(counts)  # every process's normal pixels below / at or below each distinct value
+    below, at_or_below = counts.numpy()
+
+    def lookup(block_values: np.ndarray):
+        where = np.searchsorted(values, block_values)
+        return below[where], at_or_below[where]
+
+    return _from_counts(pos, n_neg, lookup, weight, fpr_limit)
 
 
 def _safe(metric, scores, labels) -> dict | None:
@@ -142,9 +247,8 @@ def subset_metrics(outputs: EvalOutputs, index: np.ndarray, aligned: bool, fpr_l
     keep = outputs.has_mask[index]
     pixel_index = index[keep]
     n_anomalous = int(outputs.anomalous_pixels[pixel_index].sum())
-    if 0 < n_anomalous < len(pixel_index) * outputs.masks[0].numel():  # both kinds of pixel present
-        maps = _Rows(outputs.maps, pixel_index, *((u[keep], spread[keep]) if aligned else ()))
-        pixel = pixel_metrics(maps, _Rows(outputs.masks, pixel_index), fpr_limit)
+    if 0 < n_anomalous < len(pixel_index) * outputs.pixels_per_image:  # both kinds of pixel present
+        pixel = outputs.pixel_metrics(pixel_index, u[keep], spread[keep], aligned, fpr_limit)
         row.update(p_auroc=pixel["auroc"], p_ap=pixel["ap"], p_f1max=pixel["f1max"], aupro=pixel["aupro"],
                    p_f1max_threshold=pixel["f1max_threshold"])
     return row
