@@ -1,7 +1,8 @@
 """One process of the 2-process test in test_distributed.py (run by torchrun; not a test module itself).
 
 argv: DATA OUT. Trains RevDist + CADA and ReContrast + the classifier aligner with DDP, saves each rank's
-weights to OUT/<method>-rank<r>.safetensors, then evaluates the RevDist run distributed (OUT/distributed.json)."""
+weights to OUT/<method>-rank<r>.safetensors, then evaluates the RevDist run distributed (OUT/distributed.json) and predicts with it
+(OUT/predicted-distributed)."""
 
 import sys
 from pathlib import Path
@@ -24,4 +25,6 @@ for method, align in (("revdist", "cada"), ("recontrast", "classifier")):
     save_file(state, str(out / f"{method}-rank{rank()}.safetensors"))
 code = main(["evaluate", str(out / "revdist"), "--data", str(data), "--json", str(out / "distributed.json"),
              "--quiet"])
+code = code or main(["predict", str(out / "revdist"), str(data), "--out", str(out / "predicted-distributed"),
+                     "--batch-size", "8", "--overlays", "--quiet"])
 sys.exit(code)

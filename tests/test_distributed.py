@@ -87,6 +87,8 @@ def test_two_gloo_processes_train_identical_weights_and_evaluate_exactly(tiny_da
     try:
         assert main(["evaluate", str(tmp_path / "revdist"), "--data", str(tiny_data), "--json", str(single),
                      "--quiet"]) == 0
+        assert main(["predict", str(tmp_path / "revdist"), str(tiny_data), "--out", str(tmp_path / "predicted"),
+                     "--batch-size", "8", "--overlays", "--quiet"]) == 0
     finally:
         torch.set_num_threads(threads)
     one, two = (json.loads(path.read_text()) for path in (single, tmp_path / "distributed.json"))
@@ -94,3 +96,9 @@ def test_two_gloo_processes_train_identical_weights_and_evaluate_exactly(tiny_da
     assert two["rows"] == one["rows"]
     assert two["per_class"] == one["per_class"]
     assert all(row["aupro"] is not None and row["p_auroc"] is not None for row in one["rows"])
+    predicted = [json.loads((tmp_path / name / "predictions.json").read_text())
+                 for name in ("predicted", "predicted-distributed")]
+    assert predicted[0]["n_images"] > 28 and predicted[1]["predictions"] == predicted[0]["predictions"]
+    overlays = [sorted(p.name for p in (tmp_path / name / "overlays").iterdir())
+                for name in ("predicted", "predicted-distributed")]
+    assert overlays[0] == overlays[1] and len(overlays[0]) == predicted[0]["n_images"]

@@ -250,7 +250,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from cada.methods.training import init_distributed, is_main
     from cada.predict import detector_scorer, predict_paths
+
+    init_distributed()  # under torchrun: the images are shared out over the processes, rank 0 writes the results
 
     target = Path(args.model)
     if target.suffix == ".onnx":
@@ -263,10 +266,12 @@ def cmd_predict(args) -> int:
         detector = Detector.load(target)
         scorer, image_size, threshold = detector_scorer(detector), detector.settings.image_size, detector.threshold
         description = {"run": str(target)}
-    if threshold is None:
+    if threshold is None and is_main():
         print("note: the run has no threshold yet (cada calibrate); scores only, no decisions", file=sys.stderr)
     summary = predict_paths(scorer, image_size, threshold, args.paths, args.out, args.overlays, args.masks,
                             args.batch_size, not args.quiet, description)
+    if not is_main():
+        return 0
     for message in summary["skipped"]:
         print(f"skipped: {message}", file=sys.stderr)
     print(f"{summary['n_images']} images, {summary['n_anomalous']} anomalous, {len(summary['skipped'])} skipped; "

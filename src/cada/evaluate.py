@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from cada.data.dataset import iterate_batches
 from cada.data.mvtec import Sample
-from cada.methods.training import is_distributed, is_main, rank, world_size
+from cada.methods.training import batch_shard, is_distributed, is_main, world_size
 from cada.metrics import _check_pieces, _from_counts, _pieces, _sort_positives, binary_metrics, negative_counts, pixel_metrics
 from cada.scoring import align
 from cada.threshold import decision_metrics
@@ -74,14 +74,6 @@ class EvalOutputs:
         return pixel_metrics(maps, _Rows(self.masks, index), fpr_limit)
 
 
-def _rank_positions(n_samples: int, batch_size: int) -> list[int]:
-    """The samples this process evaluates: whole batches of the single-process split, batch b on rank
-    b % world, so every image is computed in exactly the batch it would be in one process."""
-    world, me = world_size(), rank()
-    return [i for b, start in enumerate(range(0, n_samples, batch_size)) if b % world == me
-            for i in range(start, min(start + batch_size, n_samples))]
-
-
 def collect(detector, samples: list[Sample], batch_size: int = 16, progress: bool = True,
             keep_features: bool = False, cache_dir: str | Path | None = "auto") -> EvalOutputs:
     """Run the detector over the test samples once; base and aligned results both come from this pass.
@@ -93,7 +85,7 @@ def collect(detector, samples: list[Sample], batch_size: int = 16, progress: boo
     distributed = is_distributed() and world_size() > 1
     if distributed and keep_features:
         raise ValueError("keeping the alignment features (ablations) needs a single-process evaluation")
-    positions = _rank_positions(len(samples), batch_size) if distributed else list(range(len(samples)))
+    positions = batch_shard(len(samples), batch_size) if distributed else list(range(len(samples)))
     mine = [samples[i] for i in positions]
     kept, maps, masks, has_mask, scores, u, spread, features = [], [], [], [], [], [], [], []
     batches = iterate_batches(mine, detector.settings.image_size, batch_size, cache_dir=cache_dir)

@@ -92,6 +92,14 @@ def shard_of(global_batch: torch.Tensor) -> torch.Tensor:
     return global_batch[rank() * per_rank : (rank() + 1) * per_rank]
 
 
+def batch_shard(n_items: int, batch_size: int) -> list[int]:
+    """The items this process handles in sharded inference: whole batches of the single-process split, batch b
+    on rank b % world, so every item is computed in exactly the batch it would be in one process."""
+    world, me = world_size(), rank()
+    return [i for b, start in enumerate(range(0, n_items, batch_size)) if b % world == me
+            for i in range(start, min(start + batch_size, n_items))]
+
+
 def lr_factor(settings) -> int:
     """The learning-rate multiplier under `settings`: the process count with `scale_lr`, else 1."""
     return world_size() if getattr(settings, "scale_lr", False) else 1
