@@ -7,10 +7,12 @@ definition, exact at every distinct threshold (no fixed grid, no downsampling).
 
 Algorithm: one pass over the scores, a chunk of images at a time, routes them to positives and negatives.
 The negatives (~97% of the pixels) go straight into one preallocated array that is sorted in place: the
-only full-size copy. The positives are few and sorted by argsort, carrying their per-pixel AUPRO weight.
+only full-size copy. The positives are few and sorted (ties ordered by their per-pixel AUPRO weight, so the
+order, and every floating-point sum over it, does not depend on where the pixels came from).
 Then, for each *distinct* positive value v (multiplicity m), binary searches in the sorted negatives give
 #neg < v and #neg <= v (the second only where a negative equals v), and every metric follows in
-O(distinct positives * log n_neg):
+O(distinct positives * log n_neg). Those two counts are all the metrics read of the negatives, so they can
+also be summed over pieces held by several processes (cada.evaluate.distributed_pixel_metrics):
 
 * AUROC (Mann-Whitney U): every positive at v beats the negatives strictly below v and ties with the
   ones equal to v, so U = sum m * (#neg < v + #neg == v / 2) and AUROC = U / (n_pos * n_neg).
