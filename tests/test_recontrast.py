@@ -9,7 +9,7 @@ from cada.config import ALIGNERS, Settings, preset
 from cada.data.dataset import load_all, normalize
 from cada.data.mvtec import mvtec_samples
 from cada.methods.recontrast import ReContrast, hard_mined_cosine_loss, hard_mining_alpha
-from cada.methods.revdist import make_optimizer, run_training
+from cada.methods.training import make_optimizer, run_training
 
 
 def tiny_recontrast(iters: int = 3) -> Settings:

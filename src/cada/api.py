@@ -21,7 +21,7 @@ from cada.config import preset as make_preset
 from cada.data.dataset import load_all, normalize
 from cada.data.layouts import find_samples
 from cada.data.mvtec import Sample
-from cada.methods import BaseMethod, create_method
+from cada.methods import BaseMethod, create_method, training
 from cada.scoring import align, image_score, smooth
 from cada.threshold import threshold_at_fpr, threshold_f1
 
@@ -97,13 +97,19 @@ class Detector:
 
     # -- training ---------------------------------------------------------------------------------------
     def fit(self, data: str | Path | Sequence[Sample], progress: bool = True, holdout: float = 0.0,
-            fpr: float = 0.01, format: str = "auto", cache_dir: str | Path | None = "auto") -> "Detector":
+            fpr: float = 0.01, format: str = "auto", cache_dir: str | Path | None = "auto",
+            checkpoint_dir: str | Path | None = None, checkpoint_every: int = 200, resume: bool = False,
+            resume_hint: str = "") -> "Detector":
         """Train the base method, then the aligner, on the normal images of every class of `data` mixed.
 
         `data` is a data root (MVTec AD, VisA, BTAD or a folder of normal images, see `format`; its training
         split is used) or a list of samples. Decoded images are cached under `cache_dir`. With `holdout`,
         that fraction of each class's training images is kept out of training and used to calibrate the
         threshold at false-positive rate `fpr`.
+
+        With `checkpoint_dir`, a checkpoint is written there every `checkpoint_every` steps (0: only when
+        interrupted by SIGINT/SIGTERM) and removed when training finishes; `resume` continues from it, skipping
+        finished stages. Launched by torchrun (torch.distributed initialised), both stages train with DDP.
         """
         chosen = "samples"
         if isinstance(data, (str, Path)):
@@ -112,16 +118,40 @@ class Detector:
             samples = list(data)
         if not samples:
             raise ValueError("no training images given")
+        if resume and checkpoint_dir is None:
+            raise ValueError("resuming needs the checkpoint folder (checkpoint_dir)")
         settings = self.settings
         samples, held_out = split_holdout(samples, holdout, settings.seed)
         images, samples = load_all(samples, settings.image_size, cache_dir=cache_dir)
         generator = torch.Generator().manual_seed(settings.seed)
-        started = time.perf_counter()
-        base_losses = self.method.fit(images, settings.base, generator, progress, cache_gib=settings.feature_cache_gib)
-        base_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        features, image_stats = self.training_statistics(images, progress)
-        aligner_losses = self.fit_aligner(features, image_stats, [s.class_name for s in samples], generator, progress)
+        session = None
+        if checkpoint_dir is not None:
+            session = training.Checkpointing(checkpoint_dir, self._modules(), settings.to_dict(), checkpoint_every,
+                                             resume, {"n_images": len(images)}, resume_hint)
+        with training.checkpointing(session):
+            started = time.perf_counter()
+            if session is not None and session.resumed_stage() == "aligner":  # the base finished before the stop
+                session.restore_model()
+                if training.is_main():
+                    print(f"resuming from {checkpoint_dir}: base training finished, continuing with the aligner",
+                          flush=True)
+                base_losses, base_seconds = session.finished["base"]["losses"], session.finished["base"]["seconds"]
+            else:
+                if session is not None:
+                    session.enter("base")
+                base_losses = self.method.fit(images, settings.base, generator, progress,
+                                              cache_gib=settings.feature_cache_gib)
+                base_seconds = time.perf_counter() - started
+                if session is not None:
+                    session.finish_stage("base", base_losses, generator, "aligner", seconds=round(base_seconds, 1))
+            if session is not None:
+                session.enter("aligner")
+            started = time.perf_counter()
+            features, image_stats = self.training_statistics(images, progress)
+            aligner_losses = self.fit_aligner(features, image_stats, [s.class_name for s in samples], generator,
+                                              progress)
+        if session is not None:
+            session.complete()
         self.eval()
         self.training_info = {
             "data": str(data) if isinstance(data, (str, Path)) else None,
@@ -134,6 +164,8 @@ class Detector:
             "base_loss_first_last": [base_losses[0], base_losses[-1]] if base_losses else None,
             "aligner_loss_first_last": [aligner_losses[0], aligner_losses[-1]] if aligner_losses else None,
             "mean_image_stats": dict(zip(("mean", "max", "std"), image_stats.mean(dim=0).tolist())),
+            "processes": training.world_size(),
+            "effective_batch": settings.base.batch_size * training.world_size(),
         }
         if held_out:
             held_out_images, held_out = load_all(held_out, settings.image_size, cache_dir=cache_dir)

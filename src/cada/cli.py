@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from cada.config import ALIGNERS, METHODS, Settings, preset
+
+RESUME_FOLDER = "resume"  # RUN/resume: the checkpoint of an unfinished training run
 
 
 def _settings_from_args(args):
@@ -23,25 +28,46 @@ def _settings_from_args(args):
         settings.base.iters = args.iters
     if args.align_iters is not None:
         settings.aligner.iters = args.align_iters
+    if getattr(args, "scale_lr", False):
+        settings.base.scale_lr = settings.aligner.scale_lr = True
     return settings.validate()
 
 
-def train_and_save(settings, data: Path, out: Path, weights: str | None = None, progress: bool = True,
-                   holdout: float = 0.0, fpr: float = 0.01, format: str = "auto", cache_dir="auto"):
-    from cada.api import Detector
+def _say(*args, **kwargs) -> None:
+    """print on rank 0 only (every line once under torchrun)."""
+    from cada.methods.training import is_main
 
+    if is_main():
+        print(*args, **kwargs)
+
+
+def train_and_save(settings, data: Path, out: Path, weights: str | None = None, progress: bool = True,
+                   holdout: float = 0.0, fpr: float = 0.01, format: str = "auto", cache_dir="auto",
+                   checkpoint_every: int | None = None, resume: bool = False, resume_hint: str = ""):
+    """Train and save the run in `out` (rank 0 writes it). With `checkpoint_every` (0: only on interrupt),
+    checkpoints go to out/resume and `resume` continues from them."""
+    from cada.api import Detector
+    from cada.methods.training import is_main, require_checkpoint, world_size
+
+    if resume:
+        require_checkpoint(out / RESUME_FOLDER)  # before the slow part
     detector = Detector(settings, weights_path=weights)
-    print(f"training {settings.method} ({settings.backbone}, {settings.image_size}px, {settings.base.iters} iters) "
-          f"+ aligner {settings.align} on all classes of {data} mixed")
-    detector.fit(data, progress=progress, holdout=holdout, fpr=fpr, format=format, cache_dir=cache_dir)
+    processes = f" in {world_size()} processes" if world_size() > 1 else ""
+    _say(f"training {settings.method} ({settings.backbone}, {settings.image_size}px, {settings.base.iters} iters) "
+         f"+ aligner {settings.align} on all classes of {data} mixed{processes}")
+    checkpoint_dir = None if checkpoint_every is None and not resume else out / RESUME_FOLDER
+    detector.fit(data, progress=progress, holdout=holdout, fpr=fpr, format=format, cache_dir=cache_dir,
+                 checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every or 0, resume=resume,
+                 resume_hint=resume_hint)
     info = detector.training_info
-    print(f"  data layout: {info['format']}")
-    print(f"  {info['n_images']} training images of {len(info['classes'])} classes; base {info['base_seconds']} s, "
-          f"aligner {info['aligner_seconds']} s")
-    if detector.calibration:
+    _say(f"  data layout: {info['format']}")
+    _say(f"  {info['n_images']} training images of {len(info['classes'])} classes; base {info['base_seconds']} s, "
+         f"aligner {info['aligner_seconds']} s")
+    if detector.calibration and is_main():
         _print_calibration(detector.calibration)
-    detector.save(out)
-    print(f"saved run to {out}")
+    if is_main():
+        detector.save(out)
+    _say(f"saved run to {out}")
     return detector
 
 
@@ -51,11 +77,15 @@ def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: 
     """Evaluate on the test split of `data` (or on `samples`), print the tables, write JSON and plots."""
     from cada.data.duplicates import warn_duplicates
     from cada.evaluate import collect, format_decisions, format_per_class, format_table, results_table
+    from cada.methods.training import is_main, world_size
 
+    if report_dir and world_size() > 1:
+        raise ValueError("--report shows every image's map, which stay with their process under torchrun: write "
+                         "the report from a single-process `cada evaluate`")
     if samples is None:
-        samples = _samples(data, "test")
+        samples = _samples(data, "test", quiet=not is_main())
     trained_on = detector.training_info.get("data")
-    if trained_on and Path(trained_on).is_dir():
+    if trained_on and Path(trained_on).is_dir() and is_main():
         try:
             warn_duplicates(_samples(trained_on, "train", detector.training_info.get("format", "auto"), quiet=True),
                             samples)
@@ -73,6 +103,10 @@ def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: 
         "pixel_resolution": pixel_resolution,
         "evaluate_seconds": round(time.perf_counter() - started, 1),
     }
+    if world_size() > 1:
+        results["meta"]["processes"] = world_size()
+    if not is_main():  # every process computed the same results; rank 0 reports them
+        return results
     print(format_table(results))
     print("per class:")
     print(format_per_class(results))
@@ -122,9 +156,57 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def _without_devices(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--devices":
+            skip = True
+        elif not arg.startswith("--devices="):
+            kept.append(arg)
+    return kept
+
+
+def launch_processes(devices: int, argv: list[str]) -> int:
+    """`cada train --devices N ...`: the same command under torchrun (standalone rendezvous), N processes here."""
+    import subprocess
+
+    import torch
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+               "-m", "cada", *_without_devices(argv)]
+    backend = "nccl for GPU tensors, gloo for CPU tensors" if torch.cuda.is_available() else "gloo (CPUs)"
+    print(f"launching {devices} processes ({backend}): torchrun {' '.join(command[3:])}", flush=True)
+    environment = dict(os.environ)
+    environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // devices)))
+    process = subprocess.Popen(command, env=environment)
+    # Ctrl-C reaches the training processes themselves (they checkpoint and stop); SIGTERM is passed on.
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGTERM))}
+    try:
+        return process.wait()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def cmd_train(args) -> int:
+    from cada.methods.training import init_distributed, world_size
+
+    argv = list(getattr(args, "argv", None) or [])
+    if args.devices is not None:
+        if args.devices < 1:
+            raise ValueError(f"--devices must be at least 1, got {args.devices}")
+        if "RANK" in os.environ:
+            raise ValueError("--devices launches torchrun itself: do not use it under torchrun")
+        if args.devices > 1:
+            return launch_processes(args.devices, argv)
+    init_distributed()
+    command = " ".join(shlex.quote(a) for a in _without_devices(argv) if a != "--resume")
+    hint = f"torchrun --nproc_per_node={world_size()} -m cada {command}" if world_size() > 1 else f"cada {command}"
     train_and_save(_settings_from_args(args), Path(args.data), Path(args.out), args.weights, not args.quiet,
-                   args.holdout, args.fpr, args.format, _cache_dir(args))
+                   args.holdout, args.fpr, args.format, _cache_dir(args), args.checkpoint_every, args.resume, hint)
     return 0
 
 
@@ -169,7 +251,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from cada.methods.training import init_distributed, is_main
     from cada.predict import detector_scorer, predict_paths
+
+    init_distributed()  # under torchrun: the images are shared out over the processes, rank 0 writes the results
 
     target = Path(args.model)
     if target.suffix == ".onnx":
@@ -182,10 +267,12 @@ def cmd_predict(args) -> int:
         detector = Detector.load(target)
         scorer, image_size, threshold = detector_scorer(detector), detector.settings.image_size, detector.threshold
         description = {"run": str(target)}
-    if threshold is None:
+    if threshold is None and is_main():
         print("note: the run has no threshold yet (cada calibrate); scores only, no decisions", file=sys.stderr)
     summary = predict_paths(scorer, image_size, threshold, args.paths, args.out, args.overlays, args.masks,
                             args.batch_size, not args.quiet, description)
+    if not is_main():
+        return 0
     for message in summary["skipped"]:
         print(f"skipped: {message}", file=sys.stderr)
     print(f"{summary['n_images']} images, {summary['n_anomalous']} anomalous, {len(summary['skipped'])} skipped; "
@@ -196,6 +283,9 @@ def cmd_predict(args) -> int:
 def cmd_evaluate(args) -> int:
     from cada.api import Detector
     from cada.data.folder import folder_samples
+    from cada.methods.training import init_distributed, is_main
+
+    init_distributed()  # under torchrun: the test set is sharded over the processes, results on rank 0
 
     detector = Detector.load(args.run)
     if args.format == "folder":
@@ -205,7 +295,7 @@ def cmd_evaluate(args) -> int:
     else:
         if not args.data:
             raise ValueError("give --data ROOT, or --format folder with --normal/--anomalous folders")
-        samples = _samples(args.data, "test", args.format)
+        samples = _samples(args.data, "test", args.format, quiet=not is_main())
     evaluate_and_report(detector, Path(args.data or args.anomalous[0]), Path(args.json) if args.json else None,
                         not args.quiet, Path(args.plots) if args.plots else None, samples, _cache_dir(args),
                         Path(args.report) if args.report else None, args.pixel_resolution)
@@ -342,6 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--align", choices=ALIGNERS, default="cada",
                        help="cada: (u, gamma) regressor; cada-sigma: (u, sigma); class-aware: CaDA-A, needs class "
                             "names at test (a reference); classifier: CaDA-B; none: the base alone")
+    train.add_argument("--checkpoint-every", type=int, default=200, metavar="K",
+                       help="write a checkpoint to OUT/resume every K training steps (0: only when interrupted)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from OUT/resume (same settings), skipping finished stages")
+    train.add_argument("--devices", type=int, metavar="N",
+                       help="train in N processes (DistributedDataParallel): launches torchrun --nproc_per_node N")
+    train.add_argument("--scale-lr", action="store_true",
+                       help="multi-process: multiply the learning rates by the process count (default: unscaled; "
+                            "the effective batch is the batch x the process count either way)")
     _add_training_options(train)
     train.set_defaults(func=cmd_train)
 
@@ -399,15 +498,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as error:
         # Bad input gets one clear line, not a traceback; real bugs still raise.
         print(f"cada {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"cada {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as error:  # TrainingInterrupted says where its checkpoint is and how to resume
+        print(f"cada {args.command}: {error or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -28,6 +28,9 @@ class BaseTraining:
     # Fraction(s) of the iterations after which every lr is multiplied by lr_drop (DRAEM: [0.8, 0.9]).
     lr_drop_at: float | list[float] | None = None
     lr_drop: float = 0.2
+    # Multi-process training: the effective batch is batch_size x processes; every lr is multiplied by the
+    # process count only when this is set (the linear scaling rule).
+    scale_lr: bool = False
 
     def lr_milestones(self) -> list[int]:
         """The iterations after which the learning rates drop."""
@@ -53,6 +56,7 @@ class AlignTraining:
     linears: int = 2
     # Smooth-L1 threshold; None means "the base method's own scale" (0.1 RevDist, 10 UniAD).
     smooth_l1_alpha: float | None = None
+    scale_lr: bool = False  # as BaseTraining.scale_lr
 
 
 @dataclass

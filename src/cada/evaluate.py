@@ -19,12 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cada.data.dataset import iterate_batches, original_mask
 from cada.data.mvtec import Sample
-from cada.metrics import binary_metrics, pixel_metrics
+from cada.methods.training import batch_shard, is_distributed, is_main, world_size
+from cada.metrics import _check_pieces, _from_counts, _pieces, _sort_positives, binary_metrics, negative_counts, pixel_metrics
 from cada.scoring import align
 from cada.threshold import decision_metrics
 
@@ -79,6 +81,15 @@ class EvalOutputs:
             return self.original_sizes.prod(axis=1)
         return np.full(len(self.samples), self.masks[0].numel())
 
+    def pixel_metrics(self, index: np.ndarray, u: torch.Tensor, spread: torch.Tensor, aligned: bool,
+                      fpr_limit: float) -> dict:
+        """Pixel metrics of the images at `index` (all with masks); maps aligned by (u, spread) if `aligned`."""
+        alignment = (u, spread) if aligned else ()
+        if self.at_original_resolution:
+            maps = _OriginalMaps(self.maps, index, self.original_sizes[index], *alignment)
+            return pixel_metrics(maps, _OriginalMasks([self.samples[i] for i in index]), fpr_limit)
+        return pixel_metrics(_Rows(self.maps, index, *alignment), _Rows(self.masks, index), fpr_limit)
+
 
 def collect(detector, samples: list[Sample], batch_size: int = 16, progress: bool = True,
             keep_features: bool = False, cache_dir: str | Path | None = "auto",
@@ -89,17 +100,26 @@ def collect(detector, samples: list[Sample], batch_size: int = 16, progress: boo
     pixel_resolution: "model" compares maps and masks at the model's input size (S x S, masks resized by
     nearest neighbour); "original" compares at each ground truth's own size, the maps bilinearly upsampled
     (the maps are still held at S x S; the metrics read the masks again, an image at a time).
+    Under torch.distributed each process runs its share of the batches and keeps its own maps; the per-image
+    results are gathered to every process (a `DistributedEvalOutputs`, see there).
     """
     if pixel_resolution not in PIXEL_RESOLUTIONS:
         raise ValueError(f"pixel_resolution must be one of {PIXEL_RESOLUTIONS}, got {pixel_resolution!r}")
+    distributed = is_distributed() and world_size() > 1
+    if distributed and (keep_features or pixel_resolution != "model"):
+        raise ValueError("keeping the alignment features (ablations) and pixel metrics at the original resolution "
+                         "need a single-process evaluation")
+    positions = batch_shard(len(samples), batch_size) if distributed else list(range(len(samples)))
+    mine = [samples[i] for i in positions]
     kept, maps, masks, has_mask, scores, u, spread, features = [], [], [], [], [], [], [], []
-    batches = iterate_batches(samples, detector.settings.image_size, batch_size, cache_dir=cache_dir)
-    with tqdm(total=len(samples), desc="evaluating", disable=not progress, leave=False) as bar:
+    batches = iterate_batches(mine, detector.settings.image_size, batch_size, cache_dir=cache_dir)
+    with tqdm(total=len(samples), desc="evaluating", disable=not (progress and is_main()), leave=False) as bar:
         for batch in batches:
-            batch_samples = [samples[i] for i in batch["index"].tolist()]
+            local = batch["index"].tolist()
+            batch_samples = [mine[i] for i in local]
             class_names = [s.class_name for s in batch_samples] if detector.aligner.needs_class_names else None
             result = detector.infer(batch["image"], class_names)
-            kept.extend(batch_samples)
+            kept.extend(positions[i] for i in local)
             if keep_features:
                 features.append(result.align_features)
             maps.append(result.maps)
@@ -108,28 +128,104 @@ def collect(detector, samples: list[Sample], batch_size: int = 16, progress: boo
             scores.append(result.base_scores)
             u.append(result.u)
             spread.append(result.spread)
-            bar.update(len(batch["index"]))
-    if not kept:
-        raise ValueError("no test image could be read")
-    outputs = EvalOutputs(
-        kept, torch.cat(maps), torch.cat(masks), torch.cat(has_mask).numpy(),
-        *(torch.cat(values).numpy() for values in (scores, u, spread)),
-        torch.cat(features) if keep_features else None,
-    )
+            bar.update(len(local) * world_size())
+    if distributed:
+        outputs = DistributedEvalOutputs.gather(samples, kept, maps, masks, has_mask, scores, u, spread,
+                                                detector.settings.image_size)
+    else:
+        if not kept:
+            raise ValueError("no test image could be read")
+        outputs = EvalOutputs(
+            [samples[i] for i in kept], torch.cat(maps), torch.cat(masks), torch.cat(has_mask).numpy(),
+            *(torch.cat(values).numpy() for values in (scores, u, spread)),
+            torch.cat(features) if keep_features else None,
+        )
     if pixel_resolution == "original":
         sizes, counts = [], []
-        for sample in tqdm(kept, desc="reading masks", disable=not progress, leave=False):
+        for sample in tqdm(outputs.samples, desc="reading masks", disable=not progress, leave=False):
             mask = original_mask(sample)
             sizes.append(mask.shape)
             counts.append(np.count_nonzero(mask))
         outputs.original_sizes, outputs.original_anomalous = np.array(sizes), np.array(counts)
-    missing = [s.path for s, ok in zip(kept, outputs.has_mask) if not ok]
-    if missing:
+    missing = [s.path for s, ok in zip(outputs.samples, outputs.has_mask) if not ok]
+    if missing and is_main():
         warnings.warn(
             f"{len(missing)} anomalous test image(s) have no mask file (e.g. {missing[0]}); they count for the "
             "image metrics and are left out of the pixel metrics"
         )
     return outputs
+
+
+class DistributedEvalOutputs(EvalOutputs):
+    """EvalOutputs of a multi-process evaluation. Per-image results (scores, u, spread, labels, mask
+    presence, anomalous-pixel counts) are global, in sample order, on every process; `maps` and `masks` hold
+    only this process's images (`local_rows` maps a global row to its local one, -1 elsewhere).
+
+    Pixel metrics never gather the maps: the few anomalous pixels (score and region size) are all-gathered,
+    and each process counts its own normal pixels below and at every distinct anomalous score, summed by an
+    all-reduce; that is all the exact metrics need (cada.metrics), so the results equal a single process's.
+    """
+
+    local_rows: np.ndarray
+
+    @classmethod
+    def gather(cls, samples, kept, maps, masks, has_mask, scores, u, spread, image_size: int):
+        size = (0, image_size, image_size)
+        local_maps = torch.cat(maps) if maps else torch.empty(size)
+        local_masks = torch.cat(masks) if masks else torch.empty(size, dtype=torch.bool)
+        mine = {
+            "positions": np.asarray(kept, dtype=np.int64),
+            "has_mask": torch.cat(has_mask).numpy() if has_mask else np.empty(0, bool),
+            "anomalous": local_masks.flatten(1).sum(1).numpy(),
+            **{key: torch.cat(values).numpy() if values else np.empty(0, np.float32)
+               for key, values in (("scores", scores), ("u", u), ("spread", spread))},
+        }
+        pieces = [None] * world_size()
+        dist.all_gather_object(pieces, mine)
+        positions = np.concatenate([p["positions"] for p in pieces])
+        if not len(positions):
+            raise ValueError("no test image could be read")
+        order = np.argsort(positions, kind="stable")
+        joined = {key: np.concatenate([p[key] for p in pieces])[order] for key in mine}
+        outputs = cls([samples[i] for i in joined["positions"]], local_maps, local_masks, joined["has_mask"],
+                      joined["scores"], joined["u"], joined["spread"], None)
+        outputs.__dict__["anomalous_pixels"] = joined["anomalous"]  # the cached_property, from the gathered counts
+        where = {int(position): row for row, position in enumerate(joined["positions"])}
+        outputs.local_rows = np.full(len(positions), -1, dtype=np.int64)
+        outputs.local_rows[[where[int(p)] for p in mine["positions"]]] = np.arange(len(mine["positions"]))
+        outputs.__dict__["pixels"] = np.full(len(positions), image_size * image_size)  # no local mask needed
+        return outputs
+
+    def pixel_metrics(self, index: np.ndarray, u: torch.Tensor, spread: torch.Tensor, aligned: bool,
+                      fpr_limit: float) -> dict:
+        local = self.local_rows[index]
+        here = local >= 0
+        rows = local[here]
+        maps = _Rows(self.maps, rows, *((u[torch.from_numpy(here)], spread[torch.from_numpy(here)]) if aligned else ()))
+        return distributed_pixel_metrics(maps, _Rows(self.masks, rows), fpr_limit)
+
+
+def distributed_pixel_metrics(maps, masks, fpr_limit: float = FPR_LIMIT, name: str = "pixel_metrics") -> dict:
+    """cada.metrics.pixel_metrics over the union of every process's `maps` and `masks` (each N_r x H x W,
+    N_r may be 0), exactly, without moving the normal pixels: see DistributedEvalOutputs."""
+    pos, region_size, neg, n_regions, n_nan, n_inf = _pieces(maps, masks, name, regions=True)
+    pieces = [None] * world_size()
+    dist.all_gather_object(pieces, (pos, region_size, n_regions, neg.size, n_nan, n_inf))
+    pos = np.concatenate([p[0] for p in pieces])
+    region_size = np.concatenate([p[1] for p in pieces])
+    n_regions, n_neg, n_nan, n_inf = (sum(p[i] for p in pieces) for i in range(2, 6))
+    _check_pieces(name, "pixels", pos.size, n_neg, n_nan, n_inf)
+    pos, weight = _sort_positives(pos, region_size, n_regions)
+    values = np.unique(pos)
+    counts = torch.from_numpy(np.stack(negative_counts(neg, values)).astype(np.int64))
+    dist.all_reduce(counts)  # every process's normal pixels below / at or below each distinct value
+    below, at_or_below = counts.numpy()
+
+    def lookup(block_values: np.ndarray):
+        where = np.searchsorted(values, block_values)
+        return below[where], at_or_below[where]
+
+    return _from_counts(pos, n_neg, lookup, weight, fpr_limit)
 
 
 def _safe(metric, scores, labels) -> dict | None:
@@ -204,13 +300,7 @@ def subset_metrics(outputs: EvalOutputs, index: np.ndarray, aligned: bool, fpr_l
     pixel_index = index[keep]
     n_anomalous = int(outputs.anomalous_pixels[pixel_index].sum())
     if 0 < n_anomalous < int(outputs.pixels[pixel_index].sum()):  # both kinds of pixel present
-        alignment = (u[keep], spread[keep]) if aligned else ()
-        if outputs.at_original_resolution:
-            maps = _OriginalMaps(outputs.maps, pixel_index, outputs.original_sizes[pixel_index], *alignment)
-            masks = _OriginalMasks([outputs.samples[i] for i in pixel_index])
-        else:
-            maps, masks = _Rows(outputs.maps, pixel_index, *alignment), _Rows(outputs.masks, pixel_index)
-        pixel = pixel_metrics(maps, masks, fpr_limit)
+        pixel = outputs.pixel_metrics(pixel_index, u[keep], spread[keep], aligned, fpr_limit)
         row.update(p_auroc=pixel["auroc"], p_ap=pixel["ap"], p_f1max=pixel["f1max"], aupro=pixel["aupro"],
                    p_f1max_threshold=pixel["f1max_threshold"])
     return row

@@ -7,10 +7,12 @@ definition, exact at every distinct threshold (no fixed grid, no downsampling).
 
 Algorithm: one pass over the scores, a chunk of images at a time, routes them to positives and negatives.
 The negatives (~97% of the pixels) go straight into one preallocated array that is sorted in place: the
-only full-size copy. The positives are few and sorted by argsort, carrying their per-pixel AUPRO weight.
+only full-size copy. The positives are few and sorted (ties ordered by their per-pixel AUPRO weight, so the
+order, and every floating-point sum over it, does not depend on where the pixels came from).
 Then, for each *distinct* positive value v (multiplicity m), binary searches in the sorted negatives give
 #neg < v and #neg <= v (the second only where a negative equals v), and every metric follows in
-O(distinct positives * log n_neg):
+O(distinct positives * log n_neg). Those two counts are all the metrics read of the negatives, so they can
+also be summed over pieces held by several processes (cada.evaluate.distributed_pixel_metrics):
 
 * AUROC (Mann-Whitney U): every positive at v beats the negatives strictly below v and ties with the
   ones equal to v, so U = sum m * (#neg < v + #neg == v / 2) and AUROC = U / (n_pos * n_neg).
@@ -62,11 +64,12 @@ def _as_bool(labels: np.ndarray, name: str) -> np.ndarray:
     return labels == 1
 
 
-def _split(scores, labels, name: str, unit: str, regions: bool = False):
-    """Validate and split, a chunk of rows (first axis) at a time: (sorted positive scores, sorted negative
-    scores, AUPRO weight of each sorted positive or None). Scores and labels only need `.shape` and
-    slicing, so they can be lazy views that make their rows when read. Without `.shape` they are sequences
-    of per-image arrays, each of its own size, read one image at a time."""
+def _pieces(scores, labels, name: str, regions: bool = False):
+    """One pass over the rows, a chunk at a time: (positive scores in row order, the size of the region of
+    each positive or None, negative scores sorted, number of regions, number of NaN, number of inf).
+    Either kind may be empty (a shard of a data set in distributed evaluation). Scores and labels only need
+    `.shape` and slicing, so they can be lazy views that make their rows when read. Without `.shape` they
+    are sequences of per-image arrays, each of its own size, read one image at a time."""
     if hasattr(labels, "shape"):
         n_rows = labels.shape[0] if len(labels.shape) else 0
         step = max(1, _CHUNK // max(1, int(np.prod(labels.shape[1:]))))
@@ -80,14 +83,8 @@ def _split(scores, labels, name: str, unit: str, regions: bool = False):
     for c in chunks:  # a first, cheap pass: the size of the one copy
         y = read_labels(c)
         n_pos, size = n_pos + np.count_nonzero(y), size + y.size
-    if size == 0:
-        raise ValueError(f"{name}: got empty scores and labels")
-    if n_pos == 0 or n_pos == size:
-        missing = "anomalous" if n_pos == 0 else "normal"
-        raise ValueError(f"{name} needs both normal and anomalous {unit}; got 0 {missing} out of {size}")
-
     neg, pos, region_ids = None, [], []
-    n_neg = filled = n_regions = n_nan = n_inf = 0
+    filled = n_regions = n_nan = n_inf = 0
     for c in chunks:
         y, s = read_labels(c), read(scores, c)
         if s.shape != y.shape:
@@ -95,8 +92,7 @@ def _split(scores, labels, name: str, unit: str, regions: bool = False):
         n_nan += np.count_nonzero(np.isnan(s))
         n_inf += np.count_nonzero(np.isinf(s))
         if neg is None:
-            n_neg = size - n_pos
-            neg = np.empty(n_neg, s.dtype)
+            neg = np.empty(size - n_pos, s.dtype)
         pos.append(s[y])
         part = s[~y]
         neg[filled:filled + part.size] = part
@@ -105,28 +101,72 @@ def _split(scores, labels, name: str, unit: str, regions: bool = False):
             components, count = ndimage.label(y, _REGION_STRUCTURE)
             region_ids.append(components[y] + (n_regions - 1))  # ids 0..n_regions-1 over all images
             n_regions += count
+    if neg is None:
+        neg = np.empty(0, np.float32)
+    pos = np.concatenate(pos) if pos else np.empty(0, neg.dtype)
+    neg.sort()  # in place: the one sorted full-size copy
+    region_size = None
+    if regions:
+        region_ids = np.concatenate(region_ids) if region_ids else np.empty(0, np.int64)
+        region_size = np.bincount(region_ids, minlength=n_regions)[region_ids]
+    return pos, region_size, neg, n_regions, n_nan, n_inf
+
+
+def _check_pieces(name: str, unit: str, n_pos: int, n_neg: int, n_nan: int, n_inf: int) -> None:
+    if n_pos + n_neg == 0:
+        raise ValueError(f"{name}: got empty scores and labels")
+    if n_pos == 0 or n_neg == 0:
+        missing = "anomalous" if n_pos == 0 else "normal"
+        raise ValueError(f"{name} needs both normal and anomalous {unit}; got 0 {missing} out of {n_pos + n_neg}")
     if n_nan or n_inf:
         raise ValueError(f"{name}: scores contain {n_nan + n_inf} non-finite values ({n_nan} NaN, {n_inf} inf)")
 
-    pos = np.concatenate(pos)
-    order = np.argsort(pos)  # positives are few: an argsort of them is cheap (order within ties is moot)
-    pos = pos[order]
-    neg.sort()  # in place: the one sorted full-size copy
-    weight = None
-    if regions:
-        region_ids = np.concatenate(region_ids)[order]
-        region_size = np.bincount(region_ids, minlength=n_regions)
-        weight = 1.0 / (n_regions * region_size[region_ids])
+
+def _sort_positives(pos: np.ndarray, region_size, n_regions: int):
+    """(sorted positives, AUPRO weight of each or None). With regions, ties are ordered by weight, so the
+    order is canonical: positives gathered in any order (e.g. from several processes) sort identically and
+    every floating-point sum over them comes out the same."""
+    if region_size is None:
+        return np.sort(pos), None
+    weight = 1.0 / (n_regions * region_size)
+    order = np.lexsort((weight, pos))
+    return pos[order], weight[order]
+
+
+def _split(scores, labels, name: str, unit: str, regions: bool = False):
+    """Validate and split: (sorted positive scores, sorted negative scores, AUPRO weight of each sorted
+    positive or None)."""
+    pos, region_size, neg, n_regions, n_nan, n_inf = _pieces(scores, labels, name, regions)
+    _check_pieces(name, unit, pos.size, neg.size, n_nan, n_inf)
+    pos, weight = _sort_positives(pos, region_size, n_regions)
     return pos, neg, weight
 
 
+def negative_counts(neg: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(#neg < v, #neg <= v) for each v of `values`, `neg` sorted."""
+    n_neg = neg.size
+    below = np.searchsorted(neg, values, "left")
+    if n_neg == 0:
+        return below, below.copy()
+    # #neg <= v: only values that some negative ties need the second search
+    at_or_below = below.copy()
+    tied = np.flatnonzero(neg[np.minimum(below, n_neg - 1)] == values)
+    at_or_below[tied] = np.searchsorted(neg, values[tied], "right")
+    return below, at_or_below
+
+
 def _from_sorted(pos: np.ndarray, neg: np.ndarray, pro_weight=None, fpr_limit: float = 0.3) -> dict:
-    """All metrics from sorted positive and negative scores (see module docstring).
+    """All metrics from sorted positive and negative scores (see module docstring)."""
+    return _from_counts(pos, neg.size, lambda values: negative_counts(neg, values), pro_weight, fpr_limit)
+
+
+def _from_counts(pos: np.ndarray, n_neg: int, counts, pro_weight=None, fpr_limit: float = 0.3) -> dict:
+    """All metrics from sorted positives and `counts(values) -> (#neg < v, #neg <= v)` for ascending values.
 
     The positives are walked in blocks that never split a run of equal values, so the per-value
     temporaries stay at a few tens of MB however many anomalous pixels there are.
     """
-    n_pos, n_neg = pos.size, neg.size
+    n_pos = pos.size
     limit = fpr_limit * n_neg  # the FPR limit in negative counts
     u2, ap, pro_area, best_f1, best_threshold = 0, 0.0, 0.0, -1.0, None
     cuts = np.unique(np.searchsorted(pos, pos[_BLOCK::_BLOCK], "left"))  # block starts at run starts
@@ -135,11 +175,7 @@ def _from_sorted(pos: np.ndarray, neg: np.ndarray, pro_weight=None, fpr_limit: f
         block = pos[lo:hi]
         first = np.flatnonzero(np.concatenate(([True], block[1:] != block[:-1])))  # run starts in the block
         values, mult = block[first], np.diff(first, append=block.size)
-        neg_below = np.searchsorted(neg, values, "left")
-        # #neg <= v: only values that some negative ties need the second search
-        neg_at_or_below = neg_below.copy()
-        tied = np.flatnonzero(neg[np.minimum(neg_below, n_neg - 1)] == values)
-        neg_at_or_below[tied] = np.searchsorted(neg, values[tied], "right")
+        neg_below, neg_at_or_below = counts(values)
         # 2U in exact int64 arithmetic; Python int division rounds correctly at the end.
         u2 += int(np.dot(mult, neg_below + neg_at_or_below))
         tp = n_pos - lo - first  # positives >= v

@@ -1,7 +1,9 @@
 """Prediction on anonymous images: no class names, no layout, one threshold.
 
 Writes DIR/predictions.csv (path,score,anomalous) and DIR/predictions.json, and optionally a heatmap overlay
-and a binary mask per image. Images are streamed in batches, so memory does not grow with the folder.
+and a binary mask per image. Images are streamed in batches, so memory does not grow with the folder. Under
+torchrun the batches are shared out over the processes (each writes its own overlays and masks) and rank 0
+writes the CSV and JSON of all of them, in file order.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
 from cada.data.dataset import iterate_batches
 from cada.data.folder import image_files
 from cada.data.mvtec import Sample
+from cada.methods.training import batch_shard, is_main, world_size
 
 # Overlays colour aligned maps on one fixed scale for every image: 0 is the predicted normal mean of the
 # image's product, 1 its normal maximum; values at or above HEATMAP_MAX are full red. A normal image looks calm.
@@ -65,21 +69,26 @@ def predict_paths(scorer: Scorer, image_size: int, threshold: float | None, path
     for wanted, folder in ((overlays, "overlays"), (masks, "masks")):
         if wanted:
             (out / folder).mkdir(exist_ok=True)
-    samples = [Sample(path, 0, "") for path in files]
-    rows, used = [], set()
+    # Output names are fixed over all files up front, so every process names its images as one process would.
+    used: set[str] = set()
+    names = [_output_name(path, used) for path in files] if overlays or masks else []
+    positions = batch_shard(len(files), batch_size) if world_size() > 1 else list(range(len(files)))
+    samples = [Sample(files[i], 0, "") for i in positions]
+    rows = []
     started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught, tqdm(total=len(files), desc="predicting",
-                                                                disable=not progress) as bar:
+                                                                disable=not (progress and is_main())) as bar:
         warnings.simplefilter("always")
         # No image cache: production images are seen once, caching them would only fill the disk.
         for batch in iterate_batches(samples, image_size, batch_size, cache_dir=None):
             scores, maps = scorer(batch["image"])
-            for position, index in enumerate(batch["index"].tolist()):
+            for position, local in enumerate(batch["index"].tolist()):
+                index = positions[local]
                 path, score = files[index], float(scores[position])
                 row = {"path": str(path), "score": score,
                        "anomalous": None if threshold is None else bool(score >= threshold)}
                 if overlays or masks:
-                    name = _output_name(path, used)
+                    name = names[index]
                     aligned_map = maps[position].numpy()
                     if overlays:
                         image = batch["image"][position].permute(1, 2, 0).numpy()
@@ -87,22 +96,33 @@ def predict_paths(scorer: Scorer, image_size: int, threshold: float | None, path
                     if masks:
                         Image.fromarray((aligned_map >= threshold).astype(np.uint8) * 255).save(
                             out / "masks" / f"{name}.png")
-                rows.append(row)
-            bar.update(len(batch["index"]) + len(batch["errors"]))
+                rows.append((index, row))
+            bar.update((len(batch["index"]) + len(batch["errors"])) * world_size())
     # A bad file is skipped, not fatal: it is listed in the JSON with the reason.
     skipped = [str(w.message).removeprefix("skipped: ") for w in caught if str(w.message).startswith("skipped:")]
     for warning in caught:
         if not str(warning.message).startswith("skipped:"):
             warnings.warn(warning.message, warning.category)
     seconds = time.perf_counter() - started
+    if world_size() > 1:  # every process scored its batches; rank 0 writes them all, in file order
+        gathered = [None] * world_size()
+        dist.all_gather_object(gathered, (rows, skipped, seconds))
+        rows = [row for part in gathered for row in part[0]]
+        skipped = [message for part in gathered for message in part[1]]
+        seconds = max(part[2] for part in gathered)
+    rows = [row for _, row in sorted(rows, key=lambda item: item[0])]
+    summary = {"threshold": threshold, "n_images": len(rows), "n_anomalous": sum(bool(r["anomalous"]) for r in rows),
+               "skipped": skipped, "seconds": round(seconds, 2),
+               "images_per_second": round(len(rows) / seconds, 2) if seconds else None, **(description or {})}
+    if world_size() > 1:
+        summary["processes"] = world_size()
+    if not is_main():
+        return summary
     with open(out / "predictions.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "score", "anomalous"])
         for row in rows:
             writer.writerow([row["path"], f"{row['score']:.6f}", "" if row["anomalous"] is None else int(row["anomalous"])])
-    summary = {"threshold": threshold, "n_images": len(rows), "n_anomalous": sum(bool(r["anomalous"]) for r in rows),
-               "skipped": skipped, "seconds": round(seconds, 2),
-               "images_per_second": round(len(rows) / seconds, 2) if seconds else None, **(description or {})}
     (out / "predictions.json").write_text(json.dumps({**summary, "predictions": rows}, indent=2) + "\n")
     return summary
 

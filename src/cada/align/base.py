@@ -6,7 +6,8 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from cada.methods.training import DrawSampler, lr_factor, train_loop
 
 # Columns of the per-image statistics of the raw map that aligners learn from.
 MEAN, MAX, STD = 0, 1, 2
@@ -99,20 +100,15 @@ def train_head(head: Head, features: torch.Tensor, loss_of: Callable[[torch.Tens
                settings, generator: torch.Generator, description: str, progress: bool) -> list[float]:
     """SGD on random batches of cached features (paper: lr 5e-2, momentum 0.9, wd 1e-4, batch 16).
 
-    `loss_of(outputs, batch_indices)` gives the loss of one batch.
+    `loss_of(outputs, batch_indices)` gives the loss of one batch. The loop is the base methods' one
+    (cada.methods.training.train_loop): DDP and sharded batches under torch.distributed, checkpoints to resume.
     """
-    optimizer = torch.optim.SGD(head.parameters(), lr=settings.lr, momentum=settings.momentum,
+    factor = lr_factor(settings)
+    optimizer = torch.optim.SGD(head.parameters(), lr=settings.lr * factor, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
     head.train()
-    losses: list[float] = []
-    bar = tqdm(range(settings.iters), desc=description, disable=not progress, leave=False)
-    for _ in bar:
-        batch = torch.randint(len(features), (settings.batch_size,), generator=generator)
-        loss = loss_of(head(features[batch]), batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    losses = train_loop(description, settings.iters, optimizer, generator, progress,
+                        lambda iteration, batch: loss_of(head(features[batch]), batch),
+                        DrawSampler(len(features), settings.batch_size), settings, module=head)
     head.eval()
     return losses

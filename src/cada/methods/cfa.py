@@ -25,7 +25,7 @@ from torch import nn
 
 from cada.backbones import create_encoder
 from cada.methods.base import BaseMethod, MethodOutput
-from cada.methods.revdist import FeatureSource, make_optimizer, run_training
+from cada.methods.training import FeatureSource, make_optimizer, run_training
 
 DISTANCE_CHUNK = 4  # images per chunk of the (patches x centroids) distance matrix: 64 MiB each at 256 px
 
@@ -135,6 +135,6 @@ class CFA(BaseMethod):
             return self.soft_boundary_loss(descriptors)
 
         self.train()
-        losses = run_training(self.name, len(images), settings, optimizer, generator, progress, loss_of)
+        losses = run_training(self.name, len(images), settings, optimizer, generator, progress, loss_of, module=self)
         self.eval()
         return losses

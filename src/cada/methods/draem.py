@@ -29,7 +29,7 @@ from torch import nn
 
 from cada.backbones import IMAGENET_MEAN, IMAGENET_STD, create_encoder
 from cada.methods.base import BaseMethod, MethodOutput
-from cada.methods.revdist import make_optimizer, run_training
+from cada.methods.training import make_optimizer, run_training
 
 PERLIN_MAX_OCTAVE = 6  # lattice cells per axis: 2 ** randint(0, 6), as DRAEM
 MASK_THRESHOLD = 0.5
@@ -349,6 +349,6 @@ class DRAEM(BaseMethod):
             return reconstruction_loss + focal_loss(logits.softmax(dim=1), masks)
 
         self.train()
-        losses = run_training(self.name, len(images), settings, optimizer, generator, progress, loss_of)
+        losses = run_training(self.name, len(images), settings, optimizer, generator, progress, loss_of, module=self)
         self.eval()
         return losses

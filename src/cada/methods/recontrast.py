@@ -23,8 +23,8 @@ from torch import nn
 from cada.backbones import create_encoder
 from cada.data.dataset import normalize
 from cada.methods.base import BaseMethod, MethodOutput
-from cada.methods.revdist import (FeatureSource, OneClassBottleneck, ReverseDecoder, cosine_distance_map,
-                                  make_optimizer, run_training)
+from cada.methods.revdist import OneClassBottleneck, ReverseDecoder, cosine_distance_map
+from cada.methods.training import FeatureSource, make_optimizer, run_training
 
 # Hard mining: the threshold mean + alpha * std of the per-position distance; alpha ramps linearly from
 # ALPHA_START to ALPHA_END over the first RAMP_FRACTION of the iterations (all positions count at first).
@@ -109,6 +109,6 @@ class ReContrast(BaseMethod):
             return hard_mined_cosine_loss(targets, rebuilt, alpha) / 2  # the two halves (3 scales each) averaged
 
         self.train()
-        losses = run_training(self.name, len(images), settings, optimizer, generator, progress, loss_of)
+        losses = run_training(self.name, len(images), settings, optimizer, generator, progress, loss_of, module=self)
         self.eval()
         return losses

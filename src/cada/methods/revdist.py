@@ -14,11 +14,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from cada.backbones import create_encoder
-from cada.data.dataset import normalize
 from cada.methods.base import BaseMethod, MethodOutput
+from cada.methods.training import FeatureSource, make_optimizer, run_training
 
 EXPANSION = 4
 WIDTH_FACTOR = 2  # wide ResNet: the 3x3 conv is twice as wide as a plain bottleneck's
@@ -126,61 +125,6 @@ def flattened_cosine_loss(encoded: list[torch.Tensor], decoded: list[torch.Tenso
     return loss
 
 
-class FeatureSource:
-    """Frozen-encoder features of the training images by index, for the training loops of every method.
-
-    A frozen encoder sees every image identically each time (no augmentation), so its features are computed
-    once and kept when they fit in `cache_gib`; otherwise they are recomputed per batch.
-    """
-
-    def __init__(self, encode, images: torch.Tensor, batch_size: int, cache_gib: float):
-        self.encode, self.images, self.cached = encode, images, None
-        with torch.no_grad():
-            probe = encode(normalize(images[:1]))
-        if len(images) * sum(f.numel() * f.element_size() for f in probe) <= cache_gib * 2**30:
-            with torch.no_grad():
-                chunks = [encode(normalize(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
-            self.cached = [torch.cat(scale) for scale in zip(*chunks)]
-
-    def __getitem__(self, batch: torch.Tensor) -> list[torch.Tensor]:
-        if self.cached is not None:
-            return [scale[batch] for scale in self.cached]
-        with torch.no_grad():
-            return self.encode(normalize(self.images[batch]))
-
-
-def make_optimizer(groups: list[dict], settings) -> torch.optim.AdamW:
-    """AdamW over parameter groups; a group without its own "lr" gets settings.lr."""
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
-                             weight_decay=settings.weight_decay, amsgrad=settings.amsgrad)
-
-
-def run_training(name: str, n_images: int, settings, optimizer, generator: torch.Generator, progress: bool,
-                 loss_of) -> list[float]:
-    """`settings.iters` optimiser steps of `loss_of(iteration, batch_indices)` on random batches; the losses.
-
-    Batches walk through the images in a fresh random order per pass, drawn from `generator`. With
-    `settings.lr_drop_at`, every learning rate is multiplied by `settings.lr_drop` once that fraction (or each of
-    those fractions) is done.
-    """
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, settings.lr_milestones(), gamma=settings.lr_drop)
-    losses: list[float] = []
-    order = torch.empty(0, dtype=torch.long)
-    bar = tqdm(range(settings.iters), desc=f"{name} training", disable=not progress, leave=False)
-    for iteration in bar:
-        while len(order) < settings.batch_size:
-            order = torch.cat([order, torch.randperm(n_images, generator=generator)])
-        batch, order = order[: settings.batch_size], order[settings.batch_size :]
-        loss = loss_of(iteration, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-    return losses
-
-
 class RevDist(BaseMethod):
     name = "revdist"
     score_scale = 0.1
@@ -217,6 +161,6 @@ class RevDist(BaseMethod):
             return flattened_cosine_loss(encoded, self.reconstruct(encoded)[1])
 
         self.train()
-        losses = run_training(self.name, len(images), settings, optimizer, generator, progress, loss_of)
+        losses = run_training(self.name, len(images), settings, optimizer, generator, progress, loss_of, module=self)
         self.eval()
         return losses

@@ -16,7 +16,7 @@ from torch import nn
 
 from cada.backbones import create_encoder
 from cada.methods.base import BaseMethod, MethodOutput
-from cada.methods.revdist import FeatureSource, make_optimizer, run_training
+from cada.methods.training import FeatureSource, make_optimizer, run_training, shard_of, world_size
 
 NEIGHBOURHOOD = 7
 JITTER_SCALE = 20.0  # noise std per token = JITTER_SCALE * ||token|| / channels (UniAD's feature jitter)
@@ -153,11 +153,14 @@ class UniAD(BaseMethod):
 
         def loss_of(iteration: int, batch: torch.Tensor) -> torch.Tensor:
             clean = features[batch][0]
-            noise = torch.randn(clean.shape, generator=generator).to(clean.device)
+            # The noise of the whole global batch from the shared generator, this process's slice of it
+            # (identical to the single-process draw when there is one process).
+            noise = torch.randn((clean.shape[0] * world_size(), *clean.shape[1:]), generator=generator)
+            noise = shard_of(noise).to(clean.device)
             scale = clean.norm(dim=1, keepdim=True) / clean.shape[1] * JITTER_SCALE
             return F.mse_loss(self.reconstruct(clean + noise * scale), clean)
 
         self.train()
-        losses = run_training(self.name, len(images), settings, optimizer, generator, progress, loss_of)
+        losses = run_training(self.name, len(images), settings, optimizer, generator, progress, loss_of, module=self)
         self.eval()
         return losses
