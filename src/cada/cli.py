@@ -53,7 +53,8 @@ def train_and_save(settings, data: Path, out: Path, weights: str | None = None, 
         require_checkpoint(out / RESUME_FOLDER)  # before the slow part
     detector = Detector(settings, weights_path=weights)
     processes = f" in {world_size()} processes" if world_size() > 1 else ""
-    _say(f"training {settings.method} ({settings.backbone}, {settings.image_size}px, {settings.base.iters} iters) "
+    schedule = "one pass, no iterations" if settings.method == "patchcore" else f"{settings.base.iters} iters"
+    _say(f"training {settings.method} ({settings.backbone}, {settings.image_size}px, {schedule}) "
          f"+ aligner {settings.align} on all classes of {data} mixed{processes}")
     checkpoint_dir = None if checkpoint_every is None and not resume else out / RESUME_FOLDER
     detector.fit(data, progress=progress, holdout=holdout, fpr=fpr, format=format, cache_dir=cache_dir,
