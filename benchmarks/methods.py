@@ -1,7 +1,7 @@
-"""The three base methods with and without CADA: RevDist, ReContrast and UniAD, both protocols, one table.
+"""Base methods with and without CADA (RevDist, ReContrast, UniAD, PatchCore, DRAEM, CFA), both protocols, one table.
 
     python benchmarks/methods.py [--data ../shared/data/realmix] [--out runs/methods] [--preset cpu]
-                                 [--methods revdist recontrast uniad] [--iters N] [--align-iters N]
+                                 [--methods revdist recontrast ...] [--iters N] [--align-iters N]
 
 Each method is trained once with the preset's settings for that method (`cada train --method M --preset P`)
 and the CADA regressor on top; the base map ("none") and the CADA-aligned map are evaluated under the
@@ -52,7 +52,8 @@ def main() -> None:
             "settings": settings.to_dict(),
             "n_train_images": info["n_images"],
             "base_seconds": info["base_seconds"],
-            "base_seconds_per_iter": round(info["base_seconds"] / settings.base.iters, 3),
+            # PatchCore has no iterations: its base time is one pass building the memory bank.
+            "base_seconds_per_iter": None if method == "patchcore" else round(info["base_seconds"] / settings.base.iters, 3),
             "aligner_seconds": info["aligner_seconds"],
             "evaluate_seconds": results["meta"]["evaluate_seconds"],
             "total_seconds": round(time.perf_counter() - started, 1),
@@ -65,7 +66,8 @@ def main() -> None:
           "base includes encoding the training images once")
     for method, run in runs.items():
         base = run["settings"]["base"]
-        print(f"{method:<12} {run['base_seconds']:7.0f} {run['base_seconds_per_iter']:9.2f} "
+        per_iter = "-" if run["base_seconds_per_iter"] is None else f"{run['base_seconds_per_iter']:.2f}"
+        print(f"{method:<12} {run['base_seconds']:7.0f} {per_iter:>9} "
               f"{run['aligner_seconds']:8.0f} {run['evaluate_seconds']:9.0f} {run['total_seconds']:7.0f}   "
               f"({base['iters']}, {run['settings']['image_size']} px, {base['batch_size']})")
     args.out.mkdir(parents=True, exist_ok=True)
