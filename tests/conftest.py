@@ -16,6 +16,15 @@ def tiny_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def images(tiny_data):
+    """The training images of `tiny_data`, uint8 N x 3 x 64 x 64."""
+    from cada.data.dataset import load_all
+    from cada.data.mvtec import mvtec_samples
+
+    return load_all(mvtec_samples(tiny_data, "train"), 64)[0]
+
+
+@pytest.fixture(scope="session")
 def tiny_settings():
     from cada.config import preset
 

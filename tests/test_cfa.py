@@ -6,28 +6,16 @@ import torch
 from cada import Detector
 from cada.cli import _settings_from_args, build_parser, main
 from cada.config import Settings, preset
-from cada.data.dataset import load_all, normalize
-from cada.data.mvtec import mvtec_samples
+from cada.data.dataset import normalize
 from cada.methods.cfa import CFA, CoordConv
 
-
-def tiny_cfa(iters: int = 2) -> Settings:
-    settings = preset("cpu", "cfa")
-    settings.image_size = 64
-    settings.base.iters, settings.base.batch_size = iters, 4
-    settings.aligner.iters, settings.aligner.batch_size = 5, 4
-    return settings
-
-
-@pytest.fixture(scope="module")
-def images(tiny_data):
-    return load_all(mvtec_samples(tiny_data, "train"), 64)[0]
+from helpers import paste_square, tiny_preset
 
 
 def fitted(images, iters: int, seed: int = 0) -> tuple[CFA, list[float]]:
     torch.manual_seed(0)
     model = CFA("efficientnet_lite0", 64)
-    losses = model.fit(images, tiny_cfa(iters).base, torch.Generator().manual_seed(seed), progress=False)
+    losses = model.fit(images, tiny_preset("cfa", iters).base, torch.Generator().manual_seed(seed), progress=False)
     return model, losses
 
 
@@ -76,7 +64,7 @@ def test_memory_bank_is_the_mean_initial_descriptor(images):
     model = CFA("efficientnet_lite0", 64)
     with torch.no_grad():
         expected = model.describe(model.encoder(normalize(images))).flatten(2).mean(dim=0)
-    model.fit(images, tiny_cfa(1).base, torch.Generator().manual_seed(0), progress=False)
+    model.fit(images, tiny_preset("cfa", 1).base, torch.Generator().manual_seed(0), progress=False)
     assert torch.allclose(model.centroids, expected, atol=1e-4)
 
 
@@ -98,8 +86,7 @@ def test_training_lowers_the_loss_and_leaves_the_encoder_alone(trained):
 def test_map_is_larger_on_a_pasted_defect_after_short_training(trained, images):
     model = trained[0]
     clean = images[:4].clone()
-    defective = clean.clone()
-    defective[:, :, 20:36, 20:36] = torch.tensor([255, 0, 255], dtype=torch.uint8).view(3, 1, 1)
+    defective = paste_square(clean)
     with torch.inference_mode():
         clean_map = model(normalize(clean)).anomaly_map
         defect_map = model(normalize(defective)).anomaly_map
@@ -122,7 +109,7 @@ def test_presets_and_the_command_line_choose_cfa_settings():
 
 
 def test_detector_save_load_round_trips_bit_exactly(tiny_data, images, tmp_path):
-    detector = Detector(tiny_cfa()).fit(tiny_data, progress=False)
+    detector = Detector(tiny_preset("cfa", 2)).fit(tiny_data, progress=False)
     assert detector.settings.aligner.smooth_l1_alpha == 1.0
     assert detector.method.centroids.abs().sum() > 0
     detector.save(tmp_path / "run")

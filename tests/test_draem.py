@@ -6,26 +6,19 @@ import torch
 from cada import Detector
 from cada.cli import _settings_from_args, build_parser, main
 from cada.config import Settings, preset
-from cada.data.dataset import load_all, normalize
-from cada.data.mvtec import mvtec_samples
+from cada.data.dataset import normalize
 from cada.methods.draem import (DRAEM, DiscriminativeNetwork, ReconstructiveNetwork, focal_loss, perlin_masks,
                                 perlin_noise, ssim, synthesize_anomalies)
+
+from helpers import tiny_preset
 
 WIDTHS = dict(reconstructive_width=4, discriminative_width=4)
 
 
 def tiny_draem(iters: int = 2) -> Settings:
-    settings = preset("cpu", "draem")
-    settings.image_size = 64
+    settings = tiny_preset("draem", iters)
     settings.draem.reconstructive_width, settings.draem.discriminative_width = 4, 4
-    settings.base.iters, settings.base.batch_size = iters, 4
-    settings.aligner.iters, settings.aligner.batch_size = 5, 4
     return settings
-
-
-@pytest.fixture(scope="module")
-def images(tiny_data):
-    return load_all(mvtec_samples(tiny_data, "train"), 64)[0]
 
 
 def fitted(images, iters: int, seed: int = 0) -> tuple[DRAEM, list[float]]:

@@ -12,12 +12,11 @@ from cada.data.dataset import load_all, normalize
 from cada.data.mvtec import mvtec_samples
 from cada.methods.patchcore import PatchCore, chunk_rows, greedy_coreset, nearest_neighbours
 
+from helpers import paste_square, tiny_preset
+
 
 def tiny_patchcore(**options) -> Settings:
-    settings = preset("cpu", "patchcore")
-    settings.image_size = 64
-    settings.base.batch_size = 4
-    settings.aligner.iters, settings.aligner.batch_size = 5, 4
+    settings = tiny_preset("patchcore")
     for key, value in options.items():
         setattr(settings.patchcore, key, value)
     return settings
@@ -28,11 +27,6 @@ def fitted(images, seed: int = 0, pretrained: bool = False, **options) -> PatchC
     model = PatchCore("efficientnet_lite0", 64, pretrained=pretrained, **options)
     assert model.fit(images, BaseTraining(batch_size=4), torch.Generator().manual_seed(seed), progress=False) == []
     return model
-
-
-@pytest.fixture(scope="module")
-def images(tiny_data):
-    return load_all(mvtec_samples(tiny_data, "train"), 64)[0]
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +144,7 @@ def test_map_is_larger_on_a_pasted_defect(tiny_data, images):
     model = fitted(images, pretrained=True)
     test = [s for s in mvtec_samples(tiny_data, "test") if s.label == 0]
     clean = load_all(test, 64)[0]
-    defective = clean.clone()
-    defective[:, :, 20:36, 20:36] = torch.tensor([255, 0, 255], dtype=torch.uint8).view(3, 1, 1)
+    defective = paste_square(clean)
     with torch.inference_mode():
         clean_map, defect_map = model(normalize(clean)).anomaly_map, model(normalize(defective)).anomaly_map
         clean_score = model.reweighted_score(normalize(clean))

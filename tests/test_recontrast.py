@@ -11,18 +11,7 @@ from cada.data.mvtec import mvtec_samples
 from cada.methods.recontrast import ReContrast, hard_mined_cosine_loss, hard_mining_alpha
 from cada.methods.training import make_optimizer, run_training
 
-
-def tiny_recontrast(iters: int = 3) -> Settings:
-    settings = preset("cpu", "recontrast")
-    settings.image_size = 64
-    settings.base.iters, settings.base.batch_size = iters, 4
-    settings.aligner.iters, settings.aligner.batch_size = 5, 4
-    return settings
-
-
-@pytest.fixture(scope="module")
-def images(tiny_data):
-    return load_all(mvtec_samples(tiny_data, "train"), 64)[0]
+from helpers import paste_square, tiny_preset
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +21,7 @@ def trained(images):
     model = ReContrast("efficientnet_lite0", 64)
     encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     trainable_before = {k: v.clone() for k, v in model.trainable_encoder.state_dict().items()}
-    losses = model.fit(images, tiny_recontrast(60).base, torch.Generator().manual_seed(0), progress=False)
+    losses = model.fit(images, tiny_preset("recontrast", 60).base, torch.Generator().manual_seed(0), progress=False)
     return model, losses, encoder_before, trainable_before
 
 
@@ -86,8 +75,7 @@ def test_training_lowers_the_loss_and_adapts_only_the_trainable_encoder(trained)
 def test_map_is_larger_on_a_pasted_defect_after_short_training(trained, images):
     model = trained[0]
     clean = images[:4].clone()
-    defective = clean.clone()
-    defective[:, :, 20:36, 20:36] = torch.tensor([255, 0, 255], dtype=torch.uint8).view(3, 1, 1)
+    defective = paste_square(clean)
     with torch.inference_mode():
         clean_map = model(normalize(clean)).anomaly_map
         defect_map = model(normalize(defective)).anomaly_map
@@ -151,7 +139,7 @@ def test_presets():
 
 
 def test_detector_save_load_round_trips_bit_exactly(tiny_data, images, tmp_path):
-    detector = Detector(tiny_recontrast()).fit(tiny_data, progress=False)
+    detector = Detector(tiny_preset("recontrast", 3)).fit(tiny_data, progress=False)
     assert detector.settings.aligner.smooth_l1_alpha == 0.1  # the method's score scale
     detector.save(tmp_path / "run")
     loaded = Detector.load(tmp_path / "run")
@@ -164,7 +152,7 @@ def test_detector_save_load_round_trips_bit_exactly(tiny_data, images, tmp_path)
 
 @pytest.mark.parametrize("aligner", ALIGNERS)
 def test_every_aligner_reads_its_features(aligner, tiny_data):
-    settings = tiny_recontrast(iters=1)
+    settings = tiny_preset("recontrast", 1)
     settings.align, settings.aligner.iters = aligner, 2
     detector = Detector(settings).fit(tiny_data, progress=False)
     samples = mvtec_samples(tiny_data, "test")[:5]

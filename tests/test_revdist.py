@@ -8,6 +8,8 @@ from cada.data.dataset import load_all, normalize
 from cada.data.mvtec import mvtec_samples
 from cada.methods.revdist import Bottleneck, RevDist, flattened_cosine_loss
 
+from helpers import paste_square
+
 
 def test_wide_resnet_gives_exactly_the_rd4ad_bottleneck_and_decoder():
     model = RevDist("wide_resnet50_2", 64, pretrained=False)
@@ -76,8 +78,7 @@ def test_map_is_larger_on_a_pasted_defect_after_short_training(tiny_data, tiny_s
     settings.iters = 60
     model.fit(images, settings, torch.Generator().manual_seed(0), progress=False)
     clean = images[:4].clone()
-    defective = clean.clone()
-    defective[:, :, 20:36, 20:36] = torch.tensor([255, 0, 255], dtype=torch.uint8).view(3, 1, 1)
+    defective = paste_square(clean)
     with torch.inference_mode():
         clean_map = model(normalize(clean)).anomaly_map
         defect_map = model(normalize(defective)).anomaly_map

@@ -10,18 +10,7 @@ from cada.data.dataset import load_all, normalize
 from cada.data.mvtec import mvtec_samples
 from cada.methods.uniad import DecoderLayer, EncoderLayer, UniAD, fitting_window, neighbour_mask
 
-
-def tiny_uniad(iters: int = 3) -> Settings:
-    settings = preset("cpu", "uniad")
-    settings.image_size = 64
-    settings.base.iters, settings.base.batch_size = iters, 4
-    settings.aligner.iters, settings.aligner.batch_size = 5, 4
-    return settings
-
-
-@pytest.fixture(scope="module")
-def images(tiny_data):
-    return load_all(mvtec_samples(tiny_data, "train"), 64)[0]
+from helpers import paste_square, tiny_preset
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +18,7 @@ def trained(images):
     torch.manual_seed(0)
     model = UniAD("efficientnet_lite0", 64)
     encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
-    settings = tiny_uniad(60).base
+    settings = tiny_preset("uniad", 60).base
     settings.lr = 1e-3  # a few dozen steps must show learning; the preset's 3e-4 is for hundreds
     losses = model.fit(images, settings, torch.Generator().manual_seed(0), progress=False)
     return model, losses, encoder_before
@@ -109,8 +98,7 @@ def test_training_lowers_the_loss_and_leaves_the_encoder_alone(trained):
 def test_map_is_larger_on_a_pasted_defect_after_short_training(trained, images):
     model = trained[0]
     clean = images[:4].clone()
-    defective = clean.clone()
-    defective[:, :, 20:36, 20:36] = torch.tensor([255, 0, 255], dtype=torch.uint8).view(3, 1, 1)
+    defective = paste_square(clean)
     with torch.inference_mode():
         clean_map = model(normalize(clean)).anomaly_map
         defect_map = model(normalize(defective)).anomaly_map
@@ -134,7 +122,7 @@ def test_presets_and_the_command_line_choose_uniad_settings():
 
 
 def test_detector_save_load_round_trips_bit_exactly(tiny_data, images, tmp_path):
-    detector = Detector(tiny_uniad()).fit(tiny_data, progress=False)
+    detector = Detector(tiny_preset("uniad", 3)).fit(tiny_data, progress=False)
     assert detector.settings.aligner.smooth_l1_alpha == 10  # the method's score scale (paper: 10 for UniAD)
     detector.save(tmp_path / "run")
     loaded = Detector.load(tmp_path / "run")
@@ -148,7 +136,7 @@ def test_detector_save_load_round_trips_bit_exactly(tiny_data, images, tmp_path)
 
 @pytest.mark.parametrize("aligner", ALIGNERS)
 def test_every_aligner_reads_its_features(aligner, tiny_data):
-    settings = tiny_uniad(iters=1)
+    settings = tiny_preset("uniad", 1)
     settings.align, settings.aligner.iters = aligner, 2
     detector = Detector(settings).fit(tiny_data, progress=False)
     samples = mvtec_samples(tiny_data, "test")[:5]
