@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cada import Detector
+from cada.backbones import WeightsNotFoundError
 from cada.cli import _settings_from_args, build_parser
 from cada.config import ALIGNERS, Settings, preset
 from cada.data.dataset import load_all, normalize
@@ -107,13 +108,18 @@ def test_map_is_larger_on_a_pasted_defect_after_short_training(trained, images):
     assert (defect_inside > 1.02 * clean_inside).all()
 
 
-def test_presets_and_the_command_line_choose_uniad_settings():
+def test_presets_and_the_command_line_choose_uniad_settings(tmp_path, monkeypatch):
     paper = preset("paper", "uniad")
     assert (paper.backbone, paper.image_size) == ("efficientnet_b4", 224)
     assert (paper.base.batch_size, paper.base.iters) == (64, 50_000)
     assert (paper.base.lr, paper.base.weight_decay, paper.aligner.iters) == (3e-4, 1e-4, 20_000)
-    with pytest.raises(ValueError, match="efficientnet_b4"):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no B4 weights anywhere: a clear error naming them
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
+    with pytest.raises(WeightsNotFoundError, match="efficientnet_b4"):
         Detector(paper)
+    assert Detector(paper, pretrained=False).method.align_channels == 272  # UniAD's 24 + 32 + 56 + 160
     cpu = preset("cpu", "uniad")
     assert (cpu.backbone, cpu.image_size, cpu.base.lr) == ("efficientnet_lite0", 224, 3e-4)
     assert Settings.from_dict(cpu.to_dict()) == cpu
