@@ -21,3 +21,26 @@ def paste_square(images: torch.Tensor) -> torch.Tensor:
     defective = images.clone()
     defective[:, :, 20:36, 20:36] = torch.tensor([255, 0, 255], dtype=torch.uint8).view(3, 1, 1)
     return defective
+
+
+def square_means(model, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, the mean of the anomaly map inside SQUARE for `clean` and for it with the square pasted."""
+    from cada.data.dataset import normalize
+
+    with torch.inference_mode():
+        maps = [model(normalize(images)).anomaly_map for images in (clean, paste_square(clean))]
+    return tuple(anomaly_map[SQUARE].mean(dim=(1, 2)) for anomaly_map in maps)
+
+
+def assert_save_load_bit_exact(detector, folder, images: torch.Tensor):
+    """Save and load `detector`: the same tensors, bit for bit, and the same predictions. Returns the loaded one."""
+    from cada import Detector
+
+    detector.save(folder)
+    loaded = Detector.load(folder)
+    state, loaded_state = detector._modules().state_dict(), loaded._modules().state_dict()
+    assert state.keys() == loaded_state.keys()
+    assert all(torch.equal(v, loaded_state[k]) for k, v in state.items())
+    before, after = detector.predict(images), loaded.predict(images)
+    assert torch.equal(before.scores, after.scores) and torch.equal(before.maps, after.maps)
+    return loaded

@@ -9,7 +9,7 @@ from cada.config import Settings, preset
 from cada.data.dataset import normalize
 from cada.methods.cfa import CFA, CoordConv
 
-from helpers import paste_square, tiny_preset
+from helpers import assert_save_load_bit_exact, square_means, tiny_preset
 
 
 def fitted(images, iters: int, seed: int = 0) -> tuple[CFA, list[float]]:
@@ -85,13 +85,8 @@ def test_training_lowers_the_loss_and_leaves_the_encoder_alone(trained):
 
 def test_map_is_larger_on_a_pasted_defect_after_short_training(trained, images):
     model = trained[0]
-    clean = images[:4].clone()
-    defective = paste_square(clean)
-    with torch.inference_mode():
-        clean_map = model(normalize(clean)).anomaly_map
-        defect_map = model(normalize(defective)).anomaly_map
-    inside = (slice(None), slice(20, 36), slice(20, 36))
-    assert (defect_map[inside].mean(dim=(1, 2)) > 1.5 * clean_map[inside].mean(dim=(1, 2))).all()
+    clean_inside, defect_inside = square_means(model, images[:4])
+    assert (defect_inside > 1.5 * clean_inside).all()
 
 
 def test_presets_and_the_command_line_choose_cfa_settings():
@@ -112,13 +107,8 @@ def test_detector_save_load_round_trips_bit_exactly(tiny_data, images, tmp_path)
     detector = Detector(tiny_preset("cfa", 2)).fit(tiny_data, progress=False)
     assert detector.settings.aligner.smooth_l1_alpha == 1.0
     assert detector.method.centroids.abs().sum() > 0
-    detector.save(tmp_path / "run")
-    loaded = Detector.load(tmp_path / "run")
-    state, loaded_state = detector._modules().state_dict(), loaded._modules().state_dict()
-    assert state.keys() == loaded_state.keys() and "method.centroids" in state
-    assert all(torch.equal(v, loaded_state[k]) for k, v in state.items())
-    before, after = detector.predict(images[:6]), loaded.predict(images[:6])
-    assert torch.equal(before.scores, after.scores) and torch.equal(before.maps, after.maps)
+    loaded = assert_save_load_bit_exact(detector, tmp_path / "run", images[:6])
+    assert "method.centroids" in loaded._modules().state_dict()
 
 
 def test_cli_trains_cfa(tiny_data, tmp_path, capsys):

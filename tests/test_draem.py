@@ -10,7 +10,7 @@ from cada.data.dataset import normalize
 from cada.methods.draem import (DRAEM, DiscriminativeNetwork, ReconstructiveNetwork, focal_loss, perlin_masks,
                                 perlin_noise, ssim, synthesize_anomalies)
 
-from helpers import tiny_preset
+from helpers import assert_save_load_bit_exact, tiny_preset
 
 WIDTHS = dict(reconstructive_width=4, discriminative_width=4)
 
@@ -125,14 +125,8 @@ def test_detector_save_load_round_trips_bit_exactly(tiny_data, images, tmp_path)
     detector = Detector(tiny_draem()).fit(tiny_data, progress=False)
     assert detector.settings.aligner.smooth_l1_alpha == 0.1
     assert detector.method.reconstructive.encoder[0][0].out_channels == 4  # the widths travel with the settings
-    detector.save(tmp_path / "run")
-    loaded = Detector.load(tmp_path / "run")
+    loaded = assert_save_load_bit_exact(detector, tmp_path / "run", images[:6])
     assert loaded.method.reconstructive.encoder[0][0].out_channels == 4
-    state, loaded_state = detector._modules().state_dict(), loaded._modules().state_dict()
-    assert state.keys() == loaded_state.keys()
-    assert all(torch.equal(v, loaded_state[k]) for k, v in state.items())
-    before, after = detector.predict(images[:6]), loaded.predict(images[:6])
-    assert torch.equal(before.scores, after.scores) and torch.equal(before.maps, after.maps)
 
 
 def test_cli_trains_draem(tiny_data, tmp_path, capsys):

@@ -7,11 +7,11 @@ from cada import Detector
 from cada.backbones import WeightsNotFoundError
 from cada.cli import _settings_from_args, build_parser
 from cada.config import ALIGNERS, Settings, preset
-from cada.data.dataset import load_all, normalize
+from cada.data.dataset import load_all
 from cada.data.mvtec import mvtec_samples
 from cada.methods.uniad import DecoderLayer, EncoderLayer, UniAD, fitting_window, neighbour_mask
 
-from helpers import paste_square, tiny_preset
+from helpers import assert_save_load_bit_exact, square_means, tiny_preset
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +98,7 @@ def test_training_lowers_the_loss_and_leaves_the_encoder_alone(trained):
 
 def test_map_is_larger_on_a_pasted_defect_after_short_training(trained, images):
     model = trained[0]
-    clean = images[:4].clone()
-    defective = paste_square(clean)
-    with torch.inference_mode():
-        clean_map = model(normalize(clean)).anomaly_map
-        defect_map = model(normalize(defective)).anomaly_map
-    inside = (slice(None), slice(20, 36), slice(20, 36))
-    clean_inside, defect_inside = clean_map[inside].mean(dim=(1, 2)), defect_map[inside].mean(dim=(1, 2))
+    clean_inside, defect_inside = square_means(model, images[:4])
     assert (defect_inside > 1.02 * clean_inside).all()
 
 
@@ -130,14 +124,8 @@ def test_presets_and_the_command_line_choose_uniad_settings(tmp_path, monkeypatc
 def test_detector_save_load_round_trips_bit_exactly(tiny_data, images, tmp_path):
     detector = Detector(tiny_preset("uniad", 3)).fit(tiny_data, progress=False)
     assert detector.settings.aligner.smooth_l1_alpha == 10  # the method's score scale (paper: 10 for UniAD)
-    detector.save(tmp_path / "run")
-    loaded = Detector.load(tmp_path / "run")
-    state, loaded_state = detector._modules().state_dict(), loaded._modules().state_dict()
-    assert state.keys() == loaded_state.keys()
-    assert all(torch.equal(v, loaded_state[k]) for k, v in state.items())
+    loaded = assert_save_load_bit_exact(detector, tmp_path / "run", images[:6])
     assert torch.equal(loaded.method.transformer.mask, detector.method.transformer.mask)
-    before, after = detector.predict(images[:6]), loaded.predict(images[:6])
-    assert torch.equal(before.scores, after.scores) and torch.equal(before.maps, after.maps)
 
 
 @pytest.mark.parametrize("aligner", ALIGNERS)
