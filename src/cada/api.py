@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -46,6 +48,19 @@ def _batches(images: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 16
     if isinstance(images, torch.Tensor):
         return (images.unsqueeze(0) if images.dim() == 3 else images).split(batch_size)
     return images
+
+
+def data_fingerprint(samples: Sequence[Sample], images: torch.Tensor, root=None) -> str:
+    """sha256 of the training data as trained on: each image's path (relative to the data root, so a moved data
+    folder still matches) and class, and the decoded images themselves."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        path = Path(sample.path)
+        if isinstance(root, (str, Path)) and path.is_relative_to(root):
+            path = path.relative_to(root)
+        digest.update(os.fsencode(path) + b"\0" + sample.class_name.encode("utf-8", "surrogateescape") + b"\0")
+    digest.update(images.contiguous().numpy().data)  # the buffer itself, no copy
+    return digest.hexdigest()
 
 
 @dataclass
@@ -99,7 +114,7 @@ class Detector:
     def fit(self, data: str | Path | Sequence[Sample], progress: bool = True, holdout: float = 0.0,
             fpr: float = 0.01, format: str = "auto", cache_dir: str | Path | None = "auto",
             checkpoint_dir: str | Path | None = None, checkpoint_every: int = 200, resume: bool = False,
-            resume_hint: str = "") -> "Detector":
+            resume_hint: str = "", keep_checkpoint: bool = False) -> "Detector":
         """Train the base method, then the aligner, on the normal images of every class of `data` mixed.
 
         `data` is a data root (MVTec AD, VisA, BTAD or a folder of normal images, see `format`; its training
@@ -108,8 +123,10 @@ class Detector:
         threshold at false-positive rate `fpr`.
 
         With `checkpoint_dir`, a checkpoint is written there every `checkpoint_every` steps (0: only when
-        interrupted by SIGINT/SIGTERM) and removed when training finishes; `resume` continues from it, skipping
-        finished stages. Launched by torchrun (torch.distributed initialised), both stages train with DDP.
+        interrupted by SIGINT/SIGTERM) and removed when training finishes (kept with `keep_checkpoint`, for a
+        caller that removes it once the run is saved); `resume` continues from it, skipping finished stages, and
+        refuses other settings or other training data (paths and decoded images). Launched by torchrun
+        (torch.distributed initialised), both stages train with DDP.
         """
         chosen = "samples"
         if isinstance(data, (str, Path)):
@@ -126,8 +143,9 @@ class Detector:
         generator = torch.Generator().manual_seed(settings.seed)
         session = None
         if checkpoint_dir is not None:
+            identity = {"n_images": len(images), "data_fingerprint": data_fingerprint(samples, images, data)}
             session = training.Checkpointing(checkpoint_dir, self._modules(), settings.to_dict(), checkpoint_every,
-                                             resume, {"n_images": len(images)}, resume_hint)
+                                             resume, identity, resume_hint)
         with training.checkpointing(session):
             started = time.perf_counter()
             if session is not None and session.resumed_stage() == "aligner":  # the base finished before the stop
@@ -150,7 +168,7 @@ class Detector:
             features, image_stats = self.training_statistics(images, progress)
             aligner_losses = self.fit_aligner(features, image_stats, [s.class_name for s in samples], generator,
                                               progress)
-        if session is not None:
+        if session is not None and not keep_checkpoint:
             session.complete()
         self.eval()
         self.training_info = {
@@ -188,6 +206,7 @@ class Detector:
         features, targets = [], []
         batch_size = self.settings.base.batch_size
         for start in tqdm(range(0, len(images), batch_size), desc="training-set maps", disable=not progress, leave=False):
+            training.stop_point("computing the maps of the training images")
             output = self.method(normalize(images[start : start + batch_size]))
             raw = output.anomaly_map.flatten(1)
             features.append(output.align_features)
@@ -271,14 +290,16 @@ class Detector:
     def _modules(self) -> nn.ModuleDict:
         return nn.ModuleDict({"method": self.method, "aligner": self.aligner})
 
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """Write the run folder (weights + config.json) in one step; an existing run is replaced only with
+        `overwrite`, and a folder that is neither a run nor empty never (see `cada.checkpoint`)."""
         config = {
             "settings": self.settings.to_dict(),
             "calibration": self.calibration,
             "training": self.training_info,
             "aligner_state": self.aligner.config_state(),
         }
-        return checkpoint.save_run(folder, self._modules().state_dict(), config)
+        return checkpoint.save_run(folder, self._modules().state_dict(), config, overwrite)
 
     @classmethod
     def load(cls, folder: str | Path) -> "Detector":

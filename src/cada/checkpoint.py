@@ -1,17 +1,33 @@
 """A trained run is one folder: model.safetensors (all weights) + config.json (settings and statistics).
 
 Nothing is ever unpickled: safetensors holds raw tensors, JSON holds the rest.
+
+How a run is written, so that no work is ever lost:
+- The complete run (weights and config) is written into a staging folder beside it (.RUN.new) and only then
+  put in place by renaming folders: weights and config are replaced together, never one without the other.
+- An existing run is replaced only when asked (`overwrite`); it is renamed to .RUN.old while the new one is
+  renamed in, then removed. The checkpoint of an unfinished training (RUN/resume) lives in the folder being
+  replaced, so it disappears only once the finished run is in place; a failed save keeps it.
+- A folder that is neither a run nor empty (nor holds just an unfinished training) is never replaced.
+- One writer at a time: the sibling lock file .RUN.lock (see `cada.files.folder_lock`). A run's config alone
+  (calibration) is updated atomically with `update_config`.
+- A kill between the two renames leaves .RUN.old and .RUN.new; the next write to RUN finishes the swap.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from cada.files import atomic_write, folder_lock, printable, write_json  # noqa: F401 - write_json: the one JSON writer
+
+RESUME_FOLDER = "resume"  # RUN/resume: the checkpoint of an unfinished training run
 FORMAT = "cada-run"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -28,22 +44,93 @@ def _versions() -> dict:
     return {"cada": __version__, "torch": torch.__version__}
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Write via a temporary file and rename, so an interrupted write never leaves a half file behind."""
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    os.replace(temporary, path)
+def _sibling(folder: Path, what: str) -> Path:
+    return folder.parent / f".{folder.name}.{what}"
 
 
-def save_run(folder: str | Path, state: dict[str, torch.Tensor], config: dict) -> Path:
+def folder_state(folder: str | Path) -> str:
+    """'absent', 'empty', 'unfinished' (only the checkpoint of an interrupted training), 'run', 'file' or 'other'."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
-    temporary = folder / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(temporary))
-    os.replace(temporary, folder / WEIGHTS_FILE)
-    write_json(folder / CONFIG_FILE, {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": _versions(), **config})
+    if not folder.exists():
+        return "absent"
+    if not folder.is_dir():
+        return "file"
+    names = {entry.name for entry in folder.iterdir()}
+    if not names:
+        return "empty"
+    if names == {RESUME_FOLDER}:
+        return "unfinished"
+    if CONFIG_FILE in names:
+        try:
+            return "run" if json.loads((folder / CONFIG_FILE).read_text()).get("format") == FORMAT else "other"
+        except (OSError, ValueError, AttributeError):
+            return "other"
+    return "other"
+
+
+def check_replaceable(folder: str | Path, overwrite: bool, option: str = "the folder") -> str:
+    """The folder's state, if a run may be written there; ValueError saying why not (and what to do) otherwise."""
+    folder = Path(folder)
+    state = folder_state(folder)
+    name = printable(folder)
+    if state == "file":
+        raise ValueError(f"{option} {name} is a file, not a folder")
+    if state == "other":
+        raise ValueError(f"{option} {name} is not empty and is not a cada run: choose a new or empty folder "
+                         "(--overwrite only ever replaces a cada run)")
+    if state == "run" and not overwrite:
+        calibration = json.loads((folder / CONFIG_FILE).read_text()).get("calibration")
+        threshold = f", calibrated: threshold {calibration['threshold']:.4f}" if calibration else ""
+        raise ValueError(f"{option} {name} already holds a trained run{threshold}: choose another folder, or add "
+                         "--overwrite to replace it once the new run is complete")
+    return state
+
+
+def recover_swap(folder: str | Path) -> None:
+    """Finish or undo a folder swap that a kill interrupted (see the module docstring)."""
+    folder = Path(folder)
+    new, old = _sibling(folder, "new"), _sibling(folder, "old")
+    if not folder.exists():
+        if (new / CONFIG_FILE).is_file() and (new / WEIGHTS_FILE).is_file():
+            os.rename(new, folder)  # the new run was complete (its config is written last): finish the swap
+        elif old.exists():
+            os.rename(old, folder)  # undo it
+    for leftover in (new, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+
+
+def save_run(folder: str | Path, state: dict[str, torch.Tensor], config: dict, overwrite: bool = False) -> Path:
+    """Write the run (weights + config) to `folder` as one step; see the module docstring for the rules."""
+    folder = Path(folder)
+    with folder_lock(folder):
+        recover_swap(folder)
+        existing = check_replaceable(folder, overwrite)
+        staging, old = _sibling(folder, "new"), _sibling(folder, "old")
+        staging.mkdir(parents=True)
+        try:
+            tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
+            atomic_write(staging / WEIGHTS_FILE, lambda path: save_file(tensors, str(path)))
+            write_json(staging / CONFIG_FILE, {"format": FORMAT, "format_version": FORMAT_VERSION,
+                                               "versions": _versions(), **config})
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if existing == "absent":
+            os.rename(staging, folder)
+        else:
+            os.rename(folder, old)
+            os.rename(staging, folder)
+            shutil.rmtree(old)
     return folder
+
+
+def update_config(folder: str | Path, **changes) -> dict:
+    """Replace entries of a run's config.json (the weights stay), atomically; the previous config is returned."""
+    with folder_lock(folder):
+        config = read_config(folder)
+        write_json(Path(folder) / CONFIG_FILE, {**config, **changes})
+    return config
 
 
 def read_config(folder: str | Path) -> dict:
@@ -71,4 +158,8 @@ def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     path = Path(folder) / WEIGHTS_FILE
     if not path.is_file():
         raise IncompatibleRunError(f"{path} is missing: the run folder is incomplete")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise IncompatibleRunError(f"{printable(path)} is not a readable safetensors file (truncated or damaged? "
+                                   f"{error}): train the run again, or restore it from a copy") from None

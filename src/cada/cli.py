@@ -5,15 +5,26 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
-from cada.config import ALIGNERS, METHODS, Settings, preset
+from safetensors import SafetensorError
 
-RESUME_FOLDER = "resume"  # RUN/resume: the checkpoint of an unfinished training run
+from cada.checkpoint import CONFIG_FILE, RESUME_FOLDER, WEIGHTS_FILE
+from cada.config import ALIGNERS, METHODS, Settings, preset
+from cada.files import check_output, folder_lock, printable
+
+
+def _os_error(error: OSError) -> str:
+    """'Permission denied: PATH' rather than '[Errno 13] Permission denied: 'PATH''; our own messages as they are."""
+    if error.strerror and error.filename:
+        return f"{error.strerror}: {printable(error.filename)}"
+    return str(error)
 
 
 def _settings_from_args(args):
@@ -41,25 +52,54 @@ def _say(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
+def run_files(run: str | Path) -> list[Path]:
+    """What no output may be written over: a run's weights, settings and checkpoint."""
+    return [Path(run) / name for name in (WEIGHTS_FILE, CONFIG_FILE, RESUME_FOLDER)]
+
+
 def train_and_save(settings, data: Path, out: Path, weights: str | None = None, progress: bool = True,
                    holdout: float = 0.0, fpr: float = 0.01, format: str = "auto", cache_dir="auto",
-                   checkpoint_every: int | None = None, resume: bool = False, resume_hint: str = ""):
-    """Train and save the run in `out` (rank 0 writes it). With `checkpoint_every` (0: only on interrupt),
-    checkpoints go to out/resume and `resume` continues from them."""
-    from cada.api import Detector
-    from cada.methods.training import is_main, require_checkpoint, world_size
+                   checkpoint_every: int | None = None, resume: bool = False, resume_hint: str = "",
+                   overwrite: bool = False):
+    """Train and save the run in `out` (rank 0 writes it, holding the folder's lock throughout). With
+    `checkpoint_every` (0: only on interrupt), checkpoints go to out/resume and `resume` continues from them.
+    An existing run in `out` is replaced only with `overwrite`, and only once the new one is complete."""
+    from cada.methods.training import is_main
 
+    out = Path(out)
+    check_output(out, "--out", "folder", inputs=[data])
+    with folder_lock(out) if is_main() else nullcontext():
+        return _train_and_save(settings, data, out, weights, progress, holdout, fpr, format, cache_dir,
+                               checkpoint_every, resume, resume_hint, overwrite)
+
+
+def _train_and_save(settings, data, out, weights, progress, holdout, fpr, format, cache_dir, checkpoint_every,
+                    resume, resume_hint, overwrite):
+    from cada.api import Detector
+    from cada.checkpoint import check_replaceable, recover_swap
+    from cada.methods.training import STATE_TENSORS, is_main, require_checkpoint, world_size
+
+    if is_main():
+        recover_swap(out)
+    state = check_replaceable(out, overwrite, "--out")
+    checkpoint_folder = out / RESUME_FOLDER
     if resume:
-        require_checkpoint(out / RESUME_FOLDER)  # before the slow part
+        require_checkpoint(checkpoint_folder)  # before the slow part
+    elif state == "unfinished" and not overwrite:
+        raise ValueError(f"--out {printable(out)} holds an unfinished training ({printable(checkpoint_folder)}): "
+                         "continue it with --resume, or start again with --overwrite")
+    elif checkpoint_folder.exists() and is_main():
+        shutil.rmtree(checkpoint_folder)  # --overwrite without --resume: an earlier training's checkpoint, not ours
     detector = Detector(settings, weights_path=weights)
     processes = f" in {world_size()} processes" if world_size() > 1 else ""
     schedule = "one pass, no iterations" if settings.method == "patchcore" else f"{settings.base.iters} iters"
     _say(f"training {settings.method} ({settings.backbone}, {settings.image_size}px, {schedule}) "
          f"+ aligner {settings.align} on all classes of {data} mixed{processes}")
-    checkpoint_dir = None if checkpoint_every is None and not resume else out / RESUME_FOLDER
+    checkpoint_dir = None if checkpoint_every is None and not resume else checkpoint_folder
+    # The checkpoint stays until the run is saved: the save replaces the folder that holds it.
     detector.fit(data, progress=progress, holdout=holdout, fpr=fpr, format=format, cache_dir=cache_dir,
                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every or 0, resume=resume,
-                 resume_hint=resume_hint)
+                 resume_hint=resume_hint, keep_checkpoint=True)
     info = detector.training_info
     _say(f"  data layout: {info['format']}")
     _say(f"  {info['n_images']} training images of {len(info['classes'])} classes; base {info['base_seconds']} s, "
@@ -67,7 +107,13 @@ def train_and_save(settings, data: Path, out: Path, weights: str | None = None, 
     if detector.calibration and is_main():
         _print_calibration(detector.calibration)
     if is_main():
-        detector.save(out)
+        try:
+            detector.save(out, overwrite=overwrite)
+        except OSError as error:
+            kept = (f"the training checkpoint is kept in {printable(checkpoint_folder)}: once that is fixed, finish "
+                    f"with `{resume_hint or 'the same command'} --resume`"
+                    if (checkpoint_folder / STATE_TENSORS).is_file() else "nothing was kept: train again")
+            raise ValueError(f"could not write the run to {printable(out)} ({_os_error(error)}); {kept}") from error
     _say(f"saved run to {out}")
     return detector
 
@@ -97,7 +143,7 @@ def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: 
     aligners = ("none",) if detector.settings.align == "none" else ("none", detector.settings.align)
     results = results_table(outputs, detector.settings.method, aligners, detector.thresholds)
     results["meta"] = {
-        "data": str(data),
+        "data": printable(data),
         "n_test_images": len(outputs.samples),
         "backbone": detector.settings.backbone,
         "image_size": detector.settings.image_size,
@@ -207,7 +253,8 @@ def cmd_train(args) -> int:
     command = " ".join(shlex.quote(a) for a in _without_devices(argv) if a != "--resume")
     hint = f"torchrun --nproc_per_node={world_size()} -m cada {command}" if world_size() > 1 else f"cada {command}"
     train_and_save(_settings_from_args(args), Path(args.data), Path(args.out), args.weights, not args.quiet,
-                   args.holdout, args.fpr, args.format, _cache_dir(args), args.checkpoint_every, args.resume, hint)
+                   args.holdout, args.fpr, args.format, _cache_dir(args), args.checkpoint_every, args.resume, hint,
+                   args.overwrite)
     return 0
 
 
@@ -220,10 +267,12 @@ def _print_calibration(calibration: dict) -> None:
 
 def cmd_calibrate(args) -> int:
     from cada.api import Detector
+    from cada.checkpoint import update_config
     from cada.data.dataset import load_all
     from cada.data.folder import folder_samples
 
     detector = Detector.load(args.run)
+    previous = detector.calibration
     size = detector.settings.image_size
     if args.val:
         samples = _samples(args.val, "test", args.format)
@@ -233,8 +282,10 @@ def cmd_calibrate(args) -> int:
         samples = folder_samples(normal=args.normal)
         images, samples = load_all(samples, size, cache_dir=_cache_dir(args))
         detector.calibrate(images, args.fpr, source=f"{len(samples)} normal images in {', '.join(args.normal)}")
-    detector.save(args.run)
+    update_config(args.run, calibration=detector.calibration)  # the weights stay as they are
     _print_calibration(detector.calibration)
+    if previous:
+        print(f"replaced the previous threshold {previous['threshold']:.4f} ({previous['how']}, {previous['source']})")
     return 0
 
 
@@ -246,6 +297,9 @@ def cmd_export(args) -> int:
         import onnx  # noqa: F401 - torch's exporter needs it
     except ImportError:
         raise ValueError('ONNX export needs the onnx package: pip install -e ".[export]"') from None
+    protected = run_files(args.run)
+    check_output(args.out, "--out", "file", protected=protected)
+    check_output(sidecar_path(args.out), "--out's sidecar", "file", protected=protected)
     out = export_onnx(Detector.load(args.run), args.out)
     print(f"wrote {out} and {sidecar_path(out)}")
     return 0
@@ -258,6 +312,8 @@ def cmd_predict(args) -> int:
     init_distributed()  # under torchrun: the images are shared out over the processes, rank 0 writes the results
 
     target = Path(args.model)
+    out = Path(args.out)
+    _check_predict_out(out, target, args.paths, args.overwrite)
     if target.suffix == ".onnx":
         from cada.export import onnx_scorer
 
@@ -281,6 +337,28 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _check_predict_out(out: Path, model: Path, paths: list[str], overwrite: bool) -> None:
+    """Before any scoring: OUT must not hold or overlap the inputs or the model, and earlier predictions there
+    are replaced only with --overwrite (then their overlays and masks go, so old and new never mix)."""
+    from cada.export import sidecar_path
+    from cada.methods.training import is_distributed, is_main
+
+    model_files = [model, sidecar_path(model)] if model.suffix == ".onnx" else run_files(model)
+    check_output(out, "--out", "folder", inputs=paths, protected=model_files)
+    earlier = [name for name in ("predictions.csv", "predictions.json", "overlays", "masks") if (out / name).exists()]
+    if earlier and not overwrite:
+        raise ValueError(f"--out {printable(out)} holds earlier predictions ({', '.join(earlier)}): choose another "
+                         "folder, or add --overwrite to replace them")
+    if earlier and is_main():
+        for folder in ("overlays", "masks"):
+            if (out / folder).is_dir():
+                shutil.rmtree(out / folder)
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.barrier()  # no process writes before rank 0 has cleared the old overlays
+
+
 def cmd_evaluate(args) -> int:
     from cada.api import Detector
     from cada.data.folder import folder_samples
@@ -288,6 +366,12 @@ def cmd_evaluate(args) -> int:
 
     init_distributed()  # under torchrun: the test set is sharded over the processes, results on rank 0
 
+    # The outputs are checked before the evaluation, which may take long.
+    inputs = [args.data] if args.data else [*(args.normal or ()), *(args.anomalous or ()), *(args.masks or ())]
+    for option, value, kind in (("--json", args.json, "file"), ("--plots", args.plots, "folder"),
+                                ("--report", args.report, "folder")):
+        if value:
+            check_output(value, option, kind, inputs=inputs, protected=run_files(args.run))
     detector = Detector.load(args.run)
     if args.format == "folder":
         if not (args.normal and args.anomalous):
@@ -308,6 +392,10 @@ def cmd_demo(args) -> int:
 
     started = time.perf_counter()
     out = Path(args.out)
+    check_output(out, "--out", "folder")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"--out {printable(out)} is not empty (an earlier demo?): choose another folder, or add "
+                         "--overwrite to replace the demo's run and results.json")
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cada-demo-") as scratch:
         data = generate_dataset(Path(scratch) / "synthetic", seed=args.seed)
@@ -316,7 +404,7 @@ def cmd_demo(args) -> int:
         settings.seed = args.seed
         if args.iters:
             settings.base.iters = args.iters
-        detector = train_and_save(settings, data, out / "run", progress=not args.quiet)
+        detector = train_and_save(settings, data, out / "run", progress=not args.quiet, overwrite=args.overwrite)
         results = evaluate_and_report(detector, data, out / "results.json", progress=not args.quiet)
     rows = {(r["align"], r["protocol"]): r for r in results["rows"]}
     base, aligned = rows[("none", "absolute-unified")], rows[("cada", "absolute-unified")]
@@ -330,6 +418,9 @@ def cmd_ablate(args) -> int:
     from cada.api import Detector
     from cada.checkpoint import write_json
     out = Path(args.out)
+    check_output(out / "ablation.json", "--out", "file", inputs=[args.data])
+    if (out / "ablation.json").exists() and not args.overwrite:
+        raise ValueError(f"{printable(out / 'ablation.json')} exists: choose another --out, or add --overwrite")
     train_samples = _samples(args.data, "train", args.format)
     test_samples = _samples(args.data, "test", args.format, quiet=True)
     settings = _settings_from_args(args)
@@ -340,7 +431,8 @@ def cmd_ablate(args) -> int:
         # The noisy base (--noise) must be trained exactly as the reused one was.
         settings = Settings.from_dict({**detector.settings.to_dict(), "align": "none"})
     else:
-        detector = train_and_save(settings, Path(args.data), out / "base", args.weights, progress=not args.quiet)
+        detector = train_and_save(settings, Path(args.data), out / "base", args.weights, progress=not args.quiet,
+                                  overwrite=args.overwrite)
     base_seconds = time.perf_counter() - started
 
     def run_tables(ablation: Ablation, tables) -> dict:
@@ -401,11 +493,14 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--align-iters", type=int, help="aligner training iterations (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing run in --out, once the new one is complete")
     _add_data_options(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cada", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="train and evaluate RevDist + CADA on generated synthetic data")
@@ -413,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--iters", type=int, help="base training iterations (default: the cpu preset's)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
     demo.set_defaults(func=cmd_demo)
 
     synth = commands.add_parser("synth", help="write the synthetic data set in the MVTec AD layout")
@@ -462,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--masks", action="store_true", help="write a binary mask PNG per image (map >= threshold)")
     predict.add_argument("--batch-size", type=int, default=16)
     predict.add_argument("--quiet", action="store_true")
+    predict.add_argument("--overwrite", action="store_true",
+                         help="replace earlier predictions in --out (their overlays and masks are removed)")
     predict.set_defaults(func=cmd_predict)
 
     export = commands.add_parser("export", help="one ONNX graph: image -> aligned map and image score")
@@ -504,9 +602,12 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as error:
-        # Bad input gets one clear line, not a traceback; real bugs still raise.
-        print(f"cada {args.command}: error: {error}", file=sys.stderr)
+    except (OSError, ValueError, SafetensorError) as error:
+        # Bad input (and a file system that refuses) gets one clear line, not a traceback; real bugs still raise.
+        if args.debug:
+            raise
+        message = _os_error(error) if isinstance(error, OSError) else str(error)
+        print(f"cada {args.command}: error: {printable(message)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:  # TrainingInterrupted says where its checkpoint is and how to resume
         print(f"cada {args.command}: {error or 'interrupted'}", file=sys.stderr)

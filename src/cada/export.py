@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cada.data.dataset import IMAGENET_MEAN, IMAGENET_STD, normalize
+from cada.files import atomic_write
 from cada.scoring import align, image_score, smooth
 
 OPSET = 17
@@ -53,11 +54,11 @@ def export_onnx(detector, out: str | Path, batch_size: int = 1) -> Path:
     example = torch.zeros(batch_size, 3, size, size, dtype=torch.uint8)
     with warnings.catch_warnings():  # the tracer notes Python numbers fixed at export time: sizes, as intended
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module, (example,), str(out), input_names=["image"], output_names=["score", "aligned_map"],
+        atomic_write(out, lambda temporary: torch.onnx.export(
+            module, (example,), str(temporary), input_names=["image"], output_names=["score", "aligned_map"],
             dynamic_axes={"image": {0: "batch"}, "score": {0: "batch"}, "aligned_map": {0: "batch"}},
             opset_version=OPSET, dynamo=False,
-        )
+        ))
     sidecar = {
         "format": "cada-onnx", "input": "image", "outputs": ["score", "aligned_map"],
         "preprocessing": {"image_size": size, "resize": "bilinear", "channels": "RGB", "dtype": "uint8",
@@ -66,20 +67,30 @@ def export_onnx(detector, out: str | Path, batch_size: int = 1) -> Path:
         "decision": "anomalous when score >= threshold",
         "settings": detector.settings.to_dict(),
     }
-    sidecar_path(out).write_text(json.dumps(sidecar, indent=2) + "\n")
+    atomic_write(sidecar_path(out), json.dumps(sidecar, indent=2) + "\n")
     return out
 
 
 def onnx_scorer(onnx_path: str | Path):
     """(scorer, image_size, threshold, description) for cada.predict, running the graph with onnxruntime."""
     import onnxruntime
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf
 
     onnx_path = Path(onnx_path)
     sidecar_file = sidecar_path(onnx_path)
     if not sidecar_file.is_file():
         raise FileNotFoundError(f"{sidecar_file} is missing: it holds the threshold and preprocessing of {onnx_path}")
-    sidecar = json.loads(sidecar_file.read_text())
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    try:
+        sidecar = json.loads(sidecar_file.read_text())
+        sidecar["preprocessing"]["image_size"], sidecar["threshold"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{sidecar_file} is not the JSON file `cada export` writes beside {onnx_path} "
+                         f"({type(error).__name__}: {error})") from None
+    try:
+        session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    except (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf) as error:
+        raise ValueError(f"{onnx_path} is not a model onnxruntime can load (damaged, or not an ONNX file?): "
+                         f"{str(error).strip().splitlines()[0]}") from None
 
     def score(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores, maps = session.run(None, {"image": np.ascontiguousarray(images.numpy())})

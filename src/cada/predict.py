@@ -1,7 +1,8 @@
 """Prediction on anonymous images: no class names, no layout, one threshold.
 
 Writes DIR/predictions.csv (path,score,anomalous) and DIR/predictions.json, and optionally a heatmap overlay
-and a binary mask per image. Images are streamed in batches, so memory does not grow with the folder. Under
+and a binary mask per image (every file written atomically; file names that are not valid UTF-8 are written with
+backslash escapes). Images are streamed in batches, so memory does not grow with the folder. Under
 torchrun the batches are shared out over the processes (each writes its own overlays and masks) and rank 0
 writes the CSV and JSON of all of them, in file order.
 """
@@ -9,6 +10,7 @@ writes the CSV and JSON of all of them, in file order.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 import warnings
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 from cada.data.dataset import iterate_batches
 from cada.data.folder import image_files
 from cada.data.mvtec import Sample
+from cada.files import atomic_write, printable
 from cada.methods.training import batch_shard, is_main, world_size
 
 # Overlays colour aligned maps on one fixed scale for every image: 0 is the predicted normal mean of the
@@ -85,21 +88,21 @@ def predict_paths(scorer: Scorer, image_size: int, threshold: float | None, path
             for position, local in enumerate(batch["index"].tolist()):
                 index = positions[local]
                 path, score = files[index], float(scores[position])
-                row = {"path": str(path), "score": score,
+                row = {"path": printable(path), "score": score,
                        "anomalous": None if threshold is None else bool(score >= threshold)}
                 if overlays or masks:
                     name = names[index]
                     aligned_map = maps[position].numpy()
                     if overlays:
                         image = batch["image"][position].permute(1, 2, 0).numpy()
-                        Image.fromarray(overlay(image, aligned_map)).save(out / "overlays" / f"{name}.png")
+                        _write_png(out / "overlays" / f"{name}.png", overlay(image, aligned_map))
                     if masks:
-                        Image.fromarray((aligned_map >= threshold).astype(np.uint8) * 255).save(
-                            out / "masks" / f"{name}.png")
+                        _write_png(out / "masks" / f"{name}.png", (aligned_map >= threshold).astype(np.uint8) * 255)
                 rows.append((index, row))
             bar.update((len(batch["index"]) + len(batch["errors"])) * world_size())
     # A bad file is skipped, not fatal: it is listed in the JSON with the reason.
-    skipped = [str(w.message).removeprefix("skipped: ") for w in caught if str(w.message).startswith("skipped:")]
+    skipped = [printable(str(w.message).removeprefix("skipped: ")) for w in caught
+               if str(w.message).startswith("skipped:")]
     for warning in caught:
         if not str(warning.message).startswith("skipped:"):
             warnings.warn(warning.message, warning.category)
@@ -118,13 +121,18 @@ def predict_paths(scorer: Scorer, image_size: int, threshold: float | None, path
         summary["processes"] = world_size()
     if not is_main():
         return summary
-    with open(out / "predictions.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "score", "anomalous"])
-        for row in rows:
-            writer.writerow([row["path"], f"{row['score']:.6f}", "" if row["anomalous"] is None else int(row["anomalous"])])
-    (out / "predictions.json").write_text(json.dumps({**summary, "predictions": rows}, indent=2) + "\n")
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["path", "score", "anomalous"])
+    for row in rows:
+        writer.writerow([row["path"], f"{row['score']:.6f}", "" if row["anomalous"] is None else int(row["anomalous"])])
+    atomic_write(out / "predictions.csv", table.getvalue())
+    atomic_write(out / "predictions.json", json.dumps({**summary, "predictions": rows}, indent=2) + "\n")
     return summary
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    atomic_write(path, lambda temporary: Image.fromarray(array).save(temporary, format="PNG"))
 
 
 def detector_scorer(detector) -> Scorer:

@@ -50,6 +50,7 @@ from cada.backbones import create_encoder
 from cada.config import PatchCoreSettings
 from cada.data.dataset import normalize
 from cada.methods.base import BaseMethod, MethodOutput
+from cada.methods.training import stop_point
 
 FLOAT_BYTES = 4
 
@@ -239,8 +240,13 @@ class PatchCore(BaseMethod):
         for start, count in tqdm(list(zip(starts, counts)), desc="patchcore coreset", disable=not progress,
                                  leave=False):
             block = images[start : start + block_images]
-            features = torch.cat([self.patch_embedding(*self.local_features(normalize(block[i : i + batch_size])))
-                                  .reshape(-1, self.embedding_dim) for i in range(0, len(block), batch_size)])
+            pieces = []
+            for i in range(0, len(block), batch_size):
+                stop_point("building the PatchCore memory bank")
+                pieces.append(self.patch_embedding(*self.local_features(normalize(block[i : i + batch_size])))
+                              .reshape(-1, self.embedding_dim))
+            features = torch.cat(pieces)
+            del pieces
             first = int(torch.randint(len(features), (1,), generator=generator))
             chosen = greedy_coreset(features @ projection, count, start=first)
             bank[filled : filled + len(chosen)] = features[chosen]

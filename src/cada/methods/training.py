@@ -18,7 +18,9 @@ Resume: with a `Checkpointing` active (``cada train --out RUN`` sets one up in R
 history to RUN/resume/state.safetensors, plus a readable copy of the non-tensor part in state.json. Nothing is
 pickled: the optimiser state is flattened to named tensors, its structure is JSON. The one file is written via a
 temporary file and a rename, so a kill mid-write leaves the previous checkpoint intact. SIGINT/SIGTERM stop the
-run after writing a checkpoint at the current step (`TrainingInterrupted`).
+run after writing a checkpoint at the current step (`TrainingInterrupted`). The long passes outside the step
+loop (encoding the training images, PatchCore's coreset, the training-set maps) call `stop_point` between
+batches, so a signal stops them within a batch too, keeping the last checkpoint written.
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from cada.data.dataset import normalize
+from cada.files import atomic_write
 
 # -- processes ----------------------------------------------------------------------------------------------
 
@@ -128,8 +131,11 @@ class FeatureSource:
         with torch.no_grad():
             probe = encode(normalize(images[:1]))
         if len(images) * sum(f.numel() * f.element_size() for f in probe) <= cache_gib * 2**30:
+            chunks = []
             with torch.no_grad():
-                chunks = [encode(normalize(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+                for start in range(0, len(images), batch_size):
+                    stop_point("encoding the training images")
+                    chunks.append(encode(normalize(images[start : start + batch_size])))
             self.cached = [torch.cat(scale) for scale in zip(*chunks)]
 
     def __getitem__(self, batch: torch.Tensor) -> list[torch.Tensor]:
@@ -379,15 +385,24 @@ class Checkpointing:
     # -- reading --
     def _load(self) -> None:
         path = require_checkpoint(self.folder)
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except SafetensorError as error:
+            raise ResumeError(f"{path} is not a readable checkpoint (truncated or damaged? {error}): train again "
+                              "without --resume") from None
         if metadata.get("format") != RESUME_FORMAT or "state" not in metadata:
             raise ResumeError(f"{path} is not a cada resume checkpoint")
         saved = json.loads(metadata["state"])
         if saved.get("format_version") != RESUME_VERSION:
             raise ResumeError(f"{path} is in checkpoint format {saved.get('format_version')}; this cada reads "
                               f"{RESUME_VERSION}: train again without --resume")
+        saved_data, data = saved["identity"].get("data_fingerprint"), self.identity.get("data_fingerprint")
+        if saved_data != data:
+            raise ResumeError(f"the training data differ from those the checkpoint in {self.folder} was trained on "
+                              "(their file paths or image contents changed): resume with the same data, or train "
+                              "again without --resume")
         differences = _settings_differences(saved["settings"], self.settings)
         differences += _settings_differences(saved["identity"], self.identity)
         if differences:
@@ -450,6 +465,18 @@ class Checkpointing:
             self._stop.set()
         return self._stop.is_set()
 
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    def interrupted(self, where: str) -> TrainingInterrupted:
+        """The error for a stop outside the step loop: it names the checkpoint kept, if any."""
+        if (self.folder / STATE_TENSORS).is_file():
+            return TrainingInterrupted(
+                f"training stopped while {where}; the last checkpoint is kept in {self.folder}. "
+                f"Resume with: {self.resume_hint or 'the same command'} --resume")
+        return TrainingInterrupted(f"training stopped while {where}, before its first checkpoint: nothing to "
+                                   "resume, train again")
+
     def after_step(self, done: int, iters: int, optimizer, scheduler, generator, sampler, losses: list[float],
                    stop: bool) -> None:
         due = self.every > 0 and done % self.every == 0 and done < iters
@@ -489,16 +516,13 @@ class Checkpointing:
             }
             text = json.dumps(state)
             self.folder.mkdir(parents=True, exist_ok=True)
-            temporary = self.folder / (STATE_TENSORS + ".tmp")
-            save_file({key: value.detach().to("cpu", copy=True).contiguous() for key, value in tensors.items()},
-                      str(temporary), metadata={"format": RESUME_FORMAT, "state": text})
-            os.replace(temporary, self.folder / STATE_TENSORS)  # the commit point
+            tensors = {key: value.detach().to("cpu", copy=True).contiguous() for key, value in tensors.items()}
+            atomic_write(self.folder / STATE_TENSORS,  # the commit point
+                         lambda path: save_file(tensors, str(path), metadata={"format": RESUME_FORMAT, "state": text}))
             readable = {key: value for key, value in state.items() if key not in ("losses", "finished")}
             readable["n_losses"] = len(losses)
             readable["finished_stages"] = sorted(self.finished)
-            temporary = self.folder / (STATE_JSON + ".tmp")
-            temporary.write_text(json.dumps(readable, indent=2) + "\n")
-            os.replace(temporary, self.folder / STATE_JSON)
+            atomic_write(self.folder / STATE_JSON, json.dumps(readable, indent=2) + "\n")
         if is_distributed():
             dist.barrier()
 
@@ -540,6 +564,13 @@ def current_checkpointing() -> Checkpointing | None:
     return _ACTIVE[-1] if _ACTIVE else None
 
 
+def stop_point(where: str) -> None:
+    """Between batches of a long pass outside the step loop: stop here if SIGINT/SIGTERM asked for it."""
+    session = current_checkpointing()
+    if session is not None and session.stop_requested():
+        raise session.interrupted(where)
+
+
 @contextmanager
 def checkpointing(session: Checkpointing | None) -> Iterator[Checkpointing | None]:
     """Make `session` the one the training loops checkpoint to (None: no checkpoints) while the block runs."""
@@ -556,4 +587,4 @@ def checkpointing(session: Checkpointing | None) -> Iterator[Checkpointing | Non
 
 __all__ = ["Checkpointing", "DrawSampler", "FeatureSource", "PassSampler", "ResumeError", "TrainingInterrupted",
            "checkpointing", "current_checkpointing", "init_distributed", "is_distributed", "is_main",
-           "make_optimizer", "rank", "run_training", "shard_of", "train_loop", "world_size"]
+           "make_optimizer", "rank", "run_training", "shard_of", "stop_point", "train_loop", "world_size"]

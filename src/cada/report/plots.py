@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cada.files import atomic_write
 from cada.metrics import auroc
 from cada.scoring import align
 
@@ -66,7 +67,7 @@ def score_distributions(base_scores: np.ndarray, u: np.ndarray, spread: np.ndarr
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
     plt.close(figure)
     return path
 
