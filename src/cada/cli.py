@@ -15,7 +15,6 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from cada.checkpoint import CONFIG_FILE, RESUME_FOLDER, WEIGHTS_FILE
 from cada.config import ALIGNERS, METHODS, Settings, preset
 from cada.files import check_output, folder_lock, printable
 
@@ -54,6 +53,8 @@ def _say(*args, **kwargs) -> None:
 
 def run_files(run: str | Path) -> list[Path]:
     """What no output may be written over: a run's weights, settings and checkpoint."""
+    from cada.checkpoint import CONFIG_FILE, RESUME_FOLDER, WEIGHTS_FILE
+
     return [Path(run) / name for name in (WEIGHTS_FILE, CONFIG_FILE, RESUME_FOLDER)]
 
 
@@ -64,58 +65,51 @@ def train_and_save(settings, data: Path, out: Path, weights: str | None = None, 
     """Train and save the run in `out` (rank 0 writes it, holding the folder's lock throughout). With
     `checkpoint_every` (0: only on interrupt), checkpoints go to out/resume and `resume` continues from them.
     An existing run in `out` is replaced only with `overwrite`, and only once the new one is complete."""
-    from cada.methods.training import is_main
+    from cada.api import Detector
+    from cada.checkpoint import RESUME_FOLDER, check_replaceable, recover_swap
+    from cada.methods.training import STATE_TENSORS, is_main, require_checkpoint, world_size
 
     out = Path(out)
     check_output(out, "--out", "folder", inputs=[data])
     with folder_lock(out) if is_main() else nullcontext():
-        return _train_and_save(settings, data, out, weights, progress, holdout, fpr, format, cache_dir,
-                               checkpoint_every, resume, resume_hint, overwrite)
-
-
-def _train_and_save(settings, data, out, weights, progress, holdout, fpr, format, cache_dir, checkpoint_every,
-                    resume, resume_hint, overwrite):
-    from cada.api import Detector
-    from cada.checkpoint import check_replaceable, recover_swap
-    from cada.methods.training import STATE_TENSORS, is_main, require_checkpoint, world_size
-
-    if is_main():
-        recover_swap(out)
-    state = check_replaceable(out, overwrite, "--out")
-    checkpoint_folder = out / RESUME_FOLDER
-    if resume:
-        require_checkpoint(checkpoint_folder)  # before the slow part
-    elif state == "unfinished" and not overwrite:
-        raise ValueError(f"--out {printable(out)} holds an unfinished training ({printable(checkpoint_folder)}): "
-                         "continue it with --resume, or start again with --overwrite")
-    elif checkpoint_folder.exists() and is_main():
-        shutil.rmtree(checkpoint_folder)  # --overwrite without --resume: an earlier training's checkpoint, not ours
-    detector = Detector(settings, weights_path=weights)
-    processes = f" in {world_size()} processes" if world_size() > 1 else ""
-    schedule = "one pass, no iterations" if settings.method == "patchcore" else f"{settings.base.iters} iters"
-    _say(f"training {settings.method} ({settings.backbone}, {settings.image_size}px, {schedule}) "
-         f"+ aligner {settings.align} on all classes of {data} mixed{processes}")
-    checkpoint_dir = None if checkpoint_every is None and not resume else checkpoint_folder
-    # The checkpoint stays until the run is saved: the save replaces the folder that holds it.
-    detector.fit(data, progress=progress, holdout=holdout, fpr=fpr, format=format, cache_dir=cache_dir,
-                 checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every or 0, resume=resume,
-                 resume_hint=resume_hint, keep_checkpoint=True)
-    info = detector.training_info
-    _say(f"  data layout: {info['format']}")
-    _say(f"  {info['n_images']} training images of {len(info['classes'])} classes; base {info['base_seconds']} s, "
-         f"aligner {info['aligner_seconds']} s")
-    if detector.calibration and is_main():
-        _print_calibration(detector.calibration)
-    if is_main():
-        try:
-            detector.save(out, overwrite=overwrite)
-        except OSError as error:
-            kept = (f"the training checkpoint is kept in {printable(checkpoint_folder)}: once that is fixed, finish "
-                    f"with `{resume_hint or 'the same command'} --resume`"
-                    if (checkpoint_folder / STATE_TENSORS).is_file() else "nothing was kept: train again")
-            raise ValueError(f"could not write the run to {printable(out)} ({_os_error(error)}); {kept}") from error
-    _say(f"saved run to {out}")
-    return detector
+        if is_main():
+            recover_swap(out)
+        state = check_replaceable(out, overwrite, "--out")
+        checkpoint_folder = out / RESUME_FOLDER
+        if resume:
+            require_checkpoint(checkpoint_folder)  # before the slow part
+        elif state == "unfinished" and not overwrite:
+            raise ValueError(f"--out {printable(out)} holds an unfinished training ({printable(checkpoint_folder)})"
+                             ": continue it with --resume, or start again with --overwrite")
+        elif checkpoint_folder.exists() and is_main():
+            shutil.rmtree(checkpoint_folder)  # --overwrite without --resume: an earlier training's checkpoint
+        detector = Detector(settings, weights_path=weights)
+        processes = f" in {world_size()} processes" if world_size() > 1 else ""
+        schedule = "one pass, no iterations" if settings.method == "patchcore" else f"{settings.base.iters} iters"
+        _say(f"training {settings.method} ({settings.backbone}, {settings.image_size}px, {schedule}) "
+             f"+ aligner {settings.align} on all classes of {data} mixed{processes}")
+        checkpoint_dir = None if checkpoint_every is None and not resume else checkpoint_folder
+        # The checkpoint stays until the run is saved: the save replaces the folder that holds it.
+        detector.fit(data, progress=progress, holdout=holdout, fpr=fpr, format=format, cache_dir=cache_dir,
+                     checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every or 0, resume=resume,
+                     resume_hint=resume_hint, keep_checkpoint=True)
+        info = detector.training_info
+        _say(f"  data layout: {info['format']}")
+        _say(f"  {info['n_images']} training images of {len(info['classes'])} classes; base "
+             f"{info['base_seconds']} s, aligner {info['aligner_seconds']} s")
+        if detector.calibration and is_main():
+            _print_calibration(detector.calibration)
+        if is_main():
+            try:
+                detector.save(out, overwrite=overwrite)
+            except OSError as error:
+                kept = (f"the training checkpoint is kept in {printable(checkpoint_folder)}: once that is fixed, "
+                        f"finish with `{resume_hint or 'the same command'} --resume`"
+                        if (checkpoint_folder / STATE_TENSORS).is_file() else "nothing was kept: train again")
+                raise ValueError(f"could not write the run to {printable(out)} ({_os_error(error)}); {kept}") \
+                    from error
+        _say(f"saved run to {out}")
+        return detector
 
 
 def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: bool = True,

@@ -8,7 +8,6 @@ temporary file is left behind on an error).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sys
@@ -32,8 +31,9 @@ def printable(text: str | Path) -> str:
 
 
 def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], object]) -> Path:
-    """Write `content` (text as UTF-8, bytes, or a function that writes the file at the path it is given) to
-    a temporary file beside `path`, then rename it over `path`. On any error the temporary file is removed."""
+    """Write `content` (text: as UTF-8, with `printable`'s escapes; bytes; or a function that writes the file at
+    the path it is given) to a temporary file beside `path`, then rename it over `path`. On any error the temporary
+    file is removed."""
     path = Path(path)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
@@ -45,7 +45,7 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], objec
         elif isinstance(content, bytes):
             temporary.write_bytes(content)
         else:
-            temporary.write_text(content, encoding="utf-8")
+            temporary.write_text(printable(content), encoding="utf-8")
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
@@ -167,11 +167,3 @@ def folder_lock(folder: str | Path) -> Iterator[Path]:
     finally:
         _HELD.discard(folder)
         path.unlink(missing_ok=True)
-
-
-def is_locked_by_us(folder: str | Path) -> bool:
-    return Path(folder).resolve() in _HELD
-
-
-def no_space(error: OSError) -> bool:
-    return error.errno in (errno.ENOSPC, errno.EDQUOT)

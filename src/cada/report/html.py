@@ -16,7 +16,7 @@ from PIL import Image
 
 from cada.data.dataset import load_image
 from cada.evaluate import DECISIONS, HEADERS, METRICS, EvalOutputs, image_scores
-from cada.files import atomic_write, printable
+from cada.files import atomic_write
 from cada.predict import HEATMAP_MAX, overlay
 from cada.scoring import align
 
@@ -90,8 +90,8 @@ def _gallery(outputs: EvalOutputs, indices: list[int], scores: np.ndarray, thres
         truth = f'<span class="{"anomalous" if sample.label else "normal"}">{html.escape(sample.defect)}</span>'
         decision = "" if threshold is None else (" · flagged" if scores[index] >= threshold else " · passed")
         caption = f"{html.escape(sample.class_name)} / {truth} · score {scores[index]:.3f}{decision}<br>" \
-                  f"<span class=meta>{html.escape(printable(Path(sample.path).name))}</span>"
-        figures.append(f'<figure><img src="{_png(_tile(outputs, index, size))}" alt="{html.escape(printable(sample.path))}">'
+                  f"<span class=meta>{html.escape(Path(sample.path).name)}</span>"
+        figures.append(f'<figure><img src="{_png(_tile(outputs, index, size))}" alt="{html.escape(str(sample.path))}">'
                        f"<figcaption>{caption}</figcaption></figure>")
     return f'<div class="gallery">{"".join(figures)}</div>'
 
@@ -112,7 +112,7 @@ def write_report(folder: str | Path, results: dict, outputs: EvalOutputs, detect
                       f"threshold {calibration['threshold']:.4f} ({calibration['how']}, {html.escape(calibration['source'])})")
     sections = [
         f"<h1>cada evaluation: {html.escape(detector.settings.method)} + {html.escape(detector.settings.align)}</h1>",
-        f"<p class=meta>data {html.escape(printable(meta.get('data', '')))} · {meta.get('n_test_images', len(scores))} test "
+        f"<p class=meta>data {html.escape(str(meta.get('data', '')))} · {meta.get('n_test_images', len(scores))} test "
         f"images · {html.escape(detector.settings.backbone)} at {size}px · {threshold_line}</p>",
         "<h2>Results</h2><p>absolute-unified: all classes pooled, one threshold; model-unified: per class, then "
         "averaged. Percent.</p>", _results_table(results),
@@ -130,4 +130,4 @@ def write_report(folder: str | Path, results: dict, outputs: EvalOutputs, detect
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>cada report</title><style>{STYLE}</style>"
             f"</head><body>{''.join(sections)}</body></html>")
     path = folder / "report.html"
-    return atomic_write(path, page)
+    return atomic_write(path, page)  # names that are not UTF-8 come out escaped
