@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cada.files import atomic_write, folder_lock, printable, write_json  # noqa: F401 - write_json: the one JSON writer
+from cada.files import atomic_write, folder_lock, printable, write_json
 
 RESUME_FOLDER = "resume"  # RUN/resume: the checkpoint of an unfinished training run
 FORMAT = "cada-run"
@@ -77,12 +77,12 @@ def check_replaceable(folder: str | Path, overwrite: bool, option: str = "the fo
         raise ValueError(f"{option} {name} is a file, not a folder")
     if state == "other":
         raise ValueError(f"{option} {name} is not empty and is not a cada run: choose a new or empty folder "
-                         "(--overwrite only ever replaces a cada run)")
+                         "(overwriting only ever replaces a cada run)")
     if state == "run" and not overwrite:
         calibration = json.loads((folder / CONFIG_FILE).read_text()).get("calibration")
         threshold = f", calibrated: threshold {calibration['threshold']:.4f}" if calibration else ""
         raise ValueError(f"{option} {name} already holds a trained run{threshold}: choose another folder, or add "
-                         "--overwrite to replace it once the new run is complete")
+                         "--overwrite (Python: overwrite=True) to replace it once the new run is complete")
     return state
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from cada.config import ALIGNERS, METHODS, Settings, preset
-from cada.files import check_output, folder_lock, printable
+from cada.files import check_output, folder_lock, printable, write_json
 
 
 def _os_error(error: OSError) -> str:
@@ -167,8 +167,6 @@ def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: 
 
         print(f"wrote {write_report(report_dir, results, outputs, detector, figure)}")
     if json_path:
-        from cada.checkpoint import write_json
-
         json_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(json_path, results)
         print(f"wrote {json_path}")
@@ -410,7 +408,6 @@ def cmd_demo(args) -> int:
 def cmd_ablate(args) -> int:
     from cada.ablation import Ablation, format_rows, noisy_split, table_3, table_4, table_5
     from cada.api import Detector
-    from cada.checkpoint import write_json
     out = Path(args.out)
     check_output(out / "ablation.json", "--out", "file", inputs=[args.data])
     if (out / "ablation.json").exists() and not args.overwrite:
