@@ -82,7 +82,7 @@ def onnx_scorer(onnx_path: str | Path):
         raise FileNotFoundError(f"{sidecar_file} is missing: it holds the threshold and preprocessing of {onnx_path}")
     try:
         sidecar = json.loads(sidecar_file.read_text())
-        sidecar["preprocessing"]["image_size"], sidecar["threshold"]
+        image_size, threshold = sidecar["preprocessing"]["image_size"], sidecar["threshold"]
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{sidecar_file} is not the JSON file `cada export` writes beside {onnx_path} "
                          f"({type(error).__name__}: {error})") from None
@@ -96,4 +96,4 @@ def onnx_scorer(onnx_path: str | Path):
         scores, maps = session.run(None, {"image": np.ascontiguousarray(images.numpy())})
         return torch.from_numpy(scores), torch.from_numpy(maps)
 
-    return score, sidecar["preprocessing"]["image_size"], sidecar["threshold"], {"model": str(onnx_path)}
+    return score, image_size, threshold, {"model": str(onnx_path)}

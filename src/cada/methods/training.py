@@ -299,6 +299,9 @@ STATE_JSON = "state.json"
 STOP_AFTER_ENV = "CADA_STOP_AFTER_STEPS"  # a test hook: act as if interrupted after this many steps
 
 
+START_AGAIN = "start again with --overwrite instead of --resume"  # a checkpoint that cannot be resumed
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on request (signal) after writing a checkpoint; the message says how to resume."""
 
@@ -390,24 +393,23 @@ class Checkpointing:
                 metadata = handle.metadata() or {}
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         except SafetensorError as error:
-            raise ResumeError(f"{path} is not a readable checkpoint (truncated or damaged? {error}): train again "
-                              "without --resume") from None
+            raise ResumeError(f"{path} is not a readable checkpoint (truncated or damaged? {error}): "
+                              f"{START_AGAIN}") from None
         if metadata.get("format") != RESUME_FORMAT or "state" not in metadata:
             raise ResumeError(f"{path} is not a cada resume checkpoint")
         saved = json.loads(metadata["state"])
         if saved.get("format_version") != RESUME_VERSION:
             raise ResumeError(f"{path} is in checkpoint format {saved.get('format_version')}; this cada reads "
-                              f"{RESUME_VERSION}: train again without --resume")
+                              f"{RESUME_VERSION}: {START_AGAIN}")
         saved_data, data = saved["identity"].get("data_fingerprint"), self.identity.get("data_fingerprint")
         if saved_data != data:
             raise ResumeError(f"the training data differ from those the checkpoint in {self.folder} was trained on "
-                              "(their file paths or image contents changed): resume with the same data, or train "
-                              "again without --resume")
+                              f"(file paths or image contents changed): resume with the same data, or {START_AGAIN}")
         differences = _settings_differences(saved["settings"], self.settings)
         differences += _settings_differences(saved["identity"], self.identity)
         if differences:
             raise ResumeError(f"the checkpoint in {self.folder} was written with other settings; resume with the "
-                              "same ones (or train again without --resume): " + "; ".join(differences))
+                              f"same ones (or {START_AGAIN}): " + "; ".join(differences))
         self.saved, self.saved_tensors, self.finished = saved, tensors, dict(saved["finished"])
 
     def resumed_stage(self) -> str | None:
