@@ -69,6 +69,25 @@ def threshold_f1(scores, labels) -> float:
     return float(lowest_flagged - MARGIN * (spread if spread > 0 else max(abs(lowest_flagged), 1.0)))
 
 
+def check_calibration(calibration: dict | None) -> dict | None:
+    """A stored calibration (a run's config.json, an ONNX sidecar) as it is, or ValueError: a NaN threshold would
+    call every image normal, silently."""
+    if calibration is None:
+        return None
+    if not isinstance(calibration, dict):
+        raise ValueError(f"calibration must be a mapping or null, got {calibration!r}")
+    for key in ("threshold", "base_threshold"):
+        check_threshold(calibration.get(key), f"calibration.{key}")
+    return calibration
+
+
+def check_threshold(value, name: str = "threshold") -> float:
+    """`value` if it is a finite number, else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}: calibrate the run again (cada calibrate)")
+    return value
+
+
 def decision_metrics(scores, labels, threshold: float) -> dict:
     """False-positive rate, recall, precision and F1 of `score >= threshold` (None where undefined)."""
     scores, labels = np.asarray(scores).ravel(), np.asarray(labels).ravel().astype(bool)
