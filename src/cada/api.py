@@ -67,12 +67,14 @@ def check_images(images, image_size: int) -> torch.Tensor:
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"images must be a torch tensor, a NumPy array or file paths, got {type(images).__name__}; "
                          f"accepted: {ACCEPTED_IMAGES}")
+    given = tuple(images.shape)
     if images.dim() in (3, 4) and images.shape[-1] == 3 and images.shape[-3] != 3:  # channels last: HWC, NHWC
-        images = images.movedim(-1, -3)
+        # Contiguous: a channels-last memory layout picks other kernels, whose rounding differs in the last bits.
+        images = images.movedim(-1, -3).contiguous()
     if images.dim() == 3:
         images = images.unsqueeze(0)
     if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images of shape {tuple(images.shape)} are not RGB images; accepted: {ACCEPTED_IMAGES}")
+        raise ValueError(f"images of shape {given} are not RGB images; accepted: {ACCEPTED_IMAGES}")
     if tuple(images.shape[2:]) != (image_size, image_size):
         raise ValueError(f"images are {images.shape[3]}x{images.shape[2]} pixels but this run takes {image_size}x"
                          f"{image_size}: resize them as training did, or pass their file paths (decoded and resized "
