@@ -249,7 +249,9 @@ def test_predict_accepts_numpy_channels_last_floats_and_paths_and_refuses_the_re
         (torch.zeros(2, 64, 64, dtype=torch.uint8), r"shape \(2, 64, 64\) are not RGB images"),
         (images.int() * 2, "integer images must be in 0-255"),
         ("not a path at all.png", "cannot read image not a path at all.png"),
-        ([[1, 2], [3]], "iterable|tensor|NumPy"),
+        ([[1, 2], [3]], "images must be a torch tensor, a NumPy array or file paths, got list"),
+        (42, "images must be a torch tensor, a NumPy array or file paths, got int"),
+        ([], "no images given"),
     ]
     for value, message in bad:
         with pytest.raises(ValueError, match=message):

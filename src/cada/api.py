@@ -56,8 +56,7 @@ def check_images(images, image_size: int) -> torch.Tensor:
     0-255. File paths (a str/Path or a list of them) are decoded and resized exactly as training does; arrays are
     not resized: another size than the run's is refused. ValueError saying what is wrong otherwise.
     """
-    if isinstance(images, (str, Path)) or (isinstance(images, (list, tuple)) and images
-                                            and all(isinstance(item, (str, Path)) for item in images)):
+    if _is_paths(images):
         paths = [images] if isinstance(images, (str, Path)) else list(images)
         return load_all([Sample(Path(path), 0, "") for path in paths], image_size, strict=True, cache_dir=None)[0]
     if isinstance(images, np.ndarray):
@@ -97,17 +96,17 @@ def check_images(images, image_size: int) -> torch.Tensor:
     return images.to(torch.uint8)
 
 
-def _is_batches(images) -> bool:
-    """An iterable of image batches (tensors or arrays), as opposed to one batch or a list of paths."""
-    return not isinstance(images, (torch.Tensor, np.ndarray, str, Path)) and not (
-        isinstance(images, (list, tuple)) and images and all(isinstance(item, (str, Path)) for item in images))
+def _is_paths(images) -> bool:
+    """One image file path, or a non-empty list of them."""
+    return isinstance(images, (str, Path)) or (isinstance(images, (list, tuple)) and len(images) > 0
+                                                and all(isinstance(item, (str, Path)) for item in images))
 
 
 def _batches(images, image_size: int, batch_size: int = 16) -> Iterable[torch.Tensor]:
     """Checked uint8 batches (see check_images) of one batch, file paths, or an iterable of batches."""
-    if _is_batches(images):
-        return (check_images(batch, image_size) for batch in images)
-    return check_images(images, image_size).split(batch_size)
+    if isinstance(images, (torch.Tensor, np.ndarray)) or _is_paths(images) or not hasattr(images, "__iter__"):
+        return check_images(images, image_size).split(batch_size)  # not iterable: check_images says what is wrong
+    return (check_images(batch, image_size) for batch in images)
 
 
 @dataclass
