@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from cada.checkpoint import write_json
-from cada.cli import evaluate_and_report, train_and_save
+from cada.cli import evaluate_and_report, positive_int, train_and_save
 from cada.config import METHODS, preset
 from cada.evaluate import format_table
 
@@ -30,8 +30,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/methods"))
     parser.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--iters", type=int, help="base training iterations for every method (default: the preset's)")
-    parser.add_argument("--align-iters", type=int, help="CADA regressor iterations (default: the preset's)")
+    parser.add_argument("--iters", type=positive_int, help="base training iterations for every method (default: the preset's)")
+    parser.add_argument("--align-iters", type=positive_int, help="CADA regressor iterations (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -39,7 +39,7 @@ def main() -> None:
     for method in args.methods:
         settings = preset(args.preset, method)
         settings.align, settings.seed = "cada", args.seed
-        if args.iters:
+        if args.iters is not None:
             settings.base.iters = args.iters
         if args.align_iters is not None:
             settings.aligner.iters = args.align_iters

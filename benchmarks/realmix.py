@@ -12,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from cada.cli import evaluate_and_report, train_and_save
+from cada.cli import evaluate_and_report, positive_int, train_and_save
 from cada.config import preset
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realmix"
@@ -23,13 +23,13 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=Path("runs/realmix"))
     parser.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
-    parser.add_argument("--iters", type=int, help="base training iterations (default: the preset's)")
+    parser.add_argument("--iters", type=positive_int, help="base training iterations (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     settings = preset(args.preset)
     settings.seed = args.seed
-    if args.iters:
+    if args.iters is not None:
         settings.base.iters = args.iters
     started = time.perf_counter()
     detector = train_and_save(settings, args.data, args.out, progress=False)

@@ -31,6 +31,7 @@ def measure(backbone: str, threads: int, batches: int) -> None:
     settings = preset("cpu")
     settings.backbone = backbone
     detector = Detector(settings, pretrained=False)
+    detector.fitted = True  # timing only: random weights run as fast as trained ones
     images = torch.randint(0, 256, (16, 3, 256, 256), dtype=torch.uint8)
 
     detector.infer(images)  # warm-up: first calls pick kernels

@@ -25,7 +25,7 @@ from cada.data.layouts import find_samples
 from cada.data.mvtec import Sample
 from cada.methods import BaseMethod, create_method, training
 from cada.scoring import align, image_score, smooth
-from cada.threshold import threshold_at_fpr, threshold_f1
+from cada.threshold import check_calibration, threshold_at_fpr, threshold_f1
 
 
 def split_holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -43,11 +43,72 @@ def split_holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[li
     return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
 
 
-def _batches(images: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 16) -> Iterable[torch.Tensor]:
-    """A uint8 tensor (one image or N) split into batches; an iterable of batches passes through."""
-    if isinstance(images, torch.Tensor):
-        return (images.unsqueeze(0) if images.dim() == 3 else images).split(batch_size)
-    return images
+class NotFittedError(ValueError, AttributeError):
+    """The Detector is used before `fit` (or `Detector.load`), as scikit-learn's NotFittedError."""
+
+
+ACCEPTED_IMAGES = ("uint8 (0-255) or float (0-1) images, channels first (3 x S x S, N x 3 x S x S: torch's order) or "
+                   "last (S x S x 3, N x S x S x 3: NumPy/PIL's), as a torch tensor or NumPy array; or image file paths")
+
+
+def check_images(images, image_size: int) -> torch.Tensor:
+    """What the Detector accepts as images -> uint8 N x 3 x S x S (S = image_size), as scikit-learn's check_array.
+
+    Accepted: ACCEPTED_IMAGES. Float images must be finite and in [0, 1] (scaled to 0-255); integer images in
+    0-255. File paths (a str/Path or a list of them) are decoded and resized exactly as training does; arrays are
+    not resized: another size than the run's is refused. ValueError saying what is wrong otherwise.
+    """
+    if _is_paths(images):
+        paths = [images] if isinstance(images, (str, Path)) else list(images)
+        return load_all([Sample(Path(path), 0, "") for path in paths], image_size, strict=True, cache_dir=None)[0]
+    if isinstance(images, np.ndarray):
+        if images.dtype == object or not (np.issubdtype(images.dtype, np.number) or images.dtype == bool):
+            raise ValueError(f"images must be numeric arrays, got dtype {images.dtype}; accepted: {ACCEPTED_IMAGES}")
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"images must be a torch tensor, a NumPy array or file paths, got {type(images).__name__}; "
+                         f"accepted: {ACCEPTED_IMAGES}")
+    given = tuple(images.shape)
+    if images.dim() in (3, 4) and images.shape[-1] == 3 and images.shape[-3] != 3:  # channels last: HWC, NHWC
+        # Contiguous: a channels-last memory layout picks other kernels, whose rounding differs in the last bits.
+        images = images.movedim(-1, -3).contiguous()
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images of shape {given} are not RGB images; accepted: {ACCEPTED_IMAGES}")
+    if tuple(images.shape[2:]) != (image_size, image_size):
+        raise ValueError(f"images are {images.shape[3]}x{images.shape[2]} pixels but this run takes {image_size}x"
+                         f"{image_size}: resize them as training did, or pass their file paths (decoded and resized "
+                         "exactly as in training)")
+    if images.dtype == torch.uint8:
+        return images
+    if images.dtype == torch.bool or images.is_complex():
+        raise ValueError(f"images must be uint8 (0-255) or float (0-1), got {images.dtype}")
+    if images.is_floating_point():
+        if not torch.isfinite(images).all():
+            raise ValueError("images contain NaN or infinite values")
+        low, high = images.min().item(), images.max().item()
+        if low < 0 or high > 1:
+            raise ValueError(f"float images must be in [0, 1] (they are scaled to 0-255), got values in [{low:g}, "
+                             f"{high:g}]; pass 0-255 images as uint8")
+        return (images * 255).round().to(torch.uint8)
+    low, high = images.min().item(), images.max().item()
+    if low < 0 or high > 255:
+        raise ValueError(f"integer images must be in 0-255, got values in [{low}, {high}]")
+    return images.to(torch.uint8)
+
+
+def _is_paths(images) -> bool:
+    """One image file path, or a non-empty list of them."""
+    return isinstance(images, (str, Path)) or (isinstance(images, (list, tuple)) and len(images) > 0
+                                                and all(isinstance(item, (str, Path)) for item in images))
+
+
+def _batches(images, image_size: int, batch_size: int = 16) -> Iterable[torch.Tensor]:
+    """Checked uint8 batches (see check_images) of one batch, file paths, or an iterable of batches."""
+    if isinstance(images, (torch.Tensor, np.ndarray)) or _is_paths(images) or not hasattr(images, "__iter__"):
+        return check_images(images, image_size).split(batch_size)  # not iterable: check_images says what is wrong
+    return (check_images(batch, image_size) for batch in images)
 
 
 def data_fingerprint(samples: Sequence[Sample], images: torch.Tensor, root=None) -> str:
@@ -108,7 +169,13 @@ class Detector:
         # How the one decision threshold was chosen; None until calibrated (see `calibrate`).
         self.calibration: dict | None = None
         self.training_info: dict = {}
+        # True after `fit` or `Detector.load`. Set it yourself only to time an untrained model (benchmarks/speed.py).
+        self.fitted = False
         self.eval()
+
+    def _require_fitted(self, action: str) -> None:
+        if not self.fitted:
+            raise NotFittedError(f"this Detector is not fitted yet: call fit(data) or Detector.load(run) before {action}")
 
     # -- training ---------------------------------------------------------------------------------------
     def fit(self, data: str | Path | Sequence[Sample], progress: bool = True, holdout: float = 0.0,
@@ -170,6 +237,7 @@ class Detector:
                                               progress)
         if session is not None and not keep_checkpoint:
             session.complete()
+        self.fitted = True
         self.eval()
         self.training_info = {
             "data": str(data) if isinstance(data, (str, Path)) else None,
@@ -228,17 +296,20 @@ class Detector:
 
     def _all_scores(self, images) -> tuple[np.ndarray, np.ndarray]:
         base, aligned = [], []
-        for batch in _batches(images):
+        for batch in _batches(images, self.settings.image_size):
             result = self.infer(batch)
             base.append(result.base_scores)
             aligned.append(result.aligned_scores)
+        if not base:
+            raise ValueError("no images given")
         return torch.cat(base).numpy(), torch.cat(aligned).numpy()
 
     def calibrate(self, normal_images, fpr: float = 0.01, source: str = "") -> dict:
-        """Choose the threshold from held-out normal images (uint8 tensors or batches) at a target false-positive rate.
+        """Choose the threshold from held-out normal images (as `predict` takes them) at a target false-positive rate.
 
         Never calibrate on test images: the point is an honest false-positive rate on new ones.
         """
+        self._require_fitted("calibrate")
         base, aligned = self._all_scores(normal_images)
         if fpr > 0 and fpr * len(aligned) < 1:
             warnings.warn(f"{len(aligned)} normal images cannot resolve a false-positive rate of {fpr}: the "
@@ -250,8 +321,14 @@ class Detector:
 
     def calibrate_f1(self, images, labels, source: str = "") -> dict:
         """Choose the F1-optimal threshold on a labelled validation set (not the test set)."""
+        self._require_fitted("calibrate_f1")
         base, aligned = self._all_scores(images)
-        labels = np.asarray(labels, dtype=bool)
+        labels = np.asarray(labels).ravel()
+        if len(labels) != len(aligned):
+            raise ValueError(f"{len(labels)} labels for {len(aligned)} images")
+        if not np.isin(labels, (0, 1)).all():
+            raise ValueError("labels must be 0 (normal) or 1 (anomalous)")
+        labels = labels.astype(bool)
         self.calibration = {"threshold": threshold_f1(aligned, labels), "base_threshold": threshold_f1(base, labels),
                             "how": "f1", "target_fpr": None, "n_normal": int((~labels).sum()),
                             "n_anomalous": int(labels.sum()), "source": source}
@@ -265,23 +342,29 @@ class Detector:
 
     @torch.inference_mode()
     def infer(self, images: torch.Tensor, class_names: list[str] | None = None) -> BatchResult:
-        """uint8 B x 3 x S x S (already resized) -> smoothed base maps, base scores and alignment statistics.
+        """One batch of images (see check_images) -> smoothed base maps, base scores and alignment statistics.
 
         `class_names` is read only by the class-aware reference aligner (CaDA-A); the detector itself never needs it.
         """
-        output = self.method(normalize(images))
+        self._require_fitted("infer")
+        output = self.method(normalize(check_images(images, self.settings.image_size)))
         maps = smooth(output.anomaly_map, self.settings.smoothing_sigma)
         u, gamma = self.aligner.stats(output.align_features, class_names)
         return BatchResult(maps, image_score(maps, self.settings.top_fraction), u, self.aligner.spread(u, gamma),
                            output.align_features)
 
-    def predict(self, images: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 16) -> Prediction:
-        """Aligned image scores and maps (and decisions, once a threshold is set) for uint8 images."""
+    def predict(self, images, batch_size: int = 16) -> Prediction:
+        """Aligned image scores and maps (and decisions, once a threshold is set) of `images`: one image or a batch
+        (uint8 0-255 or float 0-1, channels first or last, tensor or NumPy array, of the run's size), image file
+        paths (decoded and resized as in training), or an iterable of batches. See check_images."""
+        self._require_fitted("predict")
         scores, maps = [], []
-        for batch in _batches(images, batch_size):
+        for batch in _batches(images, self.settings.image_size, batch_size):
             result = self.infer(batch)
             scores.append(result.aligned_scores)
             maps.append(result.aligned_maps)
+        if not scores:
+            raise ValueError("no images given")
         score_tensor = torch.cat(scores)
         decisions = None if self.threshold is None else score_tensor >= self.threshold
         return Prediction(score_tensor, torch.cat(maps), decisions)
@@ -293,6 +376,7 @@ class Detector:
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write the run folder (weights + config.json) in one step; an existing run is replaced only with
         `overwrite`, and a folder that is neither a run nor empty never (see `cada.checkpoint`)."""
+        self._require_fitted("save")
         config = {
             "settings": self.settings.to_dict(),
             "calibration": self.calibration,
@@ -304,7 +388,15 @@ class Detector:
     @classmethod
     def load(cls, folder: str | Path) -> "Detector":
         config = checkpoint.read_config(folder)
-        detector = cls(Settings.from_dict(config["settings"]), pretrained=False)
+        where = Path(folder) / checkpoint.CONFIG_FILE
+        if "settings" not in config:
+            raise checkpoint.IncompatibleRunError(f"{where} has no settings")
+        try:
+            settings = Settings.from_dict(config["settings"])
+            calibration = check_calibration(config.get("calibration"))
+        except ValueError as error:
+            raise checkpoint.IncompatibleRunError(f"{where}: {error}") from None
+        detector = cls(settings, pretrained=False)
         detector.aligner.load_config_state(config.get("aligner_state", {}))
         state = checkpoint.load_weights(folder)
         try:
@@ -313,6 +405,7 @@ class Detector:
             raise checkpoint.IncompatibleRunError(
                 f"the weights in {folder} do not fit the model its config describes: {error}"
             ) from error
-        detector.calibration = config.get("calibration")
+        detector.calibration = calibration
         detector.training_info = config.get("training", {})
+        detector.fitted = True
         return detector.eval()

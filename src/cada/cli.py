@@ -30,11 +30,12 @@ def _settings_from_args(args):
     settings = preset(args.preset, args.method)  # each method has its own schedule (optimiser, iterations, size)
     settings.align = args.align
     settings.seed = args.seed
-    if args.backbone:
+    # `is not None`, not truthiness: 0 is a value to validate (and refuse), never "use the preset's".
+    if args.backbone is not None:
         settings.backbone = args.backbone
-    if args.image_size:
+    if args.image_size is not None:
         settings.image_size = args.image_size
-    if args.iters:
+    if args.iters is not None:
         settings.base.iters = args.iters
     if args.align_iters is not None:
         settings.aligner.iters = args.align_iters
@@ -394,7 +395,7 @@ def cmd_demo(args) -> int:
         print(f"demo: synthetic data ({data}), preset cpu, RevDist + CADA")
         settings = preset("cpu")
         settings.seed = args.seed
-        if args.iters:
+        if args.iters is not None:
             settings.base.iters = args.iters
         detector = train_and_save(settings, data, out / "run", progress=not args.quiet, overwrite=args.overwrite)
         results = evaluate_and_report(detector, data, out / "results.json", progress=not args.quiet)
@@ -474,14 +475,25 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
                         "on-disk cache of decoded images ($CADA_CACHE_DIR, default ~/.cache/cada)")
 
 
+def positive_int(text: str) -> int:
+    """argparse type of iteration counts: 0 would mean "no training", which is never what a user wants."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
     parser.add_argument("--method", choices=METHODS, default="revdist")
     parser.add_argument("--backbone", help="encoder name (default: the preset's)")
     parser.add_argument("--weights", help="local encoder weights file (.pth or .safetensors)")
     parser.add_argument("--image-size", type=int)
-    parser.add_argument("--iters", type=int, help="base training iterations (default: the preset's)")
-    parser.add_argument("--align-iters", type=int, help="aligner training iterations (default: the preset's)")
+    parser.add_argument("--iters", type=positive_int, help="base training iterations (default: the preset's)")
+    parser.add_argument("--align-iters", type=positive_int, help="aligner training iterations (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--overwrite", action="store_true",
@@ -496,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="train and evaluate RevDist + CADA on generated synthetic data")
     demo.add_argument("--out", default="cada-demo", help="folder for the run and results.json")
-    demo.add_argument("--iters", type=int, help="base training iterations (default: the cpu preset's)")
+    demo.add_argument("--iters", type=positive_int, help="base training iterations (default: the cpu preset's)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 
 METHODS = ("revdist", "recontrast", "uniad", "patchcore", "draem", "cfa")
@@ -122,19 +125,9 @@ class Settings:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Settings":
-        data = dict(data)
-        base = BaseTraining(**{**data.pop("base", {})})
-        base.betas = tuple(base.betas)
-        aligner = AlignTraining(**data.pop("aligner", {}))
-        # Absent from runs saved before these methods existed: their defaults.
-        patchcore = PatchCoreSettings(**data.pop("patchcore", {}))
-        draem = DraemOptions(**data.pop("draem", {}))
-        cfa = CfaOptions(**data.pop("cfa", {}))
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(base=base, aligner=aligner, patchcore=patchcore, draem=draem, cfa=cfa, **data)
+        """Settings from `to_dict`'s output (a run's config.json), validated. Blocks absent from runs saved before
+        they existed (e.g. `patchcore`) get their defaults; unknown names are refused, naming them."""
+        return _from_dict(cls, data, "").validate()
 
     def method_options(self) -> dict:
         """Constructor options of the chosen method beyond (backbone, image_size): its own architecture/loss."""
@@ -142,37 +135,147 @@ class Settings:
         return {} if own is None else dataclasses.asdict(own)
 
     def validate(self) -> "Settings":
+        """Check every field's type and range (see RANGES); ValueError naming the field otherwise."""
+        _check_fields(self, "")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.align not in ALIGNERS:
             raise ValueError(f"unknown aligner {self.align!r}; choose one of {', '.join(ALIGNERS)}")
-        if self.image_size < 64 or self.image_size % 32:
-            raise ValueError(f"image_size must be a multiple of 32 and at least 64, got {self.image_size}")
-        if not 0 <= self.top_fraction <= 1:
-            raise ValueError(f"top_fraction must be in [0, 1] (0 = max pixel), got {self.top_fraction}")
-        if self.aligner.convs not in (0, 1, 2) or self.aligner.linears not in (1, 2, 3):
-            raise ValueError("the aligner head has 0-2 convolutions and 1-3 linear layers")
-        if not 0 <= self.aligner.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.aligner.dropout}")
-        if self.base.iters < 1 or self.aligner.iters < 0:
-            raise ValueError("iteration counts must be positive")
-        patchcore = self.patchcore
-        if not 0 < patchcore.coreset_ratio <= 1:
-            raise ValueError(f"patchcore.coreset_ratio is a fraction in (0, 1], got {patchcore.coreset_ratio}")
-        if patchcore.projection_dim < 1 or patchcore.coreset_block < 1 or patchcore.neighbours < 1:
-            raise ValueError("patchcore.projection_dim, patchcore.coreset_block and patchcore.neighbours must be >= 1")
-        if not patchcore.search_gib > 0:
-            raise ValueError(f"patchcore.search_gib must be positive, got {patchcore.search_gib}")
-        drops = self.base.lr_drop_at
-        drops = [] if drops is None else drops if isinstance(drops, (list, tuple)) else [drops]
-        if not all(0 < fraction <= 1 for fraction in drops):
-            raise ValueError(f"lr_drop_at is a fraction of the iterations in (0, 1] (or a list of them), got "
-                             f"{self.base.lr_drop_at}")
-        if min(self.draem.reconstructive_width, self.draem.discriminative_width) < 1:
-            raise ValueError("DRAEM's sub-network widths must be positive")
-        if self.cfa.gamma_d < 1 or self.cfa.k < 1 or self.cfa.j < 0 or self.cfa.nu <= 0:
-            raise ValueError("CFA needs gamma_d >= 1, k >= 1, j >= 0 and nu > 0")
+        if self.image_size % 32:
+            raise ValueError(f"image_size must be a multiple of 32 in {RANGES['image_size']}, got {self.image_size}")
+        if self.align in TRAINED_ALIGNERS and self.aligner.iters < 1:
+            raise ValueError(f"aligner.iters must be at least 1: the {self.align} aligner is trained (only "
+                             f"align 'none' and 'class-aware' train nothing), got {self.aligner.iters}")
         return self
+
+
+# Aligners with weights to train: they need aligner.iters >= 1.
+TRAINED_ALIGNERS = ("cada", "cada-sigma", "classifier")
+
+# Allowed values of the numeric settings, by dotted name; "[" and "]" include the bound, "(" and ")" exclude it.
+# Upper bounds are far beyond any sensible run and keep a typo (image_size 100000, hidden 1e7) from exhausting
+# memory. A numeric field not listed here is only checked for its type and for being finite.
+RANGES = {
+    "image_size": "[64, 1024]",  # and a multiple of 32
+    "smoothing_sigma": "[0, 16]",  # 0: no smoothing
+    "top_fraction": "[0, 1]",  # 0: the max pixel
+    "seed": "[0, 4294967295]",
+    "feature_cache_gib": "[0, 1024]",
+    "base.iters": "[1, 10000000]",
+    "base.batch_size": "[1, 4096]",
+    "base.lr": "(0, 10]",
+    "base.betas": "[0, 1)",
+    "base.weight_decay": "[0, 10]",
+    "base.eps": "(0, 1]",
+    "base.encoder_lr": "[0, 10]",
+    "base.lr_drop_at": "(0, 1]",  # fractions of the iterations
+    "base.lr_drop": "(0, 1]",
+    "aligner.iters": "[0, 10000000]",  # >= 1 when the aligner is trained (see validate)
+    "aligner.batch_size": "[1, 4096]",
+    "aligner.lr": "(0, 10]",
+    "aligner.momentum": "[0, 1)",
+    "aligner.weight_decay": "[0, 10]",
+    "aligner.dropout": "[0, 1)",
+    "aligner.hidden": "[1, 4096]",
+    "aligner.convs": "[0, 2]",
+    "aligner.linears": "[1, 3]",
+    "aligner.smooth_l1_alpha": "(0, 1000000]",
+    "patchcore.coreset_ratio": "(0, 1]",
+    "patchcore.projection_dim": "[1, 4096]",
+    "patchcore.coreset_block": "[1, 16777216]",
+    "patchcore.search_gib": "(0, 1024]",
+    "patchcore.neighbours": "[1, 1000]",
+    "draem.reconstructive_width": "[1, 1024]",
+    "draem.discriminative_width": "[1, 1024]",
+    "cfa.gamma_d": "[1, 64]",
+    "cfa.k": "[1, 1000]",
+    "cfa.j": "[0, 1000]",
+    "cfa.nu": "(0, 1]",
+    "cfa.alpha": "[0, 1000000]",
+    "cfa.radius": "[0, 1000000]",
+}
+
+
+def _in_range(value: float, interval: str) -> bool:
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return above and below
+
+
+def _is(value, kind) -> bool:
+    """Whether `value` has the annotated type `kind` (int, float, bool, str, None, tuple[...], list[...], unions).
+    Numbers must be finite; a bool is not a number and an int is a float, as in JSON."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return any(_is(value, option) for option in typing.get_args(kind))
+    if kind is type(None):
+        return value is None
+    if kind is bool or kind is str:
+        return isinstance(value, kind)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    items = typing.get_args(kind)
+    if typing.get_origin(kind) is tuple:
+        return isinstance(value, (tuple, list)) and len(value) == len(items) and all(map(_is, value, items))
+    if typing.get_origin(kind) is list:
+        return isinstance(value, (tuple, list)) and all(_is(item, items[0]) for item in value)
+    raise TypeError(f"no check for settings of type {kind}")  # a new kind of field: teach _is about it
+
+
+def _describe(kind) -> str:
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(kind))
+    items = typing.get_args(kind)
+    if typing.get_origin(kind) is tuple:
+        return f"a list of {len(items)} finite numbers"
+    if typing.get_origin(kind) is list:
+        return "a list of finite numbers"
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+            type(None): "None"}[kind]
+
+
+def _numbers(value) -> list:
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [] if value is None or isinstance(value, (bool, str)) else [value]
+
+
+def _check_fields(block, prefix: str) -> None:
+    """Type (from the annotation) and range (from RANGES) of every field of a settings dataclass, recursively."""
+    kinds = typing.get_type_hints(type(block))
+    for item in dataclasses.fields(block):
+        name, value, kind = prefix + item.name, getattr(block, item.name), kinds[item.name]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, kind):
+                raise ValueError(f"{name} must be a {kind.__name__} block, got {value!r}")
+            _check_fields(value, name + ".")
+            continue
+        interval = RANGES.get(name)
+        if not _is(value, kind) or (interval and not all(_in_range(number, interval) for number in _numbers(value))):
+            raise ValueError(f"{name} must be {_describe(kind)}{f' in {interval}' if interval else ''}, got {value!r}")
+
+
+def _from_dict(cls, data, prefix: str):
+    """A settings dataclass from a dict, nested blocks included; JSON lists become the tuples the fields hold."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'settings'} must be a mapping of names to values, got {data!r}")
+    known = {item.name: item for item in dataclasses.fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        names = sorted(prefix + name for name in unknown)
+        raise ValueError(f"unknown settings {names}; known: {sorted(prefix + name for name in known)}")
+    kinds = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        kind = kinds[name]
+        if dataclasses.is_dataclass(kind):
+            value = _from_dict(kind, value, prefix + name + ".")
+        elif typing.get_origin(kind) is tuple and isinstance(value, list):
+            value = tuple(value)
+        values[name] = value
+    return cls(**values)
 
 
 def preset(name: str, method: str = "revdist") -> Settings:

@@ -18,6 +18,7 @@ from torch import nn
 from cada.data.dataset import IMAGENET_MEAN, IMAGENET_STD, normalize
 from cada.files import atomic_write
 from cada.scoring import align, image_score, smooth
+from cada.threshold import check_threshold
 
 OPSET = 17
 
@@ -96,4 +97,9 @@ def onnx_scorer(onnx_path: str | Path):
         scores, maps = session.run(None, {"image": np.ascontiguousarray(images.numpy())})
         return torch.from_numpy(scores), torch.from_numpy(maps)
 
+    if threshold is not None:
+        try:
+            check_threshold(threshold)
+        except ValueError as error:
+            raise ValueError(f"{sidecar_file}: {error}") from None
     return score, image_size, threshold, {"model": str(onnx_path)}

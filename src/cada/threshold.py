@@ -3,6 +3,12 @@
 Decision rule everywhere: an image is anomalous when its score >= threshold (as in precision-recall curves).
 Thresholds are chosen on held-out normal images (a target false-positive rate) or on a labelled validation
 set (F1-optimal), never on the test set.
+
+Margin rule: a threshold never sits on or next to a calibration score, where another backend's rounding (ONNX
+differs from PyTorch by ~1e-6) would flip that image's decision. It sits in the middle of the gap between the
+highest score that must stay normal and the next higher score; when no score is higher, MARGIN x the spread of
+the scores above the highest one (or MARGIN x max(|highest|, 1) when all scores are equal). Scores closer
+together than the backends' rounding cannot be told apart by any threshold.
 """
 
 from __future__ import annotations
@@ -13,29 +19,73 @@ import numpy as np
 
 from cada.metrics import f1_max
 
+MARGIN = 0.05  # of the score spread, above the highest score when every calibration image must stay normal
 
-def threshold_at_fpr(normal_scores, fpr: float) -> float:
-    """The lowest threshold at which at most `fpr` of these normal images are flagged.
 
-    With n images, at most floor(fpr * n) may score >= threshold; the threshold sits just above the next one.
-    """
-    # Keep the scores' own precision: a float64 "just above" a float32 score rounds back onto it.
-    scores = np.sort(np.asarray(normal_scores).ravel())[::-1]
+def _above(scores: np.ndarray, highest_normal: float) -> float:
+    """The threshold above `highest_normal` by the margin rule (see the module docstring), in the scores' precision."""
+    higher = scores[scores > highest_normal]
+    if higher.size:
+        threshold = (float(highest_normal) + float(higher.min())) / 2
+    else:
+        spread = float(highest_normal - scores.min())
+        threshold = float(highest_normal) + MARGIN * (spread if spread > 0 else max(abs(float(highest_normal)), 1.0))
+    # Decisions compare in the scores' own precision (float32 from the models): never round back onto the score.
+    own = scores.dtype.type
+    return float(max(own(threshold), np.nextafter(own(highest_normal), own(np.inf))))
+
+
+def _checked(scores) -> np.ndarray:
+    scores = np.asarray(scores).ravel()
     if scores.size == 0:
-        raise ValueError("calibration needs at least one normal image")
+        raise ValueError("calibration needs at least one image")
+    scores = scores if np.issubdtype(scores.dtype, np.floating) else scores.astype(np.float64)
     if not np.isfinite(scores).all():
         raise ValueError("calibration scores contain NaN or infinite values")
+    return scores
+
+
+def threshold_at_fpr(normal_scores, fpr: float) -> float:
+    """The lowest threshold (by the margin rule) at which at most `fpr` of these normal images are flagged.
+
+    With n images, at most floor(fpr * n) may score >= threshold; the threshold sits above the next one.
+    """
     if not 0 <= fpr < 1:
         raise ValueError(f"the target false-positive rate must be in [0, 1), got {fpr}")
+    scores = _checked(normal_scores)
     allowed = math.floor(fpr * scores.size + 1e-9)
-    if allowed >= scores.size:
-        return float(scores[-1])
-    return float(np.nextafter(scores[allowed], np.array(np.inf, scores.dtype)))
+    return _above(scores, np.sort(scores)[::-1][allowed])
 
 
 def threshold_f1(scores, labels) -> float:
-    """The threshold that maximises F1 on labelled validation images."""
-    return float(f1_max(scores, labels)[1])
+    """The threshold that maximises F1 on labelled validation images, placed by the margin rule."""
+    scores = _checked(scores)
+    lowest_flagged = f1_max(scores, labels)[1]
+    below = scores[scores < lowest_flagged]
+    if below.size:
+        return _above(scores, below.max())
+    # Every image is flagged: as far below the lowest score as the margin rule puts a threshold above the highest.
+    spread = scores.max() - lowest_flagged
+    return float(lowest_flagged - MARGIN * (spread if spread > 0 else max(abs(lowest_flagged), 1.0)))
+
+
+def check_calibration(calibration: dict | None) -> dict | None:
+    """A stored calibration (a run's config.json, an ONNX sidecar) as it is, or ValueError: a NaN threshold would
+    call every image normal, silently."""
+    if calibration is None:
+        return None
+    if not isinstance(calibration, dict):
+        raise ValueError(f"calibration must be a mapping or null, got {calibration!r}")
+    for key in ("threshold", "base_threshold"):
+        check_threshold(calibration.get(key), f"calibration.{key}")
+    return calibration
+
+
+def check_threshold(value, name: str = "threshold") -> float:
+    """`value` if it is a finite number, else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}: calibrate the run again (cada calibrate)")
+    return value
 
 
 def decision_metrics(scores, labels, threshold: float) -> dict:

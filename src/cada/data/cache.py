@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 # Bump when decoding, resizing or the entry format changes, so that no old entry is reused.
-LOADER_VERSION = 1
+LOADER_VERSION = 2  # 2: NaN/inf float pixels and 32-bit values beyond 0-65535 are refused, not cached as decoded
 ENV_VAR = "CADA_CACHE_DIR"
 _CHUNK = 1 << 20
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -17,6 +19,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Masks whose aspect ratio differs from their image's by more than this are not the image's mask.
 _ASPECT_TOLERANCE = 0.02
+# Files whose header claims more pixels than this are refused before decoding (a decompression bomb: a few KB
+# that would decode to gigabytes). Raise it for genuine larger images with the environment variable below.
+MAX_IMAGE_PIXELS = 100_000_000
+MAX_PIXELS_VARIABLE = "CADA_MAX_IMAGE_PIXELS"
 
 
 class BadImageError(ValueError):
@@ -24,9 +30,15 @@ class BadImageError(ValueError):
 
 
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
-    """RGB uint8 from any PIL mode: 16-bit and 32-bit grey are scaled, alpha and palettes are resolved."""
+    """RGB uint8 from any PIL mode: 16-bit and 32-bit grey are scaled, alpha and palettes are resolved.
+
+    ValueError for 32-bit integer pixels outside 0-65535: clipping them would silently saturate the image.
+    """
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         grey = np.asarray(image, dtype=np.float64)
+        if grey.min() < 0 or grey.max() > 65535:
+            raise ValueError(f"its 32-bit pixel values span {grey.min():.0f} to {grey.max():.0f}, outside 0-65535, "
+                             "so they have no fixed scale to 8 bits (save it with 8 or 16 bits per channel)")
         top = 65535.0 if image.mode.startswith("I;16") or grey.max() > 255 else 255.0
         grey = np.clip(grey / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
@@ -40,12 +52,55 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """Open an image fully (so truncated files fail here) and apply its EXIF orientation."""
+def max_image_pixels() -> int:
+    """The pixel limit: MAX_IMAGE_PIXELS, or $CADA_MAX_IMAGE_PIXELS when set."""
+    text = os.environ.get(MAX_PIXELS_VARIABLE, "").strip()
+    if not text:
+        return MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as image:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ValueError(f"{MAX_PIXELS_VARIABLE} must be a positive whole number of pixels, got {text!r}")
+    return limit
+
+
+@contextmanager
+def _pixel_limit(path: str | Path, limit: int):
+    """PIL's decompression-bomb check at cada's limit, as a BadImageError naming the file.
+
+    PIL only warns between its limit and twice it, so its warning is made an error, and its limit is cada's while
+    cada opens the file (restored after: a program using cada keeps its own PIL setting).
+    """
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImageError(f"cannot read image {path}: its header claims more than cada's limit of {limit:,} pixels, "
+                            f"so it is not decoded (a decompression bomb?); for genuine larger images set "
+                            f"{MAX_PIXELS_VARIABLE}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Open an image fully (so truncated files fail here) and apply its EXIF orientation.
+
+    Refused with a BadImageError naming the file: unreadable or truncated files, files over the pixel limit
+    (max_image_pixels), and float images with NaN or infinite pixels (there is no honest way to show them).
+    """
+    limit = max_image_pixels()
+    try:
+        with _pixel_limit(path, limit), Image.open(path) as image:
             image.load()
+            if image.mode == "F" and not np.isfinite(np.asarray(image)).all():
+                raise BadImageError(f"cannot read image {path}: it has NaN or infinite pixel values")
             return ImageOps.exif_transpose(image)
+    except BadImageError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise BadImageError(f"cannot read image {path}: {error}") from error
 
@@ -54,7 +109,10 @@ def load_image(path: str | Path, size: int) -> tuple[torch.Tensor, tuple[int, in
     """uint8 tensor 3 x size x size (bilinear resize) and the original (width, height)."""
     image = read_image(path)
     original_size = image.size
-    rgb = Image.fromarray(_to_rgb_array(image)).resize((size, size), Image.BILINEAR)
+    try:
+        rgb = Image.fromarray(_to_rgb_array(image)).resize((size, size), Image.BILINEAR)
+    except ValueError as error:
+        raise BadImageError(f"cannot read image {path}: {error}") from None
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous(), original_size
 
 
@@ -82,9 +140,15 @@ def _binary(mask: Image.Image) -> np.ndarray:
 
 def image_size_of(path: str | Path) -> tuple[int, int]:
     """(width, height) as read_image would give it (EXIF rotation included), from the header alone."""
-    with Image.open(path) as image:
-        width, height = image.size
-        rotated = image.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the axes
+    limit = max_image_pixels()
+    try:
+        with _pixel_limit(path, limit), Image.open(path) as image:
+            width, height = image.size
+            rotated = image.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the axes
+    except BadImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise BadImageError(f"cannot read image {path}: {error}") from error
     return (height, width) if rotated else (width, height)
 
 
@@ -176,6 +240,7 @@ def iterate_batches(
     A file that cannot be read is reported with its path and skipped, unless `strict`. Decoded images are
     cached on disk under `cache_dir` ('auto': the default folder; None: no cache).
     """
+    max_image_pixels()  # a bad $CADA_MAX_IMAGE_PIXELS is one error here, not a skipped file per image
     loader = torch.utils.data.DataLoader(
         ImageSet(samples, size, cache_dir), batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=_collate,

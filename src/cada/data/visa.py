@@ -1,6 +1,6 @@
 """The VisA layout with its official one-class split file.
 
-ROOT/split_csv/1cls.csv (columns object, split, label, image, mask; paths relative to ROOT),
+ROOT/split_csv/1cls.csv (columns object, split, label, image, mask; paths relative to ROOT, never leaving it),
 ROOT/<object>/Data/Images/{Normal,Anomaly}/*.JPG, ROOT/<object>/Data/Masks/Anomaly/*.png.
 Mask pixels hold region numbers, not 0/255: any non-zero pixel is anomalous (load_mask reads them so).
 
@@ -73,6 +73,11 @@ def visa_samples(root: str | Path, split: str, classes: list[str] | None = None,
         label = LABELS.get(row["label"].lower())
         if label is None:
             raise ValueError(f"{split_file} line {line}: label {row['label']!r} is neither 'normal' nor 'anomaly'")
+        for column in ("image", "mask"):
+            listed_path = Path(row[column])
+            if listed_path.is_absolute() or ".." in listed_path.parts:
+                raise ValueError(f"{split_file} line {line}: {column} path {row[column]!r} leaves the data folder "
+                                 f"{root}; the split file must name paths inside it")
         mask = root / row["mask"] if row["mask"] and label else None
         # A listed mask that is not on disk counts as missing: image metrics still use the image.
         mask = mask if mask is not None and mask.is_file() else None
