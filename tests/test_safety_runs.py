@@ -280,6 +280,32 @@ def test_11_bad_output_places_and_a_garbage_onnx_get_one_line_before_any_work(
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
+def test_1_earlier_outputs_of_evaluate_and_export_are_replaced_only_with_overwrite(
+        trained_run, tiny_data, tmp_path, monkeypatch, capsys):
+    import cada.evaluate
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("the evaluation ran before the output was checked")
+
+    monkeypatch.setattr(cada.evaluate, "collect", no_evaluation)
+    results, plots, model = tmp_path / "results.json", tmp_path / "plots", tmp_path / "model.onnx"
+    results.write_text("earlier results")
+    plots.mkdir()
+    (plots / "score_distributions.png").write_bytes(b"earlier figure")
+    model.write_bytes(b"earlier model")
+    evaluate = ["evaluate", str(trained_run), "--data", str(tiny_data), "--quiet"]
+    assert main([*evaluate, "--json", str(results)]) == 2
+    message = _one_line(capsys)
+    assert "exists" in message and "--overwrite" in message
+    assert main([*evaluate, "--plots", str(plots)]) == 2
+    assert "is not empty" in _one_line(capsys)
+    assert main(["export", str(trained_run), "--out", str(model)]) == 2
+    assert "exists" in _one_line(capsys)
+    assert results.read_text() == "earlier results" and model.read_bytes() == b"earlier model"
+    with pytest.raises(AssertionError, match="before the output was checked"):  # accepted: the evaluation starts
+        main([*evaluate, "--json", str(results), "--plots", str(plots), "--overwrite"])
+
+
 def _unwritable_system_folder() -> Path:
     for candidate in ("/sys", "/proc/self"):
         try:

@@ -291,8 +291,8 @@ def cmd_export(args) -> int:
     except ImportError:
         raise ValueError('ONNX export needs the onnx package: pip install -e ".[export]"') from None
     protected = run_files(args.run)
-    check_output(args.out, "--out", "file", protected=protected)
-    check_output(sidecar_path(args.out), "--out's sidecar", "file", protected=protected)
+    check_output(args.out, "--out", "file", protected=protected, overwrite=args.overwrite)
+    check_output(sidecar_path(args.out), "--out's sidecar", "file", protected=protected, overwrite=args.overwrite)
     out = export_onnx(Detector.load(args.run), args.out)
     print(f"wrote {out} and {sidecar_path(out)}")
     return 0
@@ -364,7 +364,7 @@ def cmd_evaluate(args) -> int:
     for option, value, kind in (("--json", args.json, "file"), ("--plots", args.plots, "folder"),
                                 ("--report", args.report, "folder")):
         if value:
-            check_output(value, option, kind, inputs=inputs, protected=run_files(args.run))
+            check_output(value, option, kind, inputs=inputs, protected=run_files(args.run), overwrite=args.overwrite)
     detector = Detector.load(args.run)
     if args.format == "folder":
         if not (args.normal and args.anomalous):
@@ -410,9 +410,7 @@ def cmd_ablate(args) -> int:
     from cada.ablation import Ablation, format_rows, noisy_split, table_3, table_4, table_5
     from cada.api import Detector
     out = Path(args.out)
-    check_output(out / "ablation.json", "--out", "file", inputs=[args.data])
-    if (out / "ablation.json").exists() and not args.overwrite:
-        raise ValueError(f"{printable(out / 'ablation.json')} exists: choose another --out, or add --overwrite")
+    check_output(out / "ablation.json", "--out", "file", inputs=[args.data], overwrite=args.overwrite)
     train_samples = _samples(args.data, "train", args.format)
     test_samples = _samples(args.data, "test", args.format, quiet=True)
     settings = _settings_from_args(args)
@@ -569,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run", help="run folder")
     export.add_argument("--format", choices=("onnx",), default="onnx")
     export.add_argument("--out", required=True, help="the .onnx file to write (threshold and preprocessing: .json beside it)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its .json)")
     export.set_defaults(func=cmd_export)
 
     ablate = commands.add_parser("ablate", help="the paper's Tables 3-5: train the base once, then every aligner")
@@ -594,6 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--pixel-resolution", choices=("model", "original"), default="model",
                           help="compare maps and masks at the model's input size (default) or at each mask's own "
                                "size, maps upsampled bilinearly (exact; 4 bytes per normal pixel of memory)")
+    evaluate.add_argument("--overwrite", action="store_true",
+                          help="replace an existing --json file and non-empty --plots/--report folders")
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
     return parser

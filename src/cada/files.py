@@ -84,12 +84,13 @@ def _writable(folder: Path, option: str, target: Path) -> None:
 
 
 def check_output(path: str | Path, option: str, kind: str = "file", inputs: Iterable[str | Path] = (),
-                 protected: Iterable[str | Path] = ()) -> Path:
+                 protected: Iterable[str | Path] = (), overwrite: bool = True) -> Path:
     """Refuse, before any work, an output path that cada could not write or that would overwrite what it reads.
 
     `kind` is "file" or "folder"; `inputs` are the paths the command reads (data folders, image files): an
     output may not be one, lie inside one, or (a folder) contain one. `protected` are files that must not be
-    written over (a run's weights and settings): an output may not be one or (a folder) contain one.
+    written over (a run's weights and settings): an output may not be one or (a folder) contain one. Without
+    `overwrite`, an existing file (or a non-empty folder) is a user's earlier output and is refused too.
     """
     path = Path(path)
     resolved = path.resolve()
@@ -97,6 +98,9 @@ def check_output(path: str | Path, option: str, kind: str = "file", inputs: Iter
         raise ValueError(f"{option} {printable(path)} is a folder: give a file name")
     if kind == "folder" and path.exists() and not path.is_dir():
         raise ValueError(f"{option} {printable(path)} is a file: give a folder")
+    if not overwrite and (path.is_file() or (path.is_dir() and any(path.iterdir()))):
+        raise ValueError(f"{option} {printable(path)} {'exists' if kind == 'file' else 'is not empty'}: choose "
+                         "another place, or add --overwrite to replace it")
     for source in inputs:
         source = Path(source).resolve()
         if _inside(resolved, source) or (kind == "folder" and _inside(source, resolved)):
