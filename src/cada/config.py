@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 METHODS = ("revdist", "recontrast", "uniad", "patchcore", "draem", "cfa")
-ALIGNERS = ("none", "cada", "cada-sigma", "class-aware", "classifier")
+ALIGNERS = ("none", "cada", "cada-sigma", "cada-score", "class-aware", "classifier", "knn")
 
 
 @dataclass
@@ -57,6 +57,8 @@ class AlignTraining:
     # Smooth-L1 threshold; None means "the base method's own scale" (0.1 RevDist, 10 UniAD).
     smooth_l1_alpha: float | None = None
     scale_lr: bool = False  # as BaseTraining.scale_lr
+    # knn aligner: how many nearest training images give an image's normal score statistics.
+    neighbours: int = 10
 
 
 @dataclass
@@ -152,6 +154,8 @@ class Settings:
             raise ValueError(f"top_fraction must be in [0, 1] (0 = max pixel), got {self.top_fraction}")
         if self.aligner.convs not in (0, 1, 2) or self.aligner.linears not in (1, 2, 3):
             raise ValueError("the aligner head has 0-2 convolutions and 1-3 linear layers")
+        if self.aligner.neighbours < 2:
+            raise ValueError(f"aligner.neighbours must be at least 2 (a mean and a spread), got {self.aligner.neighbours}")
         if not 0 <= self.aligner.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.aligner.dropout}")
         if self.base.iters < 1 or self.aligner.iters < 0:
