@@ -77,7 +77,8 @@ def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: 
                         report_dir: Path | None = None, pixel_resolution: str = "model") -> dict:
     """Evaluate on the test split of `data` (or on `samples`), print the tables, write JSON and plots."""
     from cada.data.duplicates import warn_duplicates
-    from cada.evaluate import collect, format_decisions, format_per_class, format_table, results_table
+    from cada.evaluate import (collect, format_decisions, format_per_class, format_per_product, format_table,
+                               results_table)
     from cada.methods.training import is_main, world_size
 
     if report_dir and world_size() > 1:
@@ -95,7 +96,8 @@ def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: 
     started = time.perf_counter()
     outputs = collect(detector, samples, progress=progress, cache_dir=cache_dir, pixel_resolution=pixel_resolution)
     aligners = ("none",) if detector.settings.align == "none" else ("none", detector.settings.align)
-    results = results_table(outputs, detector.settings.method, aligners, detector.thresholds)
+    results = results_table(outputs, detector.settings.method, aligners, detector.thresholds,
+                            detector.training_info.get("class_score_stats"))
     results["meta"] = {
         "data": str(data),
         "n_test_images": len(outputs.samples),
@@ -114,6 +116,8 @@ def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: 
     if detector.calibration:
         print(f"at the stored threshold ({detector.calibration['how']}, {detector.calibration['source']}):")
         print(format_decisions(results))
+    print("per product, at one pooled threshold (oracle: each product's training z-score, class names known):")
+    print(format_per_product(results))
     figure = None
     if plots_dir or report_dir:
         from cada.report.plots import score_distributions
