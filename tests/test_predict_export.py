@@ -87,3 +87,41 @@ def test_evaluate_reports_decisions_at_the_stored_threshold(calibrated_run, tiny
             assert key in row
         assert row["class_fpr_min"] <= row["class_fpr_max"]
     assert "fpr" in results["per_class"]["cada"]["weave"]
+
+
+def test_evaluate_shows_the_oracle_and_each_product_at_one_threshold(calibrated_run, tiny_data, tmp_path, capsys):
+    assert main(["evaluate", str(calibrated_run), "--data", str(tiny_data), "--json", str(tmp_path / "r.json"),
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "r.json").read_text())
+    oracle = {row["protocol"]: row for row in results["oracle"]}
+    base = {row["protocol"]: row for row in results["rows"] if row["align"] == "none"}
+    # A per-product affine map keeps each product's ranking: model-unified I-AUROC is the base's, the ceiling.
+    assert oracle["model-unified"]["i_auroc"] == pytest.approx(base["model-unified"]["i_auroc"])
+    assert oracle["absolute-unified"]["p_auroc"] is None  # image metrics only
+    assert set(results["per_product"]) == {"none", "cada", "oracle"}
+    config = json.loads((calibrated_run / "config.json").read_text())
+    assert results["per_product"]["cada"]["threshold"] == config["calibration"]["threshold"]
+    assert results["per_product"]["oracle"]["threshold_source"] == "1% FPR on test normals"
+    for product in ("weave", "marble", "washer", "circuit"):
+        values = results["per_product"]["cada"]["products"][product]
+        assert values["fpr"] == results["per_class"]["cada"][product]["fpr"]  # the same decisions as per_class
+        assert values["recall"] == results["per_class"]["cada"][product]["recall"]
+        assert values["median_normal_score"] is not None
+        assert f"    {product:<16} median normal" in printed
+    assert "oracle" in printed
+
+
+def test_knn_run_reports_and_flags_unfamiliar_images(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), "--image-size", "64", "--iters", "3",
+                 "--align", "knn", "--quiet"]) == 0
+    out = tmp_path / "out"
+    assert main(["predict", str(run), str(tiny_data / "washer" / "test"), "--out", str(out), "--quiet"]) == 0
+    with open(out / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert set(rows[0]) == {"path", "score", "anomalous", "nearest_distance", "unfamiliar"}
+    report = json.loads((out / "predictions.json").read_text())
+    reference = report["unfamiliar_reference_distance"]
+    assert reference > 0 and report["n_unfamiliar"] == sum(int(r["unfamiliar"]) for r in rows)
+    assert all(int(r["unfamiliar"]) == (float(r["nearest_distance"]) > reference) for r in rows)

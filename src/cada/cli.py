@@ -272,6 +272,8 @@ def cmd_predict(args) -> int:
         detector = Detector.load(target)
         scorer, image_size, threshold = detector_scorer(detector), detector.settings.image_size, detector.threshold
         description = {"run": str(target)}
+        if detector.aligner.nearest_distance is not None and hasattr(detector.aligner, "reference_distance"):
+            description["unfamiliar_reference_distance"] = float(detector.aligner.reference_distance)
     if threshold is None and is_main():
         print("note: the run has no threshold yet (cada calibrate); scores only, no decisions", file=sys.stderr)
     summary = predict_paths(scorer, image_size, threshold, args.paths, args.out, args.overlays, args.masks,
@@ -280,6 +282,9 @@ def cmd_predict(args) -> int:
         return 0
     for message in summary["skipped"]:
         print(f"skipped: {message}", file=sys.stderr)
+    if summary.get("n_unfamiliar"):
+        print(f"{summary['n_unfamiliar']} images lie beyond every training image (column unfamiliar): likely a "
+              "product the run was not trained on, whose scores mean little", file=sys.stderr)
     print(f"{summary['n_images']} images, {summary['n_anomalous']} anomalous, {len(summary['skipped'])} skipped; "
           f"{summary['images_per_second']} images/s; wrote {Path(args.out) / 'predictions.csv'}")
     return 0

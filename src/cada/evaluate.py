@@ -342,7 +342,7 @@ def results_table(outputs: EvalOutputs, method: str, aligners: tuple[str, ...],
     aligner.
 
     With `thresholds` ({align name: threshold}) rows and classes also get the decision metrics at it. With
-    `class_score_stats` (the run's per-class training score statistics) the rows also hold the class-aware
+    `class_score_stats` (the run's per-class training score statistics), "oracle" holds the rows of the class-aware
     ORACLE (image metrics only), the ceiling of any alignment of this base. "per_product" gives each product's
     median aligned normal score and its FPR and recall at one pooled threshold (see `per_product_decisions`).
     """
@@ -368,14 +368,15 @@ def results_table(outputs: EvalOutputs, method: str, aligners: tuple[str, ...],
         for protocol, metrics in zip(PROTOCOLS, (pooled, averaged)):
             rows.append({"method": method, "align": align_name, "protocol": protocol, **metrics})
     scores = {name: image_scores(outputs, everything, name != "none") for name in aligners}
+    results = {"rows": rows, "per_class": per_class}
     oracle = oracle_scores(outputs, class_score_stats)
     if oracle is not None:
         scores[ORACLE] = oracle
-        for protocol, metrics in zip(PROTOCOLS, image_only_metrics(oracle, outputs.labels, class_names)):
-            rows.append({"method": method, "align": ORACLE, "protocol": protocol, **metrics})
-    per_product = {name: per_product_decisions(values, outputs.labels, class_names, (thresholds or {}).get(name))
-                   for name, values in scores.items()}
-    return {"rows": rows, "per_class": per_class, "per_product": per_product}
+        results["oracle"] = [{"method": method, "align": ORACLE, "protocol": protocol, **metrics} for protocol, metrics
+                             in zip(PROTOCOLS, image_only_metrics(oracle, outputs.labels, class_names))]
+    results["per_product"] = {name: per_product_decisions(values, outputs.labels, class_names,
+                                                          (thresholds or {}).get(name)) for name, values in scores.items()}
+    return results
 
 
 def oracle_scores(outputs: EvalOutputs, class_score_stats: dict | None) -> np.ndarray | None:
@@ -430,11 +431,11 @@ def format_per_product(results: dict) -> str:
 
 
 def format_table(results: dict) -> str:
-    """The rows as an aligned text table, metrics in percent."""
+    """The rows (and the oracle's, when present) as an aligned text table, metrics in percent."""
     header = ["method", "align", "protocol", *HEADERS]
     lines = [[row["method"], row["align"], row["protocol"]] + [
         "-" if row.get(key) is None or math.isnan(row[key]) else f"{100 * row[key]:.1f}" for key in METRICS
-    ] for row in results["rows"]]
+    ] for row in results["rows"] + results.get("oracle", [])]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines)]
     render = lambda cells: "  ".join(  # noqa: E731 - a one-line formatter
         str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))

@@ -47,7 +47,7 @@ def _results_table(results: dict) -> str:
     extra = ["FPR at threshold", "recall", "F1", "per-class FPR"] if has_decisions else []
     head = "".join(f"<th>{h}</th>" for h in ["align", "protocol", *HEADERS, *extra])
     body = []
-    for row in results["rows"]:
+    for row in results["rows"] + results.get("oracle", []):
         cells = [row["align"], row["protocol"], *(_percent(row.get(k)) for k in METRICS)]
         if has_decisions:
             cells += [_percent(row.get("fpr")), _percent(row.get("recall")), _percent(row.get("f1")),
