@@ -55,7 +55,8 @@ class KNNAligner(Aligner):
             indices.append(nearest.indices)
         return torch.cat(distances), torch.cat(indices)
 
-    def _normal_statistics(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def normal_statistics(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the image scores of the training images at `indices` (B x k)."""
         scores = self.train_scores[indices]
         std = scores.std(dim=1) if scores.shape[1] > 1 else torch.zeros_like(scores[:, 0])
         return scores.mean(dim=1), std
@@ -72,13 +73,13 @@ class KNNAligner(Aligner):
         self.reference_distance.fill_(float(distances[:, 0].quantile(REFERENCE_QUANTILE)))
         # A neighbourhood of near-identical scores must not blow a tiny difference up: the spread is kept above
         # a tenth of the typical leave-one-out spread of the training images.
-        _, std = self._normal_statistics(indices)
+        _, std = self.normal_statistics(indices)
         self.min_spread.fill_(max(0.1 * ZSCORE_WIDTH * float(std.median()), 1e-6))
         return []
 
     def stats(self, features, class_names=None):
         _, indices = self.neighbours_of(self.descriptor(features))
-        return zscore_alignment(*self._normal_statistics(indices))
+        return zscore_alignment(*self.normal_statistics(indices))
 
     def nearest_distance(self, features: torch.Tensor) -> torch.Tensor:
         distances, _ = self.neighbours_of(self.descriptor(features))
