@@ -213,3 +213,10 @@ def test_image_score_targets_put_normals_at_one_level_whatever_the_spikiness():
         medians[aligner.name] = [aligned[labels == c].median().item() for c in range(2)]
     assert abs(medians["cada"][0] - medians["cada"][1]) > 0.3  # the max puts the two products apart
     assert medians["cada-score"] == pytest.approx([1.0, 1.0], abs=0.1)
+
+
+def test_knn_needs_two_neighbours_to_estimate_a_spread():
+    from cada.config import Settings
+
+    with pytest.raises(ValueError, match="neighbours must be at least 2"):
+        Settings(aligner=AlignTraining(neighbours=1)).validate()

@@ -440,8 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hold out this fraction of each class's training images to calibrate the threshold")
     train.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate for --holdout calibration")
     train.add_argument("--align", choices=ALIGNERS, default="cada",
-                       help="cada: (u, gamma) regressor; cada-sigma: (u, sigma); class-aware: CaDA-A, needs class "
-                            "names at test (a reference); classifier: CaDA-B; none: the base alone")
+                       help="cada: the paper's (u, gamma) regressor; cada-sigma: (u, sigma); cada-score: gamma = the "
+                            "image score; cada-knn: regressor on neighbour-smoothed z-score targets; knn: the k nearest "
+                            "training images give the z-score (and flag unfamiliar products); class-aware: CaDA-A, "
+                            "needs class names at test (a reference); classifier: CaDA-B; none: the base alone")
     train.add_argument("--checkpoint-every", type=int, default=200, metavar="K",
                        help="write a checkpoint to OUT/resume every K training steps (0: only when interrupted)")
     train.add_argument("--resume", action="store_true",

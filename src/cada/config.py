@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 METHODS = ("revdist", "recontrast", "uniad", "patchcore", "draem", "cfa")
-ALIGNERS = ("none", "cada", "cada-sigma", "cada-score", "cada-knn", "class-aware", "classifier", "knn")
+ALIGNERS = ("none", "cada", "cada-sigma", "cada-score", "cada-knn", "class-aware", "classifier", "knn", "knn-level")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cada.align.base import SCORE, ZSCORE_WIDTH, Aligner, zscore_alignment
+from cada.align.base import MEAN, SCORE, ZSCORE_WIDTH, Aligner, zscore_alignment
 
 REFERENCE_QUANTILE = 0.99  # of the leave-one-out nearest distances in training: the "familiar" level
 QUERY_CHUNK = 256  # test images compared with the whole training set at once
@@ -34,6 +34,7 @@ class KNNAligner(Aligner):
         self.register_buffer("centre", torch.zeros(channels))
         self.register_buffer("train_descriptors", torch.zeros(n_train, channels))
         self.register_buffer("train_scores", torch.zeros(n_train))
+        self.register_buffer("train_map_means", torch.zeros(n_train))
         self.register_buffer("reference_distance", torch.tensor(float("inf")))
 
     def descriptor(self, features: torch.Tensor) -> torch.Tensor:
@@ -69,6 +70,7 @@ class KNNAligner(Aligner):
         self.centre.copy_(features.float().mean(dim=(0, 2, 3)))
         self.train_descriptors.copy_(self.descriptor(features))
         self.train_scores.copy_(image_stats[:, SCORE])
+        self.train_map_means.copy_(image_stats[:, MEAN])
         distances, indices = self.neighbours_of(self.train_descriptors, exclude_self=True)
         self.reference_distance.fill_(float(distances[:, 0].quantile(REFERENCE_QUANTILE)))
         # A neighbourhood of near-identical scores must not blow a tiny difference up: the spread is kept above
@@ -91,3 +93,15 @@ class KNNAligner(Aligner):
     def load_config_state(self, state: dict) -> None:
         self.neighbours = state["neighbours"]
         self._allocate(state["n_train"], len(self.centre))
+
+
+class KNNLevel(KNNAligner):
+    """The k nearest training images give u = their mean raw-map mean and gamma = their mean image score: the
+    typical normal image scores 1, as with `knn`, but the scale is the level above the map's floor, not the spread
+    of the scores (the issue's second-best oracle, (map mean, mean image score))."""
+
+    name = "knn-level"
+
+    def stats(self, features, class_names=None):
+        _, indices = self.neighbours_of(self.descriptor(features))
+        return self.train_map_means[indices].mean(dim=1), self.train_scores[indices].mean(dim=1)
