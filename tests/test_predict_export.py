@@ -125,3 +125,9 @@ def test_knn_run_reports_and_flags_unfamiliar_images(tiny_data, tmp_path):
     reference = report["unfamiliar_reference_distance"]
     assert reference > 0 and report["n_unfamiliar"] == sum(int(r["unfamiliar"]) for r in rows)
     assert all(int(r["unfamiliar"]) == (float(r["nearest_distance"]) > reference) for r in rows)
+    # The exported graph carries the knn alignment (the training descriptors are constants in it).
+    onnx_file = export_onnx(Detector.load(run), tmp_path / "knn.onnx")
+    scorer, _, _, _ = onnx_scorer(onnx_file)
+    images, _ = load_all(mvtec_samples(tiny_data, "test"), 64)
+    scores, _ = scorer(images)
+    assert torch.allclose(scores, Detector.load(run).predict(images).scores, atol=1e-4)
