@@ -35,7 +35,7 @@ from cada.threshold import threshold_at_fpr
 
 def variants() -> list[Variant]:
     return [Variant("none", "none"), Variant("cada", "cada"), Variant("cada-sigma", "cada-sigma"),
-            Variant("cada-score", "cada-score"), Variant("cada-knn", "cada-knn"), Variant("classifier", "classifier"),
+            Variant("cada-score", "cada-score"), Variant("classifier", "classifier"),
             Variant("class-aware (CaDA-A)", "class-aware"),
             *(Variant(f"knn k={k}", "knn", {"neighbours": k}) for k in (5, 10, 20)),
             *(Variant(f"knn-level k={k}", "knn-level", {"neighbours": k}) for k in (5, 20))]

@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate for --holdout calibration")
     train.add_argument("--align", choices=ALIGNERS, default="cada",
                        help="cada: the paper's (u, gamma) regressor; cada-sigma: (u, sigma); cada-score: gamma = the "
-                            "image score; cada-knn: regressor on neighbour-smoothed z-score targets; knn: the k nearest "
+                            "image score; knn: the k nearest "
                             "training images give the z-score (and flag unfamiliar products); class-aware: CaDA-A, "
                             "needs class names at test (a reference); classifier: CaDA-B; none: the base alone")
     train.add_argument("--checkpoint-every", type=int, default=200, metavar="K",

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 METHODS = ("revdist", "recontrast", "uniad", "patchcore", "draem", "cfa")
-ALIGNERS = ("none", "cada", "cada-sigma", "cada-score", "cada-knn", "class-aware", "classifier", "knn", "knn-level")
+ALIGNERS = ("none", "cada", "cada-sigma", "cada-score", "class-aware", "classifier", "knn", "knn-level")
 
 
 @dataclass
@@ -57,7 +57,7 @@ class AlignTraining:
     # Smooth-L1 threshold; None means "the base method's own scale" (0.1 RevDist, 10 UniAD).
     smooth_l1_alpha: float | None = None
     scale_lr: bool = False  # as BaseTraining.scale_lr
-    # knn aligner (and cada-knn's targets): how many nearest training images give an image's normal score statistics.
+    # knn aligners: how many nearest training images give an image's normal score statistics.
     neighbours: int = 10
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from cada.align.base import MAX, MEAN, SCORE, STD, Aligner, NoAlign
-from cada.align.cada import CADA, CADANeighbours, CADAScore, CADASigma
+from cada.align.cada import CADA, CADAScore, CADASigma
 from cada.align.class_aware import ClassAware, ClassifierAligner
 from cada.align.knn import KNNAligner, KNNLevel
 
-ALIGNER_CLASSES = {cls.name: cls for cls in (CADA, CADASigma, CADAScore, CADANeighbours, ClassAware, ClassifierAligner,
+ALIGNER_CLASSES = {cls.name: cls for cls in (CADA, CADASigma, CADAScore, ClassAware, ClassifierAligner,
                                              KNNAligner, KNNLevel)}
 
 
@@ -20,5 +20,5 @@ def create_aligner(name: str, channels: int, settings) -> Aligner:
     return ALIGNER_CLASSES[name](channels, settings)
 
 
-__all__ = ["Aligner", "CADA", "CADANeighbours", "CADAScore", "CADASigma", "ClassAware", "ClassifierAligner", "KNNAligner", "KNNLevel", "NoAlign",
+__all__ = ["Aligner", "CADA", "CADAScore", "CADASigma", "ClassAware", "ClassifierAligner", "KNNAligner", "KNNLevel", "NoAlign",
            "create_aligner", "MEAN", "MAX", "STD", "SCORE"]

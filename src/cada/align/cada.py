@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cada.align.base import MAX, MEAN, SCORE, STD, Aligner, make_head, train_head, zscore_alignment
-from cada.align.knn import KNNAligner
+from cada.align.base import MAX, MEAN, SCORE, STD, Aligner, make_head, train_head
 
 
 class CADA(Aligner):
@@ -23,13 +22,9 @@ class CADA(Aligner):
         super().__init__()
         self.head = make_head(channels, 2, settings)
 
-    def training_targets(self, features: torch.Tensor, image_stats: torch.Tensor, settings) -> torch.Tensor:
-        """N x 2 regression targets of the training images; sets min_spread."""
-        self.set_min_spread(image_stats)
-        return image_stats[:, list(self.targets)]
-
     def fit(self, features, image_stats, settings, generator, class_names=None, progress=True) -> list[float]:
-        targets = self.training_targets(features, image_stats, settings)
+        self.set_min_spread(image_stats)
+        targets = image_stats[:, list(self.targets)]
         with torch.no_grad():  # start from the mean statistics so SGD does not spend its first steps getting there
             self.head.output_layer.bias.copy_(targets.mean(dim=0))
 
@@ -64,24 +59,3 @@ class CADAScore(CADA):
 
     name = "cada-score"
     targets = (MEAN, SCORE)
-
-
-class CADANeighbours(CADA):
-    """Not in the paper: the regressor learns what the knn aligner computes. Each training image's targets are
-    the (mean, std) of the image scores of its k nearest other training images (`KNNAligner`, leave-one-out),
-    smoothed over same-looking images instead of its own noisy statistics; the prediction aligns the image score
-    to the z-score of the knn aligner (`zscore_alignment`). Nothing of the training set is kept at test time."""
-
-    name = "cada-knn"
-
-    def training_targets(self, features, image_stats, settings):
-        knn = KNNAligner(features.shape[1], settings)
-        knn.fit(features, image_stats, settings, None, progress=False)
-        _, indices = knn.neighbours_of(knn.train_descriptors, exclude_self=True)
-        mean, std = knn.normal_statistics(indices)
-        self.min_spread.copy_(knn.min_spread)
-        return torch.stack([mean, std], dim=1)
-
-    def stats(self, features, class_names=None):
-        mean, std = self.head(features).unbind(dim=1)
-        return zscore_alignment(mean, std)
