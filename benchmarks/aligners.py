@@ -122,11 +122,21 @@ def main() -> None:
         calibration_scores = image_scores(calibration_outputs, everything(calibration_outputs), aligned)
         rows.append(row_of(variant.label, test_scores, calibration_scores, labels, class_names, args.fpr,
                            time.perf_counter() - fitted))
+        with torch.inference_mode():
+            distances = [aligner.nearest_distance(outputs.align_features) for outputs in (ablation.calibration, ablation.test)]
+        if distances[0] is not None:  # how often known products' new normal images are called unfamiliar
+            reference = float(aligner.reference_distance)
+            rows[-1]["unfamiliar_held_out"] = float((distances[0] > reference).float().mean())
+            rows[-1]["unfamiliar_test_normal"] = float((distances[1][torch.from_numpy(labels == 0)] > reference).float().mean())
     statistics = class_score_statistics(ablation.train_stats[:, SCORE], ablation.train_class_names)
     oracle = row_of("oracle (class-aware z)", oracle_scores(ablation.test, statistics),
                     oracle_scores(ablation.calibration, statistics), labels, class_names, args.fpr, None)
     rows.append(oracle)
     print(format_tables(rows, oracle["pooled_i_auroc"]))
+    for row in rows:
+        if "unfamiliar_held_out" in row:
+            print(f"{row['aligner']}: flagged unfamiliar: {100 * row['unfamiliar_held_out']:.1f}% of held-out normals, "
+                  f"{100 * row['unfamiliar_test_normal']:.1f}% of test normals (products it was trained on)")
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "aligners.json", {"data": str(args.data), "run": str(args.run or args.out / "base"),
                                             "n_train": len(train), "n_held_out": len(held_out), "n_test": len(test),
