@@ -12,7 +12,10 @@ from cada import Detector
 from cada.cli import main
 from cada.data.dataset import load_all
 from cada.data.mvtec import mvtec_samples
+from cada.config import Settings
 from cada.export import export_onnx, onnx_scorer
+
+DEFAULT_ALIGN = Settings().align  # what `cada train` aligns with unless told
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +89,7 @@ def test_evaluate_reports_decisions_at_the_stored_threshold(calibrated_run, tiny
         for key in ("fpr", "recall", "precision", "f1", "class_fpr_min", "class_fpr_max", "threshold"):
             assert key in row
         assert row["class_fpr_min"] <= row["class_fpr_max"]
-    assert "fpr" in results["per_class"]["cada"]["weave"]
+    assert "fpr" in results["per_class"][DEFAULT_ALIGN]["weave"]
 
 
 def test_evaluate_shows_the_oracle_and_each_product_at_one_threshold(calibrated_run, tiny_data, tmp_path, capsys):
@@ -99,14 +102,14 @@ def test_evaluate_shows_the_oracle_and_each_product_at_one_threshold(calibrated_
     # A per-product affine map keeps each product's ranking: model-unified I-AUROC is the base's, the ceiling.
     assert oracle["model-unified"]["i_auroc"] == pytest.approx(base["model-unified"]["i_auroc"])
     assert oracle["absolute-unified"]["p_auroc"] is None  # image metrics only
-    assert set(results["per_product"]) == {"none", "cada", "oracle"}
+    assert set(results["per_product"]) == {"none", DEFAULT_ALIGN, "oracle"}
     config = json.loads((calibrated_run / "config.json").read_text())
-    assert results["per_product"]["cada"]["threshold"] == config["calibration"]["threshold"]
+    assert results["per_product"][DEFAULT_ALIGN]["threshold"] == config["calibration"]["threshold"]
     assert results["per_product"]["oracle"]["threshold_source"] == "1% FPR on test normals"
     for product in ("weave", "marble", "washer", "circuit"):
-        values = results["per_product"]["cada"]["products"][product]
-        assert values["fpr"] == results["per_class"]["cada"][product]["fpr"]  # the same decisions as per_class
-        assert values["recall"] == results["per_class"]["cada"][product]["recall"]
+        values = results["per_product"][DEFAULT_ALIGN]["products"][product]
+        assert values["fpr"] == results["per_class"][DEFAULT_ALIGN][product]["fpr"]  # the same decisions as per_class
+        assert values["recall"] == results["per_class"][DEFAULT_ALIGN][product]["recall"]
         assert values["median_normal_score"] is not None
         assert f"    {product:<16} median normal" in printed
     assert "oracle" in printed

@@ -320,7 +320,7 @@ def cmd_demo(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cada-demo-") as scratch:
         data = generate_dataset(Path(scratch) / "synthetic", seed=args.seed)
-        print(f"demo: synthetic data ({data}), preset cpu, RevDist + CADA")
+        print(f"demo: synthetic data ({data}), preset cpu, RevDist + {preset('cpu').align}")
         settings = preset("cpu")
         settings.seed = args.seed
         if args.iters:
@@ -328,8 +328,8 @@ def cmd_demo(args) -> int:
         detector = train_and_save(settings, data, out / "run", progress=not args.quiet)
         results = evaluate_and_report(detector, data, out / "results.json", progress=not args.quiet)
     rows = {(r["align"], r["protocol"]): r for r in results["rows"]}
-    base, aligned = rows[("none", "absolute-unified")], rows[("cada", "absolute-unified")]
-    print(f"absolute-unified I-AUROC: base {100 * base['i_auroc']:.1f} -> +CADA {100 * aligned['i_auroc']:.1f}")
+    base, aligned = rows[("none", "absolute-unified")], rows[(settings.align, "absolute-unified")]
+    print(f"absolute-unified I-AUROC: base {100 * base['i_auroc']:.1f} -> +{settings.align} {100 * aligned['i_auroc']:.1f}")
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cada", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="train and evaluate RevDist + CADA on generated synthetic data")
+    demo = commands.add_parser("demo", help="train and evaluate RevDist + the default aligner on synthetic data")
     demo.add_argument("--out", default="cada-demo", help="folder for the run and results.json")
     demo.add_argument("--iters", type=int, help="base training iterations (default: the cpu preset's)")
     demo.add_argument("--seed", type=int, default=0)
@@ -439,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--holdout", type=float, default=0.0,
                        help="hold out this fraction of each class's training images to calibrate the threshold")
     train.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate for --holdout calibration")
-    train.add_argument("--align", choices=ALIGNERS, default="cada",
+    train.add_argument("--align", choices=ALIGNERS, default=Settings.align,
                        help="cada: the paper's (u, gamma) regressor; cada-sigma: (u, sigma); cada-score: gamma = the "
                             "image score; knn: the k nearest "
                             "training images give the z-score (and flag unfamiliar products); class-aware: CaDA-A, "
