@@ -6,8 +6,9 @@ and the image score is aligned to 1 + (score - mean) / (3 std) (`zscore_alignmen
 images of the same product, this is the per-product z-score that knowing the product would give.
 
 The distance to the nearest training image is a free "unfamiliar product" signal: `reference_distance` is the
-99th percentile of the training images' leave-one-out nearest distances, so about 1% of new normal images of a
-trained product lie beyond it, and images of a product never trained on lie far beyond it.
+99th percentile of the training images' leave-one-out nearest distances, so about 1% of the training images lie
+beyond it (measured on new normal images of trained products: 0% of the held-out ones and 0.7-3.7% of the test
+ones on realmix and its 6-product mix), while images of a product never trained on lie beyond it.
 """
 
 from __future__ import annotations
