@@ -5,8 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from cada.align import CADA, CADASigma, ClassAware, ClassifierAligner, NoAlign, create_aligner
-from cada.align.base import Head
+from cada.align import CADA, SCORE, CADAScore, CADASigma, ClassAware, ClassifierAligner, KNNAligner, NoAlign, create_aligner
+from cada.align.base import ZSCORE_WIDTH, Head, map_statistics
+from cada.scoring import align
 from cada.config import AlignTraining
 
 CLASS_STATS = torch.tensor([[0.05, 0.30, 0.04], [0.20, 0.60, 0.08], [0.40, 1.00, 0.12]])  # mean, max, std
@@ -124,3 +125,98 @@ def test_no_align_is_the_identity():
 def test_unknown_aligner_is_refused():
     with pytest.raises(ValueError, match="unknown aligner"):
         create_aligner("magic", 16, AlignTraining())
+
+
+def _products(n_per_product, seed, prototypes_seed=1, n_products=3, channels=16):
+    """Products with their own feature pattern and their own normal image-score level and spread."""
+    prototypes = torch.randn(n_products, channels, 1, 1, generator=torch.Generator().manual_seed(prototypes_seed)) * 2
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n_products).repeat_interleave(n_per_product)
+    features = torch.relu(prototypes[labels] + 0.3 * torch.randn(len(labels), channels, 4, 4, generator=generator))
+    level, spread = torch.tensor([0.2, 0.5, 1.5, 3.0])[labels], torch.tensor([0.02, 0.05, 0.3, 0.1])[labels]
+    scores = level + spread * torch.randn(len(labels), generator=generator)
+    image_stats = torch.stack([0.5 * level, 2 * level, spread, scores], dim=1)  # mean, max, std, score
+    return features, image_stats, labels
+
+
+def _knn(features, image_stats, neighbours=10):
+    settings = _settings(neighbours=neighbours)
+    aligner = create_aligner("knn", features.shape[1], settings)
+    assert isinstance(aligner, KNNAligner)
+    aligner.fit(features, image_stats, settings, torch.Generator().manual_seed(0), progress=False)
+    return aligner
+
+
+def test_knn_aligns_every_product_to_one_normal_level_without_labels():
+    features, image_stats, labels = _products(40, seed=0)
+    aligner = _knn(features, image_stats)
+    test_features, test_stats, test_labels = _products(40, seed=1)  # new normal images of the same products
+    with torch.no_grad():
+        u, gamma = aligner.stats(test_features)
+        aligned = align(test_stats[:, SCORE], u, aligner.spread(u, gamma))
+    raw_medians = [test_stats[test_labels == c, SCORE].median().item() for c in range(3)]
+    medians = [aligned[test_labels == c].median().item() for c in range(3)]
+    assert max(raw_medians) / min(raw_medians) > 5  # very different products before alignment
+    assert medians == pytest.approx([1.0] * 3, abs=0.15)  # 1 = the typical normal image, whatever the product
+    # One z-score scale: the spread of aligned normal scores is about 1 / ZSCORE_WIDTH in every product.
+    assert [aligned[test_labels == c].std().item() for c in range(3)] == pytest.approx([1 / ZSCORE_WIDTH] * 3, rel=0.4)
+
+
+def test_knn_nearest_distance_flags_a_product_left_out_of_training():
+    features, image_stats, labels = _products(40, seed=0)
+    trained = labels < 2  # product 2 is left out of training
+    aligner = _knn(features[trained], image_stats[trained])
+    test_features, _, test_labels = _products(40, seed=1)
+    with torch.no_grad():
+        distance = aligner.nearest_distance(test_features)
+    held_out, unseen = distance[test_labels < 2], distance[test_labels == 2]
+    assert unseen.min() > held_out.max()
+    assert (unseen > aligner.reference_distance).all()
+    assert (held_out > aligner.reference_distance).float().mean() <= 0.1  # about 1% by construction; few here
+    assert NoAlign().nearest_distance(test_features) is None  # aligners without a descriptor report nothing
+
+
+def test_knn_state_round_trips_through_config_and_tensors():
+    features, image_stats, _ = _products(20, seed=0)
+    aligner = _knn(features, image_stats, neighbours=5)
+    fresh = create_aligner("knn", 16, _settings())
+    fresh.load_config_state(aligner.config_state())
+    fresh.load_state_dict(aligner.state_dict(), strict=True)
+    assert fresh.neighbours == 5
+    for a, b in zip(aligner.stats(features), fresh.stats(features)):
+        assert torch.equal(a, b)
+
+
+def test_image_score_targets_put_normals_at_one_level_whatever_the_spikiness():
+    """Products whose normal maps share mean and image score but differ in spikiness (their max): aligned with the
+    max (the paper's CADA target) the normals of each product sit at their own level; with the image score, at 1."""
+    generator = torch.Generator().manual_seed(0)
+    size, n = 32, 48
+    maps = 0.1 + 0.01 * torch.rand(2 * n, size, size, generator=generator)
+    maps[:, 10:22, 10:22] += 0.2  # both products: a broad plateau of 144 pixels
+    rows, columns = torch.randint(10, 22, (2, n, 3), generator=generator)
+    maps[torch.arange(n, 2 * n)[:, None], rows, columns] += 2.0  # the spiky one: also 3 hot pixels in it
+    stats = map_statistics(maps, smoothing_sigma=0.0, top_fraction=0.1)
+    labels = torch.arange(2).repeat_interleave(n)
+    prototypes = torch.randn(2, 16, 1, 1, generator=generator) * 2
+    features = torch.relu(prototypes[labels] + 0.3 * torch.randn(2 * n, 16, 4, 4, generator=generator))
+    medians = {}
+    for aligner_class in (CADA, CADAScore):
+        torch.manual_seed(0)
+        settings = _settings(iters=400)
+        aligner = aligner_class(16, settings)
+        aligner.fit(features, stats, settings, torch.Generator().manual_seed(0), progress=False)
+        aligner.eval()
+        with torch.no_grad():
+            u, gamma = aligner.stats(features)
+            aligned = align(stats[:, SCORE], u, aligner.spread(u, gamma))
+        medians[aligner.name] = [aligned[labels == c].median().item() for c in range(2)]
+    assert abs(medians["cada"][0] - medians["cada"][1]) > 0.3  # the max puts the two products apart
+    assert medians["cada-score"] == pytest.approx([1.0, 1.0], abs=0.1)
+
+
+def test_knn_needs_two_neighbours_to_estimate_a_spread():
+    from cada.config import Settings
+
+    with pytest.raises(ValueError, match="neighbours must be at least 2"):
+        Settings(aligner=AlignTraining(neighbours=1)).validate()

@@ -5,6 +5,9 @@ import json
 import pytest
 
 from cada.cli import main
+from cada.config import Settings
+
+DEFAULT_ALIGN = Settings().align
 
 
 def test_train_then_evaluate_writes_the_documented_json(tiny_data, tmp_path, capsys):
@@ -17,13 +20,13 @@ def test_train_then_evaluate_writes_the_documented_json(tiny_data, tmp_path, cap
     assert "absolute-unified" in printed and "model-unified" in printed
     results = json.loads((tmp_path / "r.json").read_text())
     assert {(r["align"], r["protocol"]) for r in results["rows"]} == {
-        (a, p) for a in ("none", "cada") for p in ("absolute-unified", "model-unified")
+        (a, p) for a in ("none", DEFAULT_ALIGN) for p in ("absolute-unified", "model-unified")
     }
     for row in results["rows"]:
         assert row["method"] == "revdist"
         for key in ("i_auroc", "i_ap", "p_auroc", "p_ap"):
             assert 0.0 <= row[key] <= 1.0
-    assert set(results["per_class"]["cada"]) == {"weave", "marble", "washer", "circuit"}
+    assert set(results["per_class"][DEFAULT_ALIGN]) == {"weave", "marble", "washer", "circuit"}
 
 
 def test_synth_writes_the_mvtec_layout(tmp_path):

@@ -12,7 +12,10 @@ from cada import Detector
 from cada.cli import main
 from cada.data.dataset import load_all
 from cada.data.mvtec import mvtec_samples
+from cada.config import Settings
 from cada.export import export_onnx, onnx_scorer
+
+DEFAULT_ALIGN = Settings().align  # what `cada train` aligns with unless told
 
 
 @pytest.fixture(scope="module")
@@ -86,4 +89,48 @@ def test_evaluate_reports_decisions_at_the_stored_threshold(calibrated_run, tiny
         for key in ("fpr", "recall", "precision", "f1", "class_fpr_min", "class_fpr_max", "threshold"):
             assert key in row
         assert row["class_fpr_min"] <= row["class_fpr_max"]
-    assert "fpr" in results["per_class"]["cada"]["weave"]
+    assert "fpr" in results["per_class"][DEFAULT_ALIGN]["weave"]
+
+
+def test_evaluate_shows_the_oracle_and_each_product_at_one_threshold(calibrated_run, tiny_data, tmp_path, capsys):
+    assert main(["evaluate", str(calibrated_run), "--data", str(tiny_data), "--json", str(tmp_path / "r.json"),
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "r.json").read_text())
+    oracle = {row["protocol"]: row for row in results["oracle"]}
+    base = {row["protocol"]: row for row in results["rows"] if row["align"] == "none"}
+    # A per-product affine map keeps each product's ranking: model-unified I-AUROC is the base's, the ceiling.
+    assert oracle["model-unified"]["i_auroc"] == pytest.approx(base["model-unified"]["i_auroc"])
+    assert oracle["absolute-unified"]["p_auroc"] is None  # image metrics only
+    assert set(results["per_product"]) == {"none", DEFAULT_ALIGN, "oracle"}
+    config = json.loads((calibrated_run / "config.json").read_text())
+    assert results["per_product"][DEFAULT_ALIGN]["threshold"] == config["calibration"]["threshold"]
+    assert results["per_product"]["oracle"]["threshold_source"] == "1% FPR on test normals"
+    for product in ("weave", "marble", "washer", "circuit"):
+        values = results["per_product"][DEFAULT_ALIGN]["products"][product]
+        assert values["fpr"] == results["per_class"][DEFAULT_ALIGN][product]["fpr"]  # the same decisions as per_class
+        assert values["recall"] == results["per_class"][DEFAULT_ALIGN][product]["recall"]
+        assert values["median_normal_score"] is not None
+        assert f"    {product:<16} median normal" in printed
+    assert "oracle" in printed
+
+
+def test_knn_run_reports_and_flags_unfamiliar_images(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), "--image-size", "64", "--iters", "3",
+                 "--align", "knn", "--quiet"]) == 0
+    out = tmp_path / "out"
+    assert main(["predict", str(run), str(tiny_data / "washer" / "test"), "--out", str(out), "--quiet"]) == 0
+    with open(out / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert set(rows[0]) == {"path", "score", "anomalous", "nearest_distance", "unfamiliar"}
+    report = json.loads((out / "predictions.json").read_text())
+    reference = report["unfamiliar_reference_distance"]
+    assert reference > 0 and report["n_unfamiliar"] == sum(int(r["unfamiliar"]) for r in rows)
+    assert all(int(r["unfamiliar"]) == (float(r["nearest_distance"]) > reference) for r in rows)
+    # The exported graph carries the knn alignment (the training descriptors are constants in it).
+    onnx_file = export_onnx(Detector.load(run), tmp_path / "knn.onnx")
+    scorer, _, _, _ = onnx_scorer(onnx_file)
+    images, _ = load_all(mvtec_samples(tiny_data, "test"), 64)
+    scores, _ = scorer(images)
+    assert torch.allclose(scores, Detector.load(run).predict(images).scores, atol=1e-4)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cada.api import Detector
-from cada.align import create_aligner
+from cada.align import Aligner, create_aligner
 from cada.data.dataset import load_all
 from cada.data.mvtec import Sample
 from cada.evaluate import EvalOutputs, collect, results_table
@@ -61,34 +61,47 @@ class Ablation:
     """Cached base outputs of one trained detector, and the variants evaluated on them."""
 
     def __init__(self, detector: Detector, train_samples: list[Sample], test_samples: list[Sample],
-                 progress: bool = True):
+                 progress: bool = True, calibration_samples: list[Sample] | None = None):
+        """`calibration_samples`: held-out normal images whose outputs are cached too, to calibrate thresholds."""
         started = time.perf_counter()
         self.detector = detector
         images, kept = load_all(train_samples, detector.settings.image_size)
         self.train_features, self.train_stats = detector.training_statistics(images)
         self.train_class_names = [s.class_name for s in kept]
         self.test = collect(detector, test_samples, progress=progress, keep_features=True)
+        self.calibration = (collect(detector, calibration_samples, progress=progress, keep_features=True)
+                            if calibration_samples else None)
         self.cache_seconds = time.perf_counter() - started
 
     def base_rows(self) -> dict[str, dict]:
         return self._rows(self.test, "none")
 
-    def run(self, variant: Variant) -> tuple[dict[str, dict], float]:
-        """Fit the variant's aligner on the cached training statistics and evaluate it; (rows, seconds)."""
-        started = time.perf_counter()
+    def fit(self, variant: Variant) -> Aligner:
+        """The variant's aligner, fitted on the cached training statistics."""
         settings = copy.deepcopy(self.detector.settings)
         settings.aligner = dataclasses.replace(settings.aligner, **variant.changes)
+        if settings.aligner.smooth_l1_alpha is None:  # as Detector.fit_aligner: the base method's own scale
+            settings.aligner.smooth_l1_alpha = self.detector.method.score_scale
         settings.align = variant.align
         torch.manual_seed(settings.seed)
         aligner = create_aligner(variant.align, self.train_features.shape[1], settings.aligner)
         aligner.fit(self.train_features, self.train_stats, settings.aligner,
                     torch.Generator().manual_seed(settings.seed), self.train_class_names, progress=False)
-        aligner.eval()
-        class_names = list(self.test.class_names) if aligner.needs_class_names else None
+        return aligner.eval()
+
+    @staticmethod
+    def aligned(aligner: Aligner, outputs: EvalOutputs) -> EvalOutputs:
+        """Cached outputs with (u, spread) of `aligner`, from their cached align features."""
+        class_names = list(outputs.class_names) if aligner.needs_class_names else None
         with torch.inference_mode():
-            u, gamma = aligner.stats(self.test.align_features, class_names)
+            u, gamma = aligner.stats(outputs.align_features, class_names)
             spread = aligner.spread(u, gamma)
-        outputs = dataclasses.replace(self.test, u=u.numpy(), spread=spread.numpy())
+        return dataclasses.replace(outputs, u=u.numpy(), spread=spread.numpy())
+
+    def run(self, variant: Variant) -> tuple[dict[str, dict], float]:
+        """Fit the variant's aligner on the cached training statistics and evaluate it; (rows, seconds)."""
+        started = time.perf_counter()
+        outputs = self.aligned(self.fit(variant), self.test)
         if variant.top_fraction is not None:
             outputs = dataclasses.replace(outputs, base_scores=image_score(outputs.maps, variant.top_fraction).numpy())
         return self._rows(outputs, variant.align), time.perf_counter() - started

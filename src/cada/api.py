@@ -18,6 +18,8 @@ from tqdm.auto import tqdm
 
 from cada import checkpoint
 from cada.align import Aligner, create_aligner
+from cada.align.base import SCORE, map_statistics
+from cada.align.class_aware import class_score_statistics
 from cada.config import Settings
 from cada.config import preset as make_preset
 from cada.data.dataset import load_all, normalize
@@ -249,7 +251,9 @@ class Detector:
             # None for a method without gradient training (PatchCore): it has no loss to report.
             "base_loss_first_last": [base_losses[0], base_losses[-1]] if base_losses else None,
             "aligner_loss_first_last": [aligner_losses[0], aligner_losses[-1]] if aligner_losses else None,
-            "mean_image_stats": dict(zip(("mean", "max", "std"), image_stats.mean(dim=0).tolist())),
+            "mean_image_stats": dict(zip(("mean", "max", "std", "score"), image_stats.mean(dim=0).tolist())),
+            # The class-aware reference of `cada evaluate` (its oracle row); nothing at prediction reads class names.
+            "class_score_stats": class_score_statistics(image_stats[:, SCORE], [s.class_name for s in samples]),
             "processes": training.world_size(),
             "effective_batch": settings.base.batch_size * training.world_size(),
         }
@@ -269,16 +273,16 @@ class Detector:
 
     @torch.inference_mode()
     def training_statistics(self, images: torch.Tensor, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Aligner inputs and targets: features and per-image (mean, max, std) of the raw map, from the frozen base."""
+        """Aligner inputs and targets from the frozen base: features and per-image `map_statistics` (raw map mean,
+        max, std and the image score)."""
         self.eval()
         features, targets = [], []
         batch_size = self.settings.base.batch_size
         for start in tqdm(range(0, len(images), batch_size), desc="training-set maps", disable=not progress, leave=False):
             training.stop_point("computing the maps of the training images")
             output = self.method(normalize(images[start : start + batch_size]))
-            raw = output.anomaly_map.flatten(1)
             features.append(output.align_features)
-            targets.append(torch.stack([raw.mean(dim=1), raw.amax(dim=1), raw.std(dim=1)], dim=1))
+            targets.append(map_statistics(output.anomaly_map, self.settings.smoothing_sigma, self.settings.top_fraction))
         return torch.cat(features).clone(), torch.cat(targets).clone()
 
     # -- the one threshold -------------------------------------------------------------------------------

@@ -118,7 +118,8 @@ def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: 
                         report_dir: Path | None = None, pixel_resolution: str = "model") -> dict:
     """Evaluate on the test split of `data` (or on `samples`), print the tables, write JSON and plots."""
     from cada.data.duplicates import warn_duplicates
-    from cada.evaluate import collect, format_decisions, format_per_class, format_table, results_table
+    from cada.evaluate import (collect, format_decisions, format_per_class, format_per_product, format_table,
+                               results_table)
     from cada.methods.training import is_main, world_size
 
     if report_dir and world_size() > 1:
@@ -136,7 +137,8 @@ def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: 
     started = time.perf_counter()
     outputs = collect(detector, samples, progress=progress, cache_dir=cache_dir, pixel_resolution=pixel_resolution)
     aligners = ("none",) if detector.settings.align == "none" else ("none", detector.settings.align)
-    results = results_table(outputs, detector.settings.method, aligners, detector.thresholds)
+    results = results_table(outputs, detector.settings.method, aligners, detector.thresholds,
+                            detector.training_info.get("class_score_stats"))
     results["meta"] = {
         "data": printable(data),
         "n_test_images": len(outputs.samples),
@@ -155,6 +157,8 @@ def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: 
     if detector.calibration:
         print(f"at the stored threshold ({detector.calibration['how']}, {detector.calibration['source']}):")
         print(format_decisions(results))
+    print("per product, at one pooled threshold (oracle: each product's training z-score, class names known):")
+    print(format_per_product(results))
     figure = None
     if plots_dir or report_dir:
         from cada.report.plots import score_distributions
@@ -317,6 +321,8 @@ def cmd_predict(args) -> int:
         detector = Detector.load(target)
         scorer, image_size, threshold = detector_scorer(detector), detector.settings.image_size, detector.threshold
         description = {"run": str(target)}
+        if detector.aligner.nearest_distance is not None and hasattr(detector.aligner, "reference_distance"):
+            description["unfamiliar_reference_distance"] = float(detector.aligner.reference_distance)
     if threshold is None and is_main():
         print("note: the run has no threshold yet (cada calibrate); scores only, no decisions", file=sys.stderr)
     summary = predict_paths(scorer, image_size, threshold, args.paths, args.out, args.overlays, args.masks,
@@ -325,6 +331,9 @@ def cmd_predict(args) -> int:
         return 0
     for message in summary["skipped"]:
         print(f"skipped: {message}", file=sys.stderr)
+    if summary.get("n_unfamiliar"):
+        print(f"{summary['n_unfamiliar']} images lie beyond every training image (column unfamiliar): likely a "
+              "product the run was not trained on, whose scores mean little", file=sys.stderr)
     print(f"{summary['n_images']} images, {summary['n_anomalous']} anomalous, {len(summary['skipped'])} skipped; "
           f"{summary['images_per_second']} images/s; wrote {Path(args.out) / 'predictions.csv'}")
     return 0
@@ -392,7 +401,7 @@ def cmd_demo(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cada-demo-") as scratch:
         data = generate_dataset(Path(scratch) / "synthetic", seed=args.seed)
-        print(f"demo: synthetic data ({data}), preset cpu, RevDist + CADA")
+        print(f"demo: synthetic data ({data}), preset cpu, RevDist + {preset('cpu').align}")
         settings = preset("cpu")
         settings.seed = args.seed
         if args.iters is not None:
@@ -400,8 +409,8 @@ def cmd_demo(args) -> int:
         detector = train_and_save(settings, data, out / "run", progress=not args.quiet, overwrite=args.overwrite)
         results = evaluate_and_report(detector, data, out / "results.json", progress=not args.quiet)
     rows = {(r["align"], r["protocol"]): r for r in results["rows"]}
-    base, aligned = rows[("none", "absolute-unified")], rows[("cada", "absolute-unified")]
-    print(f"absolute-unified I-AUROC: base {100 * base['i_auroc']:.1f} -> +CADA {100 * aligned['i_auroc']:.1f}")
+    base, aligned = rows[("none", "absolute-unified")], rows[(settings.align, "absolute-unified")]
+    print(f"absolute-unified I-AUROC: base {100 * base['i_auroc']:.1f} -> +{settings.align} {100 * aligned['i_auroc']:.1f}")
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -504,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="train and evaluate RevDist + CADA on generated synthetic data")
+    demo = commands.add_parser("demo", help="train and evaluate RevDist + the default aligner on synthetic data")
     demo.add_argument("--out", default="cada-demo", help="folder for the run and results.json")
     demo.add_argument("--iters", type=positive_int, help="base training iterations (default: the cpu preset's)")
     demo.add_argument("--seed", type=int, default=0)
@@ -527,9 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--holdout", type=float, default=0.0,
                        help="hold out this fraction of each class's training images to calibrate the threshold")
     train.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate for --holdout calibration")
-    train.add_argument("--align", choices=ALIGNERS, default="cada",
-                       help="cada: (u, gamma) regressor; cada-sigma: (u, sigma); class-aware: CaDA-A, needs class "
-                            "names at test (a reference); classifier: CaDA-B; none: the base alone")
+    train.add_argument("--align", choices=ALIGNERS, default=Settings.align,
+                       help="cada: the paper's (u, gamma) regressor; cada-sigma: (u, sigma); cada-score: gamma = the "
+                            "image score; knn: the k nearest "
+                            "training images give the z-score (and flag unfamiliar products); class-aware: CaDA-A, "
+                            "needs class names at test (a reference); classifier: CaDA-B; none: the base alone")
     train.add_argument("--checkpoint-every", type=int, default=200, metavar="K",
                        help="write a checkpoint to OUT/resume every K training steps (0: only when interrupted)")
     train.add_argument("--resume", action="store_true",

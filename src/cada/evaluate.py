@@ -27,8 +27,9 @@ from cada.data.dataset import iterate_batches, original_mask
 from cada.data.mvtec import Sample
 from cada.methods.training import batch_shard, is_distributed, is_main, world_size
 from cada.metrics import _check_pieces, _from_counts, _pieces, _sort_positives, binary_metrics, negative_counts, pixel_metrics
+from cada.align.class_aware import oracle_alignment
 from cada.scoring import align
-from cada.threshold import decision_metrics
+from cada.threshold import decision_metrics, threshold_at_fpr
 
 PROTOCOLS = ("absolute-unified", "model-unified")
 METRICS = ("i_auroc", "i_ap", "i_f1max", "p_auroc", "p_ap", "p_f1max", "aupro")
@@ -37,6 +38,8 @@ THRESHOLDS = ("i_f1max_threshold", "p_f1max_threshold")  # score values, not per
 FPR_LIMIT = 0.3  # AUPRO integrates up to this false-positive rate
 DECISIONS = ("fpr", "recall", "precision", "f1")  # at the stored threshold, when the run has one
 PIXEL_RESOLUTIONS = ("model", "original")
+ORACLE = "oracle"  # the class-aware reference row: per-product z-score of the image score (class names known)
+REFERENCE_FPR = 0.01  # without a calibrated threshold, the pooled threshold at this FPR on the test normals
 
 
 @dataclass
@@ -334,10 +337,14 @@ def threshold_metrics(outputs: EvalOutputs, aligned: bool, threshold: float, cla
 
 
 def results_table(outputs: EvalOutputs, method: str, aligners: tuple[str, ...],
-                  thresholds: dict[str, float] | None = None) -> dict:
-    """{"rows": [...], "per_class": {align: {class: metrics}}} for the base ("none") and each aligner.
+                  thresholds: dict[str, float] | None = None, class_score_stats: dict | None = None) -> dict:
+    """{"rows": [...], "per_class": {align: {class: metrics}}, "per_product": ...} for the base ("none") and each
+    aligner.
 
-    With `thresholds` ({align name: threshold}) rows and classes also get the decision metrics at it.
+    With `thresholds` ({align name: threshold}) rows and classes also get the decision metrics at it. With
+    `class_score_stats` (the run's per-class training score statistics), "oracle" holds the rows of the class-aware
+    ORACLE (image metrics only), the ceiling of any alignment of this base. "per_product" gives each product's
+    median aligned normal score and its FPR and recall at one pooled threshold (see `per_product_decisions`).
     """
     class_names = outputs.class_names
     classes = sorted(set(class_names))
@@ -360,15 +367,75 @@ def results_table(outputs: EvalOutputs, method: str, aligners: tuple[str, ...],
                 per_class[align_name][name].update(class_decisions[name])
         for protocol, metrics in zip(PROTOCOLS, (pooled, averaged)):
             rows.append({"method": method, "align": align_name, "protocol": protocol, **metrics})
-    return {"rows": rows, "per_class": per_class}
+    scores = {name: image_scores(outputs, everything, name != "none") for name in aligners}
+    results = {"rows": rows, "per_class": per_class}
+    oracle = oracle_scores(outputs, class_score_stats)
+    if oracle is not None:
+        scores[ORACLE] = oracle
+        results["oracle"] = [{"method": method, "align": ORACLE, "protocol": protocol, **metrics} for protocol, metrics
+                             in zip(PROTOCOLS, image_only_metrics(oracle, outputs.labels, class_names))]
+    results["per_product"] = {name: per_product_decisions(values, outputs.labels, class_names,
+                                                          (thresholds or {}).get(name)) for name, values in scores.items()}
+    return results
+
+
+def oracle_scores(outputs: EvalOutputs, class_score_stats: dict | None) -> np.ndarray | None:
+    """Image scores aligned by the class-aware oracle, or None without statistics for every test class."""
+    alignment = oracle_alignment(class_score_stats or {}, list(outputs.class_names))
+    if alignment is None:
+        return None
+    u, gamma = alignment
+    return align(torch.from_numpy(outputs.base_scores), u, (gamma - u).clamp(min=1e-12)).numpy()
+
+
+def image_only_metrics(scores: np.ndarray, labels: np.ndarray, class_names: np.ndarray) -> tuple[dict, dict]:
+    """(pooled, mean over classes) rows with the image metrics of `scores` and None for every pixel metric."""
+    rows = []
+    groups = [[np.arange(len(labels))], [np.flatnonzero(class_names == name) for name in sorted(set(class_names))]]
+    for indices in groups:
+        found = [_safe(binary_metrics, scores[index], labels[index]) for index in indices]
+        row = dict.fromkeys(METRICS + THRESHOLDS)
+        for key, source in (("i_auroc", "auroc"), ("i_ap", "ap"), ("i_f1max", "f1max")):
+            row[key] = _mean([m[source] if m else None for m in found])
+        rows.append(row)
+    return rows[0], rows[1]
+
+
+def per_product_decisions(scores: np.ndarray, labels: np.ndarray, class_names: np.ndarray,
+                          threshold: float | None) -> dict:
+    """Each product's median normal score and its FPR and recall at ONE pooled threshold: the calibrated one
+    when given, else the threshold at REFERENCE_FPR of the pooled test normals (an after-the-fact reference)."""
+    source = "calibrated"
+    if threshold is None:
+        threshold, source = threshold_at_fpr(scores[labels == 0], REFERENCE_FPR), f"{REFERENCE_FPR:.0%} FPR on test normals"
+    products = {}
+    for name in sorted(set(class_names)):
+        index = class_names == name
+        normal = scores[index & (labels == 0)]
+        decisions = decision_metrics(scores[index], labels[index], threshold)
+        products[name] = {"median_normal_score": float(np.median(normal)) if normal.size else None,
+                          "fpr": decisions["fpr"], "recall": decisions["recall"]}
+    return {"threshold": float(threshold), "threshold_source": source, "products": products}
+
+
+def format_per_product(results: dict) -> str:
+    """Per product and alignment: median normal score, FPR and recall (percent) at one pooled threshold."""
+    lines = []
+    for name, block in results.get("per_product", {}).items():
+        lines.append(f"  {name} (threshold {block['threshold']:.4g}, {block['threshold_source']}):")
+        for product, values in block["products"].items():
+            median = "-" if values["median_normal_score"] is None else f"{values['median_normal_score']:.3g}"
+            rates = " ".join(f"{key}={'-' if values[key] is None else f'{100 * values[key]:.1f}'}" for key in ("fpr", "recall"))
+            lines.append(f"    {product:<16} median normal {median:>8}  {rates}")
+    return "\n".join(lines)
 
 
 def format_table(results: dict) -> str:
-    """The rows as an aligned text table, metrics in percent."""
+    """The rows (and the oracle's, when present) as an aligned text table, metrics in percent."""
     header = ["method", "align", "protocol", *HEADERS]
     lines = [[row["method"], row["align"], row["protocol"]] + [
         "-" if row.get(key) is None or math.isnan(row[key]) else f"{100 * row[key]:.1f}" for key in METRICS
-    ] for row in results["rows"]]
+    ] for row in results["rows"] + results.get("oracle", [])]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines)]
     render = lambda cells: "  ".join(  # noqa: E731 - a one-line formatter
         str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))

@@ -33,8 +33,9 @@ from cada.methods.training import batch_shard, is_main, world_size
 # image's product, 1 its normal maximum; values at or above HEATMAP_MAX are full red. A normal image looks calm.
 HEATMAP_MAX = 2.0
 
-# (uint8 batch B x 3 x S x S) -> (aligned image scores B, aligned maps B x S x S)
-Scorer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (uint8 batch B x 3 x S x S) -> (aligned image scores B, aligned maps B x S x S[, {column: B values}]): the
+# optional third item adds per-image columns to the CSV and JSON (the knn aligner's unfamiliar-product signal).
+Scorer = Callable[[torch.Tensor], tuple]
 
 
 def colour_map(values: np.ndarray) -> np.ndarray:
@@ -84,12 +85,14 @@ def predict_paths(scorer: Scorer, image_size: int, threshold: float | None, path
         warnings.simplefilter("always")
         # No image cache: production images are seen once, caching them would only fill the disk.
         for batch in iterate_batches(samples, image_size, batch_size, cache_dir=None):
-            scores, maps = scorer(batch["image"])
+            scores, maps, *extra = scorer(batch["image"])
+            columns = extra[0] if extra else {}
             for position, local in enumerate(batch["index"].tolist()):
                 index = positions[local]
                 path, score = files[index], float(scores[position])
                 row = {"path": printable(path), "score": score,
-                       "anomalous": None if threshold is None else bool(score >= threshold)}
+                       "anomalous": None if threshold is None else bool(score >= threshold),
+                       **{name: values[position].item() for name, values in columns.items()}}
                 if overlays or masks:
                     name = names[index]
                     aligned_map = maps[position].numpy()
@@ -121,13 +124,18 @@ def predict_paths(scorer: Scorer, image_size: int, threshold: float | None, path
         summary["processes"] = world_size()
     if not is_main():
         return summary
+    if rows and "unfamiliar" in rows[0]:
+        summary["n_unfamiliar"] = sum(bool(r["unfamiliar"]) for r in rows)
+    extra = [name for name in (rows[0] if rows else {}) if name not in ("path", "score", "anomalous")]
     table = io.StringIO(newline="")
     writer = csv.writer(table)
-    writer.writerow(["path", "score", "anomalous"])
+    writer.writerow(["path", "score", "anomalous", *extra])
     for row in rows:
-        writer.writerow([row["path"], f"{row['score']:.6f}", "" if row["anomalous"] is None else int(row["anomalous"])])
+        writer.writerow([row["path"], f"{row['score']:.6f}", "" if row["anomalous"] is None else int(row["anomalous"]),
+                         *(int(row[name]) if isinstance(row[name], bool) else f"{row[name]:.6f}" for name in extra)])
     atomic_write(out / "predictions.csv", table.getvalue())
-    atomic_write(out / "predictions.json", json.dumps({**summary, "predictions": rows}, indent=2) + "\n")
+    atomic_write(out / "predictions.json", json.dumps({**summary, "predictions": rows}, indent=2) + "
+")
     return summary
 
 
@@ -136,8 +144,14 @@ def _write_png(path: Path, array: np.ndarray) -> None:
 
 
 def detector_scorer(detector) -> Scorer:
-    def score(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aligned scores and maps; with an aligner that keeps training descriptors (knn), also each image's distance to
+    the nearest training image and whether it lies beyond the training set's reference level ("unfamiliar")."""
+    def score(images: torch.Tensor) -> tuple:
         result = detector.infer(images)
-        return result.aligned_scores, result.aligned_maps
+        distance = detector.aligner.nearest_distance(result.align_features)
+        if distance is None:
+            return result.aligned_scores, result.aligned_maps
+        return result.aligned_scores, result.aligned_maps, {
+            "nearest_distance": distance, "unfamiliar": distance > detector.aligner.reference_distance}
 
     return score

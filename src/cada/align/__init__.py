@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from cada.align.base import MAX, MEAN, STD, Aligner, NoAlign
-from cada.align.cada import CADA, CADASigma
+from cada.align.base import MAX, MEAN, SCORE, STD, Aligner, NoAlign
+from cada.align.cada import CADA, CADAScore, CADASigma
 from cada.align.class_aware import ClassAware, ClassifierAligner
+from cada.align.knn import KNNAligner, KNNLevel
 
-ALIGNER_CLASSES = {cls.name: cls for cls in (CADA, CADASigma, ClassAware, ClassifierAligner)}
+ALIGNER_CLASSES = {cls.name: cls for cls in (CADA, CADASigma, CADAScore, ClassAware, ClassifierAligner,
+                                             KNNAligner, KNNLevel)}
 
 
 def create_aligner(name: str, channels: int, settings) -> Aligner:
@@ -18,5 +20,5 @@ def create_aligner(name: str, channels: int, settings) -> Aligner:
     return ALIGNER_CLASSES[name](channels, settings)
 
 
-__all__ = ["Aligner", "CADA", "CADASigma", "ClassAware", "ClassifierAligner", "NoAlign", "create_aligner",
-           "MEAN", "MAX", "STD"]
+__all__ = ["Aligner", "CADA", "CADAScore", "CADASigma", "ClassAware", "ClassifierAligner", "KNNAligner", "KNNLevel", "NoAlign",
+           "create_aligner", "MEAN", "MAX", "STD", "SCORE"]

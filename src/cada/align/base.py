@@ -8,9 +8,26 @@ import torch
 from torch import nn
 
 from cada.methods.training import DrawSampler, lr_factor, train_loop
+from cada.scoring import image_score, smooth
 
-# Columns of the per-image statistics of the raw map that aligners learn from.
-MEAN, MAX, STD = 0, 1, 2
+# Columns of the per-image statistics that aligners learn from: mean, max and std of the raw map, and the image
+# score (top fraction of the smoothed map), the value the one threshold is applied to.
+MEAN, MAX, STD, SCORE = 0, 1, 2, 3
+# Aligners that normalise the image score by its normal (mean, std) map it to 1 + (score - mean) / (3 std):
+# a rank-equivalent z-score whose typical normal image scores 1 and whose map is 0 three std below that.
+ZSCORE_WIDTH = 3.0
+
+
+def map_statistics(raw_maps: torch.Tensor, smoothing_sigma: float, top_fraction: float) -> torch.Tensor:
+    """B x 4 statistics of B x H x W raw maps, in the column order MEAN, MAX, STD, SCORE."""
+    raw = raw_maps.flatten(1)
+    score = image_score(smooth(raw_maps, smoothing_sigma), top_fraction)
+    return torch.stack([raw.mean(dim=1), raw.amax(dim=1), raw.std(dim=1), score], dim=1)
+
+
+def zscore_alignment(mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, gamma) that align an image score with normal (mean, std) to 1 + (score - mean) / (ZSCORE_WIDTH std)."""
+    return mean - ZSCORE_WIDTH * std, mean
 
 
 class Aligner(nn.Module):
@@ -29,7 +46,7 @@ class Aligner(nn.Module):
 
     def fit(self, features: torch.Tensor, image_stats: torch.Tensor, settings, generator: torch.Generator,
             class_names: list[str] | None = None, progress: bool = True) -> list[float]:
-        """features: N x C x h x w of normal training images; image_stats: N x 3 (mean, max, std) of each raw map."""
+        """features: N x C x h x w of normal training images; image_stats: N x 4 (`map_statistics`) of each map."""
         raise NotImplementedError
 
     def stats(self, features: torch.Tensor, class_names: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,6 +59,11 @@ class Aligner(nn.Module):
     def set_min_spread(self, image_stats: torch.Tensor, fraction: float = 0.1) -> None:
         typical = (image_stats[:, MAX] - image_stats[:, MEAN]).median().clamp(min=1e-6)
         self.min_spread.fill_(float(typical) * fraction)
+
+    def nearest_distance(self, features: torch.Tensor) -> torch.Tensor | None:
+        """B distances to the nearest training image in the aligner's descriptor, for aligners that keep one (knn);
+        above `reference_distance` an image is unlike every training image: likely a product never trained on."""
+        return None
 
     # Non-tensor state (e.g. class names) goes to the run's config.json; tensors go to safetensors.
     def config_state(self) -> dict:

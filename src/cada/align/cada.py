@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cada.align.base import MAX, MEAN, STD, Aligner, make_head, train_head
+from cada.align.base import MAX, MEAN, SCORE, STD, Aligner, make_head, train_head
 
 
 class CADA(Aligner):
@@ -50,3 +50,12 @@ class CADASigma(CADA):
 
     def gamma(self, u, second):
         return u + 3 * second
+
+
+class CADAScore(CADA):
+    """Not in the paper: gamma's target is the image score (top fraction of the smoothed map, the value the
+    threshold sees) instead of the raw map's max, so every product's typical normal image scores 1 after
+    alignment, however spiky its maps are (with the max, the aligned normal score is top / max, per product)."""
+
+    name = "cada-score"
+    targets = (MEAN, SCORE)

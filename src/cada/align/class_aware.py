@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cada.align.base import MAX, MEAN, Aligner, make_head, train_head
+from cada.align.base import MAX, MEAN, Aligner, make_head, train_head, zscore_alignment
 
 
 class ClassAware(Aligner):
@@ -87,3 +87,24 @@ class ClassifierAligner(ClassAware):
 
     def class_indices(self, features, class_names=None):
         return self.head(features).argmax(dim=1)  # an unseen class still maps to its nearest known class
+
+
+def class_score_statistics(scores: torch.Tensor, class_names: list[str]) -> dict[str, dict]:
+    """{class: {"mean", "std", "n"}} of the normal training image scores of each class: the statistics of the
+    class-aware oracle (a z-score of the image score within its product), stored in the run at fit time."""
+    statistics = {}
+    for name in sorted(set(class_names)):
+        values = scores[torch.tensor([n == name for n in class_names])].double()
+        std = float(values.std()) if len(values) > 1 else 0.0
+        statistics[name] = {"mean": float(values.mean()), "std": std, "n": len(values)}
+    return statistics
+
+
+def oracle_alignment(statistics: dict[str, dict], class_names) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(u, gamma) per image of the class-aware oracle (`zscore_alignment` of its class's statistics), or None when
+    an image's class has no statistics (e.g. a product the run was not trained on)."""
+    if not statistics or any(name not in statistics for name in class_names):
+        return None
+    mean = torch.tensor([statistics[name]["mean"] for name in class_names], dtype=torch.float32)
+    std = torch.tensor([statistics[name]["std"] for name in class_names], dtype=torch.float32)
+    return zscore_alignment(mean, std)

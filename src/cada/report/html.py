@@ -48,13 +48,27 @@ def _results_table(results: dict) -> str:
     extra = ["FPR at threshold", "recall", "F1", "per-class FPR"] if has_decisions else []
     head = "".join(f"<th>{h}</th>" for h in ["align", "protocol", *HEADERS, *extra])
     body = []
-    for row in results["rows"]:
+    for row in results["rows"] + results.get("oracle", []):
         cells = [row["align"], row["protocol"], *(_percent(row.get(k)) for k in METRICS)]
         if has_decisions:
             cells += [_percent(row.get("fpr")), _percent(row.get("recall")), _percent(row.get("f1")),
                       f"{_percent(row.get('class_fpr_min'))}–{_percent(row.get('class_fpr_max'))}"]
         css = ' class="aligned"' if row["align"] != "none" else ""
         body.append(f"<tr{css}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _per_product_table(results: dict) -> str:
+    """Per alignment and product: median normal score, FPR and recall at one pooled threshold."""
+    head = "".join(f"<th>{h}</th>" for h in ["align", "product", "median normal score", "FPR", "recall", "threshold"])
+    body = []
+    for align_name, block in results.get("per_product", {}).items():
+        for product, values in block["products"].items():
+            median = values["median_normal_score"]
+            cells = [align_name, product, "–" if median is None else f"{median:.3g}", _percent(values["fpr"]),
+                     _percent(values["recall"]), f"{block['threshold']:.4g} ({block['threshold_source']})"]
+            css = ' class="aligned"' if align_name != "none" else ""
+            body.append(f"<tr{css}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
@@ -117,6 +131,8 @@ def write_report(folder: str | Path, results: dict, outputs: EvalOutputs, detect
         "<h2>Results</h2><p>absolute-unified: all classes pooled, one threshold; model-unified: per class, then "
         "averaged. Percent.</p>", _results_table(results),
         "<h2>Per class</h2>", _per_class_table(results),
+        "<h2>Per product at one pooled threshold</h2><p>oracle: each product's image scores z-scored with its own "
+        "training images (class names known): the ceiling of any alignment of this base.</p>", _per_product_table(results),
     ]
     if figure is not None and Path(figure).is_file():
         data = base64.b64encode(Path(figure).read_bytes()).decode()

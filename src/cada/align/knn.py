@@ -1,0 +1,108 @@
+"""Non-parametric alignment: the k training images that look most like this one give its normal statistics.
+
+Each image is summarised by a global descriptor (its align features averaged over space, centred on the
+training mean and L2-normalised). The image scores of its k nearest training images give a normal (mean, std),
+and the image score is aligned to 1 + (score - mean) / (3 std) (`zscore_alignment`): when the neighbours are
+images of the same product, this is the per-product z-score that knowing the product would give.
+
+The distance to the nearest training image is a free "unfamiliar product" signal: `reference_distance` is the
+99th percentile of the training images' leave-one-out nearest distances, so about 1% of the training images lie
+beyond it (measured on new normal images of trained products: 0% of the held-out ones and 0.7-3.7% of the test
+ones on realmix and its 6-product mix), while images of a product never trained on lie beyond it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cada.align.base import MEAN, SCORE, ZSCORE_WIDTH, Aligner, zscore_alignment
+
+REFERENCE_QUANTILE = 0.99  # of the leave-one-out nearest distances in training: the "familiar" level
+QUERY_CHUNK = 256  # test images compared with the whole training set at once
+
+
+class KNNAligner(Aligner):
+    name = "knn"
+
+    def __init__(self, channels: int, settings):
+        super().__init__()
+        self.neighbours = settings.neighbours
+        self._allocate(0, channels)
+
+    def _allocate(self, n_train: int, channels: int) -> None:
+        """Buffers sized for `n_train` training images: their shape is known before the weights are loaded."""
+        self.register_buffer("centre", torch.zeros(channels))
+        self.register_buffer("train_descriptors", torch.zeros(n_train, channels))
+        self.register_buffer("train_scores", torch.zeros(n_train))
+        self.register_buffer("train_map_means", torch.zeros(n_train))
+        self.register_buffer("reference_distance", torch.tensor(float("inf")))
+
+    def descriptor(self, features: torch.Tensor) -> torch.Tensor:
+        """B x C x h x w -> B x C: averaged over space, centred on the training mean, unit length."""
+        return F.normalize(features.float().mean(dim=(2, 3)) - self.centre, dim=1)
+
+    def neighbours_of(self, descriptors: torch.Tensor, exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distances B x k, indices B x k) of the k nearest training images (Euclidean between unit descriptors)."""
+        k = min(self.neighbours, len(self.train_descriptors) - int(exclude_self))
+        distances, indices = [], []
+        for start in range(0, len(descriptors), QUERY_CHUNK):
+            chunk = descriptors[start : start + QUERY_CHUNK]
+            squared = (2 - 2 * chunk @ self.train_descriptors.T).clamp(min=0)
+            if exclude_self:  # leave-one-out over the training set itself: rows start..start+len(chunk)
+                rows = torch.arange(len(chunk), device=chunk.device)
+                squared[rows, rows + start] = float("inf")
+            nearest = squared.topk(k, dim=1, largest=False)
+            distances.append(nearest.values.sqrt())
+            indices.append(nearest.indices)
+        return torch.cat(distances), torch.cat(indices)
+
+    def normal_statistics(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the image scores of the training images at `indices` (B x k)."""
+        scores = self.train_scores[indices]
+        std = scores.std(dim=1) if scores.shape[1] > 1 else torch.zeros_like(scores[:, 0])
+        return scores.mean(dim=1), std
+
+    def fit(self, features, image_stats, settings, generator, class_names=None, progress=True) -> list[float]:
+        if len(features) < 2:
+            raise ValueError("the knn aligner needs at least two training images")
+        self.neighbours = settings.neighbours
+        self._allocate(len(features), features.shape[1])
+        self.centre.copy_(features.float().mean(dim=(0, 2, 3)))
+        self.train_descriptors.copy_(self.descriptor(features))
+        self.train_scores.copy_(image_stats[:, SCORE])
+        self.train_map_means.copy_(image_stats[:, MEAN])
+        distances, indices = self.neighbours_of(self.train_descriptors, exclude_self=True)
+        self.reference_distance.fill_(float(distances[:, 0].quantile(REFERENCE_QUANTILE)))
+        # A neighbourhood of near-identical scores must not blow a tiny difference up: the spread is kept above
+        # a tenth of the typical leave-one-out spread of the training images.
+        _, std = self.normal_statistics(indices)
+        self.min_spread.fill_(max(0.1 * ZSCORE_WIDTH * float(std.median()), 1e-6))
+        return []
+
+    def stats(self, features, class_names=None):
+        _, indices = self.neighbours_of(self.descriptor(features))
+        return zscore_alignment(*self.normal_statistics(indices))
+
+    def nearest_distance(self, features: torch.Tensor) -> torch.Tensor:
+        distances, _ = self.neighbours_of(self.descriptor(features))
+        return distances[:, 0]
+
+    def config_state(self) -> dict:
+        return {"n_train": len(self.train_descriptors), "neighbours": self.neighbours}
+
+    def load_config_state(self, state: dict) -> None:
+        self.neighbours = state["neighbours"]
+        self._allocate(state["n_train"], len(self.centre))
+
+
+class KNNLevel(KNNAligner):
+    """The k nearest training images give u = their mean raw-map mean and gamma = their mean image score: the
+    typical normal image scores 1, as with `knn`, but the scale is the level above the map's floor, not the spread
+    of the scores (the issue's second-best oracle, (map mean, mean image score))."""
+
+    name = "knn-level"
+
+    def stats(self, features, class_names=None):
+        _, indices = self.neighbours_of(self.descriptor(features))
+        return self.train_map_means[indices].mean(dim=1), self.train_scores[indices].mean(dim=1)
