@@ -218,5 +218,5 @@ def test_image_score_targets_put_normals_at_one_level_whatever_the_spikiness():
 def test_knn_needs_two_neighbours_to_estimate_a_spread():
     from cada.config import Settings
 
-    with pytest.raises(ValueError, match="neighbours must be at least 2"):
+    with pytest.raises(ValueError, match=r"aligner.neighbours must be an integer in \[2,"):
         Settings(aligner=AlignTraining(neighbours=1)).validate()

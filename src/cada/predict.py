@@ -134,8 +134,7 @@ def predict_paths(scorer: Scorer, image_size: int, threshold: float | None, path
         writer.writerow([row["path"], f"{row['score']:.6f}", "" if row["anomalous"] is None else int(row["anomalous"]),
                          *(int(row[name]) if isinstance(row[name], bool) else f"{row[name]:.6f}" for name in extra)])
     atomic_write(out / "predictions.csv", table.getvalue())
-    atomic_write(out / "predictions.json", json.dumps({**summary, "predictions": rows}, indent=2) + "
-")
+    atomic_write(out / "predictions.json", json.dumps({**summary, "predictions": rows}, indent=2) + "\n")
     return summary
 
 
