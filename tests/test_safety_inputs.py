@@ -205,7 +205,7 @@ def test_zero_iterations_are_an_error_not_the_preset(command, capsys):
 
 def test_an_aligner_that_trains_needs_iterations():
     settings = preset("cpu")
-    settings.aligner.iters = 0
+    settings.align, settings.aligner.iters = "cada", 0
     with pytest.raises(ValueError, match="aligner.iters must be at least 1: the cada aligner is trained"):
         settings.validate()
     settings.align = "none"  # nothing to train: 0 is fine

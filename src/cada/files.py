@@ -98,9 +98,6 @@ def check_output(path: str | Path, option: str, kind: str = "file", inputs: Iter
         raise ValueError(f"{option} {printable(path)} is a folder: give a file name")
     if kind == "folder" and path.exists() and not path.is_dir():
         raise ValueError(f"{option} {printable(path)} is a file: give a folder")
-    if not overwrite and (path.is_file() or (path.is_dir() and any(path.iterdir()))):
-        raise ValueError(f"{option} {printable(path)} {'exists' if kind == 'file' else 'is not empty'}: choose "
-                         "another place, or add --overwrite to replace it")
     for source in inputs:
         source = Path(source).resolve()
         if _inside(resolved, source) or (kind == "folder" and _inside(source, resolved)):
@@ -111,6 +108,9 @@ def check_output(path: str | Path, option: str, kind: str = "file", inputs: Iter
         kept = Path(kept).resolve()
         if resolved == kept or (kind == "folder" and _inside(kept, resolved)) or _inside(resolved, kept):
             raise ValueError(f"{option} {printable(path)} would overwrite {printable(kept)}: choose another place")
+    if not overwrite and (path.is_file() or (path.is_dir() and any(path.iterdir()))):
+        raise ValueError(f"{option} {printable(path)} {'exists' if kind == 'file' else 'is not empty'}: choose "
+                         "another place, or add --overwrite to replace it")
     _writable(path if kind == "folder" else path.parent, option, path)
     return path
 
