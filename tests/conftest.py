@@ -31,7 +31,7 @@ def tiny_settings():
     def make(**changes):
         settings = preset("cpu")
         settings.image_size = 64
-        settings.base.iters = 3
+        settings.base.iters, settings.base.epochs = 3, None  # fast: an explicit step count, not passes
         settings.base.batch_size = 4
         settings.aligner.iters = 5
         settings.aligner.batch_size = 4

@@ -24,8 +24,10 @@ def _settings_from_args(args):
         settings.backbone = args.backbone
     if args.image_size:
         settings.image_size = args.image_size
-    if args.iters:
-        settings.base.iters = args.iters
+    if args.iters:  # either length replaces the preset's, whichever way the preset gives it
+        settings.base.iters, settings.base.epochs = args.iters, None
+    if args.epochs is not None:
+        settings.base.iters, settings.base.epochs = None, args.epochs
     if args.align_iters is not None:
         settings.aligner.iters = args.align_iters
     if getattr(args, "scale_lr", False):
@@ -53,13 +55,18 @@ def train_and_save(settings, data: Path, out: Path, weights: str | None = None, 
         require_checkpoint(out / RESUME_FOLDER)  # before the slow part
     detector = Detector(settings, weights_path=weights)
     processes = f" in {world_size()} processes" if world_size() > 1 else ""
-    schedule = "one pass, no iterations" if settings.method == "patchcore" else f"{settings.base.iters} iters"
-    _say(f"training {settings.method} ({settings.backbone}, {settings.image_size}px, {schedule}) "
-         f"+ aligner {settings.align} on all classes of {data} mixed{processes}")
+
+    def announce(n_images: int, iters: int) -> None:  # once the images are read: the schedule is resolved
+        batch = settings.base.batch_size * world_size()
+        schedule = ("one pass, no iterations" if settings.method == "patchcore" else
+                    f"{iters} iters of batch {batch} = {iters * batch / n_images:.1f} passes over {n_images} images")
+        _say(f"training {settings.method} ({settings.backbone}, {settings.image_size}px, {schedule}) "
+             f"+ aligner {settings.align} on all classes of {data} mixed{processes}")
+
     checkpoint_dir = None if checkpoint_every is None and not resume else out / RESUME_FOLDER
     detector.fit(data, progress=progress, holdout=holdout, fpr=fpr, format=format, cache_dir=cache_dir,
                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every or 0, resume=resume,
-                 resume_hint=resume_hint)
+                 resume_hint=resume_hint, on_start=announce)
     info = detector.training_info
     _say(f"  data layout: {info['format']}")
     _say(f"  {info['n_images']} training images of {len(info['classes'])} classes; base {info['base_seconds']} s, "
@@ -315,7 +322,7 @@ def cmd_demo(args) -> int:
         settings = preset("cpu")
         settings.seed = args.seed
         if args.iters:
-            settings.base.iters = args.iters
+            settings.base.iters, settings.base.epochs = args.iters, None
         detector = train_and_save(settings, data, out / "run", progress=not args.quiet)
         results = evaluate_and_report(detector, data, out / "results.json", progress=not args.quiet)
     rows = {(r["align"], r["protocol"]): r for r in results["rows"]}
@@ -397,7 +404,10 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", help="encoder name (default: the preset's)")
     parser.add_argument("--weights", help="local encoder weights file (.pth or .safetensors)")
     parser.add_argument("--image-size", type=int)
-    parser.add_argument("--iters", type=int, help="base training iterations (default: the preset's)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--iters", type=int, help="base training iterations (default: the preset's)")
+    length.add_argument("--epochs", type=float, help="base training passes over the training images, resolved to "
+                        "ceil(epochs x images / batch) iterations (default: the preset's)")
     parser.add_argument("--align-iters", type=int, help="aligner training iterations (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 METHODS = ("revdist", "recontrast", "uniad", "patchcore", "draem", "cfa")
@@ -15,9 +16,14 @@ class BaseTraining:
 
     The defaults are RevDist's; `preset(name, method)` gives each method its own (ReContrast: AMSGrad, eps 1e-10,
     encoder lr 1e-5, LR x0.2 at 80%; UniAD: lr 3e-4, wd 1e-4, batch 64).
+
+    The length is given by exactly one of `iters` (optimiser steps) and `epochs` (passes over the training
+    images: ceil(epochs x images / effective batch) steps, resolved when the images are known, see `resolved`),
+    so that a mix of more products gets more steps instead of fewer passes over each.
     """
 
-    iters: int = 5000
+    iters: int | None = 5000
+    epochs: float | None = None
     batch_size: int = 16
     lr: float = 2e-3
     betas: tuple[float, float] = (0.9, 0.999)
@@ -32,8 +38,20 @@ class BaseTraining:
     # process count only when this is set (the linear scaling rule).
     scale_lr: bool = False
 
+    def iterations(self, n_images: int, processes: int = 1) -> int:
+        """The optimiser steps for `n_images` training images and `processes` processes (each its own batch)."""
+        if self.iters is not None:
+            return self.iters
+        return max(1, math.ceil(self.epochs * n_images / (self.batch_size * processes)))
+
+    def resolved(self, n_images: int, processes: int = 1) -> "BaseTraining":
+        """A copy with `iters` set to `iterations(n_images, processes)`: what the training loop runs."""
+        return dataclasses.replace(self, iters=self.iterations(n_images, processes), epochs=None)
+
     def lr_milestones(self) -> list[int]:
-        """The iterations after which the learning rates drop."""
+        """The iterations after which the learning rates drop (of a resolved schedule)."""
+        if self.iters is None:
+            raise ValueError("the schedule is given in epochs: resolve it for the training images first (resolved)")
         if self.lr_drop_at is None:
             return []
         fractions = self.lr_drop_at if isinstance(self.lr_drop_at, (list, tuple)) else [self.lr_drop_at]
@@ -154,7 +172,12 @@ class Settings:
             raise ValueError("the aligner head has 0-2 convolutions and 1-3 linear layers")
         if not 0 <= self.aligner.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.aligner.dropout}")
-        if self.base.iters < 1 or self.aligner.iters < 0:
+        if (self.base.iters is None) == (self.base.epochs is None):
+            raise ValueError(f"base training needs exactly one of iters and epochs, got iters={self.base.iters}, "
+                             f"epochs={self.base.epochs}")
+        if self.base.epochs is not None and not self.base.epochs > 0:
+            raise ValueError(f"epochs (passes over the training images) must be positive, got {self.base.epochs}")
+        if (self.base.iters is not None and self.base.iters < 1) or self.aligner.iters < 0:
             raise ValueError("iteration counts must be positive")
         patchcore = self.patchcore
         if not 0 < patchcore.coreset_ratio <= 1:
@@ -195,18 +218,18 @@ def preset(name: str, method: str = "revdist") -> Settings:
         settings.aligner.iters = 20_000
     elif method == "draem":
         # DRAEM's own schedule (its train_DRAEM.py): Adam (AdamW without weight decay is Adam) lr 1e-4, batch 8,
-        # 700 epochs, every lr x0.2 at 80% and 90%; 700 epochs of MVTec AD's 3629 training images (all classes mixed, 454 batches of 8).
+        # 700 epochs, every lr x0.2 at 80% and 90% (on MVTec AD's 3629 training images mixed: 317,538 steps).
         # The wide_resnet50_2 encoder only feeds the aligner.
-        settings.base = BaseTraining(iters=700 * 454, batch_size=8, lr=1e-4, weight_decay=0.0, lr_drop_at=[0.8, 0.9],
-                                     lr_drop=0.2)
+        settings.base = BaseTraining(iters=None, epochs=700, batch_size=8, lr=1e-4, weight_decay=0.0,
+                                     lr_drop_at=[0.8, 0.9], lr_drop=0.2)
     elif method == "cfa":
-        # CFA's reference: AdamW lr 1e-3, weight decay 5e-4, AMSGrad, batch 4, 30 epochs (of MVTec AD's 3629
-        # training images mixed, 907 full batches each), 256 px; gamma_c = gamma_d = 1, K = J = 3.
-        settings.base = BaseTraining(iters=30 * 907, batch_size=4, lr=1e-3, weight_decay=5e-4, amsgrad=True)
+        # CFA's reference: AdamW lr 1e-3, weight decay 5e-4, AMSGrad, batch 4, 30 epochs (on MVTec AD's 3629
+        # training images mixed: 27,218 steps), 256 px; gamma_c = gamma_d = 1, K = J = 3.
+        settings.base = BaseTraining(iters=None, epochs=30, batch_size=4, lr=1e-3, weight_decay=5e-4, amsgrad=True)
     if name == "cpu":
         # Lite0 has B4's stage structure (strides 2-16), so UniAD keeps its shape and its 224 px input.
         settings.backbone = "efficientnet_lite0"
-        settings.base.iters, settings.base.batch_size = 400, 16
+        settings.base.iters, settings.base.epochs, settings.base.batch_size = 400, None, 16
         settings.aligner.iters = 1000
         if method == "draem":
             # Full-resolution sub-networks dominate: widths 16 / 8 (reference 128 / 64) and DRAEM's batch of 8.
