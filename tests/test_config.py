@@ -13,6 +13,15 @@ def test_epochs_resolve_to_enough_steps_for_every_image():
     resolved = schedule.resolved(747)
     assert (resolved.iters, resolved.epochs, resolved.batch_size) == (934, None, 16)
     assert BaseTraining(iters=400).iterations(10_000) == 400  # a step count is taken as given
+    assert BaseTraining(iters=None, epochs=20, min_iters=400).iterations(85) == 400  # a floor for small sets
+
+
+def test_cpu_preset_scales_large_mixes_and_keeps_small_ones_at_400_steps():
+    for method in ("revdist", "recontrast", "uniad"):
+        schedule = preset("cpu", method).base
+        assert [schedule.iterations(n) for n in (85, 747, 800, 1207, 8659)] == [400, 400, 400, 604, 4330]
+    for method in ("draem", "cfa"):  # their own small batches: a fixed budget
+        assert preset("cpu", method).base.iterations(8659) == 400
 
 
 def test_learning_rate_drops_need_the_resolved_schedule():
@@ -39,3 +48,10 @@ def test_every_preset_has_a_valid_schedule_that_survives_json(name, method):
     settings = preset(name, method).validate()
     assert Settings.from_dict(settings.to_dict()) == settings
     assert settings.base.iterations(3629) >= 1
+
+
+def test_negative_step_floor_is_refused():
+    settings = preset("cpu")
+    settings.base.min_iters = -1
+    with pytest.raises(ValueError, match="min_iters"):
+        settings.validate()

@@ -26,8 +26,8 @@ def _settings_from_args(args):
         settings.image_size = args.image_size
     if args.iters:  # either length replaces the preset's, whichever way the preset gives it
         settings.base.iters, settings.base.epochs = args.iters, None
-    if args.epochs is not None:
-        settings.base.iters, settings.base.epochs = None, args.epochs
+    if args.epochs is not None:  # exactly these passes: no preset minimum of steps
+        settings.base.iters, settings.base.epochs, settings.base.min_iters = None, args.epochs, 0
     if args.align_iters is not None:
         settings.aligner.iters = args.align_iters
     if getattr(args, "scale_lr", False):
