@@ -207,8 +207,8 @@ def preset(name: str, method: str = "revdist") -> Settings:
     `paper`: the paper's schedule (Sec. 4.2; a GPU job): fixed iterations as the paper trains RevDist, ReContrast
     and UniAD on every data set, DRAEM's and CFA's reference epochs. `cpu`: EfficientNet-Lite0, batch 16, 8 passes
     over the training images and at least 400 iterations (DRAEM, CFA: 400 iterations of 8 / 4), sized for 2 CPU
-    cores. PatchCore trains no weights (its
-    fit is one pass that ignores iters and lr); `paper` gives it wide_resnet50_2 at 256 px, `cpu` Lite0.
+    cores. PatchCore trains no weights (its fit is one pass that ignores iters and lr); `paper` gives it
+    wide_resnet50_2 at 256 px, `cpu` Lite0.
     """
     if name not in ("cpu", "paper"):
         raise ValueError(f"unknown preset {name!r}; choose 'cpu' or 'paper'")
