@@ -16,6 +16,12 @@ def test_epochs_resolve_to_enough_steps_for_every_image():
     assert BaseTraining(iters=None, epochs=20, min_iters=400).iterations(85) == 400  # a floor for small sets
 
 
+def test_cpu_preset_encoders():
+    assert preset("cpu").backbone == "efficientnet_lite2"  # RevDist, the default method
+    assert {preset("cpu", m).backbone for m in ("recontrast", "uniad", "patchcore", "draem", "cfa")} == {
+        "efficientnet_lite0"}
+
+
 def test_cpu_preset_scales_large_mixes_and_keeps_small_ones_at_400_steps():
     for method in ("revdist", "recontrast", "uniad"):
         schedule = preset("cpu", method).base
