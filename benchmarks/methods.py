@@ -40,7 +40,7 @@ def main() -> None:
         settings = preset(args.preset, method)
         settings.align, settings.seed = "cada", args.seed
         if args.iters is not None:
-            settings.base.iters = args.iters
+            settings.base.iters, settings.base.epochs = args.iters, None
         if args.align_iters is not None:
             settings.aligner.iters = args.align_iters
         print(f"\n=== {method} ===")
@@ -51,9 +51,10 @@ def main() -> None:
         runs[method] = {
             "settings": settings.to_dict(),
             "n_train_images": info["n_images"],
+            "base_iters": info["base_iters"],
             "base_seconds": info["base_seconds"],
             # PatchCore has no iterations: its base time is one pass building the memory bank.
-            "base_seconds_per_iter": None if method == "patchcore" else round(info["base_seconds"] / settings.base.iters, 3),
+            "base_seconds_per_iter": None if method == "patchcore" else round(info["base_seconds"] / info["base_iters"], 3),
             "aligner_seconds": info["aligner_seconds"],
             "evaluate_seconds": results["meta"]["evaluate_seconds"],
             "total_seconds": round(time.perf_counter() - started, 1),
@@ -69,7 +70,7 @@ def main() -> None:
         per_iter = "-" if run["base_seconds_per_iter"] is None else f"{run['base_seconds_per_iter']:.2f}"
         print(f"{method:<12} {run['base_seconds']:7.0f} {per_iter:>9} "
               f"{run['aligner_seconds']:8.0f} {run['evaluate_seconds']:9.0f} {run['total_seconds']:7.0f}   "
-              f"({base['iters']}, {run['settings']['image_size']} px, {base['batch_size']})")
+              f"({run['base_iters']}, {run['settings']['image_size']} px, {base['batch_size']})")
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "methods.json", {"data": str(args.data), "preset": args.preset, "rows": rows, "runs": runs})
     print(f"wrote {args.out / 'methods.json'}")

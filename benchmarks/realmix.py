@@ -30,7 +30,7 @@ def main() -> None:
     settings = preset(args.preset)
     settings.seed = args.seed
     if args.iters is not None:
-        settings.base.iters = args.iters
+        settings.base.iters, settings.base.epochs = args.iters, None
     started = time.perf_counter()
     detector = train_and_save(settings, args.data, args.out, progress=False)
     trained = time.perf_counter()

@@ -30,8 +30,8 @@ def tiny_settings():
 
     def make(**changes):
         settings = preset("cpu")
-        settings.image_size = 64
-        settings.base.iters = 3
+        settings.image_size, settings.backbone = 64, "efficientnet_lite0"  # the smallest encoder: fast tests
+        settings.base.iters, settings.base.epochs = 3, None  # fast: an explicit step count, not passes
         settings.base.batch_size = 4
         settings.aligner.iters = 5
         settings.aligner.batch_size = 4

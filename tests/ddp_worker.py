@@ -18,7 +18,7 @@ assert init_distributed() and world_size() == 2, "expected to run under torchrun
 for method, align in (("revdist", "cada"), ("recontrast", "classifier")):
     settings = preset("cpu", method)
     settings.image_size, settings.align = 64, align
-    settings.base.iters, settings.base.batch_size = 3, 2
+    settings.base.iters, settings.base.epochs, settings.base.batch_size = 3, None, 2
     settings.aligner.iters, settings.aligner.batch_size = 4, 2
     detector = train_and_save(settings, data, out / method, progress=False, checkpoint_every=2)
     state = {key: value.contiguous() for key, value in detector._modules().state_dict().items()}

@@ -104,6 +104,29 @@ def test_f1_calibration_on_labelled_validation_images(trained, tiny_data):
     trained.calibration = None
 
 
+def test_epochs_are_passes_over_the_images_actually_trained_on(tiny_data, tiny_settings, monkeypatch):
+    from cada.methods import training
+
+    steps, announced = [], []
+    train_loop = training.train_loop
+
+    def counting_loop(*args, **kwargs):  # the steps the base really takes
+        losses = train_loop(*args, **kwargs)
+        steps.append(len(losses))
+        return losses
+
+    monkeypatch.setattr(training, "train_loop", counting_loop)
+    settings = tiny_settings()
+    settings.base.iters, settings.base.epochs, settings.base.min_iters = None, 1.5, 0  # no floor of 400 steps
+    detector = Detector(settings).fit(tiny_data, progress=False, holdout=0.34, fpr=0.5,
+                                      on_start=lambda n, iters: announced.append((n, iters)))
+    # 16 images kept out of 24 (the held-out ones are not trained on): ceil(1.5 x 16 / 4) = 6 steps
+    assert announced == [(16, 6)] and steps == [6]
+    info = detector.training_info
+    assert (info["base_iters"], info["base_epochs"]) == (6, 1.5)
+    assert (detector.settings.base.iters, detector.settings.base.epochs) == (None, 1.5)  # the request is kept as given
+
+
 def test_holdout_trains_on_the_rest_and_calibrates_on_the_held_out(tiny_data, tiny_settings):
     detector = Detector(tiny_settings()).fit(tiny_data, progress=False, holdout=0.34, fpr=0.5)
     assert detector.training_info["n_images"] == 16  # 2 of 6 per class held out

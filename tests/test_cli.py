@@ -29,6 +29,22 @@ def test_train_then_evaluate_writes_the_documented_json(tiny_data, tmp_path, cap
     assert set(results["per_class"][DEFAULT_ALIGN]) == {"weave", "marble", "washer", "circuit"}
 
 
+def test_epochs_option_resolves_to_iterations_said_in_the_first_line(tiny_data, tmp_path, capsys):
+    from cada.api import Detector
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), "--image-size", "64", "--epochs", "2",
+                 "--align-iters", "2", "--quiet"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("training revdist") and "3 iters of batch 16 = 2.0 passes over 24 images" in first
+    detector = Detector.load(run)
+    assert detector.training_info["base_iters"] == 3 and detector.settings.base.epochs == 2
+    with pytest.raises(SystemExit):  # one length or the other
+        main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "both"), "--iters", "3", "--epochs", "2"])
+    assert main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "zero"), "--epochs", "0", "--quiet"]) == 2
+    assert "epochs" in capsys.readouterr().err and not (tmp_path / "zero").exists()
+
+
 def test_synth_writes_the_mvtec_layout(tmp_path):
     assert main(["synth", "--out", str(tmp_path / "s"), "--n-train", "2", "--n-test-good", "1", "--n-test-defect", "1",
                  "--image-size", "64"]) == 0

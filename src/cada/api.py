@@ -9,7 +9,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -183,7 +183,8 @@ class Detector:
     def fit(self, data: str | Path | Sequence[Sample], progress: bool = True, holdout: float = 0.0,
             fpr: float = 0.01, format: str = "auto", cache_dir: str | Path | None = "auto",
             checkpoint_dir: str | Path | None = None, checkpoint_every: int = 200, resume: bool = False,
-            resume_hint: str = "", keep_checkpoint: bool = False) -> "Detector":
+            resume_hint: str = "", keep_checkpoint: bool = False,
+            on_start: Callable[[int, int], None] | None = None) -> "Detector":
         """Train the base method, then the aligner, on the normal images of every class of `data` mixed.
 
         `data` is a data root (MVTec AD, VisA, BTAD or a folder of normal images, see `format`; its training
@@ -196,6 +197,9 @@ class Detector:
         caller that removes it once the run is saved); `resume` continues from it, skipping finished stages, and
         refuses other settings or other training data (paths and decoded images). Launched by torchrun
         (torch.distributed initialised), both stages train with DDP.
+
+        The base trains `settings.base.iters` steps, or with `settings.base.epochs` that many passes over the
+        training images read; `on_start(n_images, iterations)` is called with that count before training starts.
         """
         chosen = "samples"
         if isinstance(data, (str, Path)):
@@ -209,6 +213,9 @@ class Detector:
         settings = self.settings
         samples, held_out = split_holdout(samples, holdout, settings.seed)
         images, samples = load_all(samples, settings.image_size, cache_dir=cache_dir)
+        base_schedule = settings.base.resolved(len(images), training.world_size())
+        if on_start is not None:
+            on_start(len(images), base_schedule.iters)
         generator = torch.Generator().manual_seed(settings.seed)
         session = None
         if checkpoint_dir is not None:
@@ -226,7 +233,7 @@ class Detector:
             else:
                 if session is not None:
                     session.enter("base")
-                base_losses = self.method.fit(images, settings.base, generator, progress,
+                base_losses = self.method.fit(images, base_schedule, generator, progress,
                                               cache_gib=settings.feature_cache_gib)
                 base_seconds = time.perf_counter() - started
                 if session is not None:
@@ -246,6 +253,10 @@ class Detector:
             "format": chosen,
             "n_images": len(samples),
             "classes": sorted({s.class_name for s in samples}),
+            # The resolved schedule: steps of the effective batch (PatchCore trains none: one pass).
+            "base_iters": None if settings.method == "patchcore" else base_schedule.iters,
+            "base_epochs": None if settings.method == "patchcore" else round(
+                base_schedule.iters * base_schedule.batch_size * training.world_size() / len(images), 2),
             "base_seconds": round(base_seconds, 1),
             "aligner_seconds": round(time.perf_counter() - started, 1),
             # None for a method without gradient training (PatchCore): it has no loss to report.

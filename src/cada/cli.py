@@ -35,8 +35,10 @@ def _settings_from_args(args):
         settings.backbone = args.backbone
     if args.image_size is not None:
         settings.image_size = args.image_size
-    if args.iters is not None:
-        settings.base.iters = args.iters
+    if args.iters is not None:  # either length replaces the preset's, whichever way the preset gives it
+        settings.base.iters, settings.base.epochs = args.iters, None
+    if args.epochs is not None:  # exactly these passes: no preset minimum of steps
+        settings.base.iters, settings.base.epochs, settings.base.min_iters = None, args.epochs, 0
     if args.align_iters is not None:
         settings.aligner.iters = args.align_iters
     if getattr(args, "scale_lr", False):
@@ -86,14 +88,19 @@ def train_and_save(settings, data: Path, out: Path, weights: str | None = None, 
             shutil.rmtree(checkpoint_folder)  # --overwrite without --resume: an earlier training's checkpoint
         detector = Detector(settings, weights_path=weights)
         processes = f" in {world_size()} processes" if world_size() > 1 else ""
-        schedule = "one pass, no iterations" if settings.method == "patchcore" else f"{settings.base.iters} iters"
-        _say(f"training {settings.method} ({settings.backbone}, {settings.image_size}px, {schedule}) "
-             f"+ aligner {settings.align} on all classes of {data} mixed{processes}")
+
+        def announce(n_images: int, iters: int) -> None:  # once the images are read: the schedule is resolved
+            batch = settings.base.batch_size * world_size()
+            schedule = ("one pass, no iterations" if settings.method == "patchcore" else
+                        f"{iters} iters of batch {batch} = {iters * batch / n_images:.1f} passes over {n_images} images")
+            _say(f"training {settings.method} ({settings.backbone}, {settings.image_size}px, {schedule}) "
+                 f"+ aligner {settings.align} on all classes of {data} mixed{processes}")
+
         checkpoint_dir = None if checkpoint_every is None and not resume else checkpoint_folder
         # The checkpoint stays until the run is saved: the save replaces the folder that holds it.
         detector.fit(data, progress=progress, holdout=holdout, fpr=fpr, format=format, cache_dir=cache_dir,
                      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every or 0, resume=resume,
-                     resume_hint=resume_hint, keep_checkpoint=True)
+                     resume_hint=resume_hint, keep_checkpoint=True, on_start=announce)
         info = detector.training_info
         _say(f"  data layout: {info['format']}")
         _say(f"  {info['n_images']} training images of {len(info['classes'])} classes; base "
@@ -405,7 +412,7 @@ def cmd_demo(args) -> int:
         settings = preset("cpu")
         settings.seed = args.seed
         if args.iters is not None:
-            settings.base.iters = args.iters
+            settings.base.iters, settings.base.epochs = args.iters, None
         detector = train_and_save(settings, data, out / "run", progress=not args.quiet, overwrite=args.overwrite)
         results = evaluate_and_report(detector, data, out / "results.json", progress=not args.quiet)
     rows = {(r["align"], r["protocol"]): r for r in results["rows"]}
@@ -493,13 +500,27 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type of pass counts: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
     parser.add_argument("--method", choices=METHODS, default="revdist")
     parser.add_argument("--backbone", help="encoder name (default: the preset's)")
     parser.add_argument("--weights", help="local encoder weights file (.pth or .safetensors)")
     parser.add_argument("--image-size", type=int)
-    parser.add_argument("--iters", type=positive_int, help="base training iterations (default: the preset's)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--iters", type=positive_int, help="base training iterations (default: the preset's)")
+    length.add_argument("--epochs", type=positive_float, help="base training passes over the training images, "
+                        "resolved to ceil(epochs x images / batch) iterations (default: the preset's)")
     parser.add_argument("--align-iters", type=positive_int, help="aligner training iterations (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
