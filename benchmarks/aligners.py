@@ -27,7 +27,7 @@ from cada.align.base import SCORE
 from cada.align.class_aware import class_score_statistics
 from cada.api import Detector, split_holdout
 from cada.checkpoint import write_json
-from cada.cli import _samples, train_and_save
+from cada.cli import _samples, positive_int, train_and_save
 from cada.config import preset
 from cada.evaluate import image_only_metrics, image_scores, oracle_scores, per_product_decisions
 from cada.threshold import threshold_at_fpr
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
     parser.add_argument("--holdout", type=float, default=0.1, help="fraction of each product's training images held out")
     parser.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate of the calibrated threshold")
-    parser.add_argument("--iters", type=int, help="base training iterations (default: the preset's)")
+    parser.add_argument("--iters", type=positive_int, help="base training iterations (default: the preset's)")
     parser.add_argument("--image-size", type=int, help="input size (default: the preset's)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
@@ -92,8 +92,10 @@ def main() -> None:
     else:
         settings = preset(args.preset)
         settings.align = "none"
-        settings.base.iters = args.iters or settings.base.iters
-        settings.image_size = args.image_size or settings.image_size
+        if args.iters is not None:
+            settings.base.iters, settings.base.epochs = args.iters, None
+        if args.image_size is not None:
+            settings.image_size = args.image_size
         detector = train_and_save(settings, args.data, args.out / "base", progress=False, holdout=args.holdout,
                                   fpr=args.fpr)
     base_seconds = time.perf_counter() - started
@@ -107,7 +109,8 @@ def main() -> None:
     labels, class_names = ablation.test.labels, ablation.test.class_names
     print(f"{args.data}: {len(train)} training images, {len(held_out)} held out for calibration, {len(test)} test "
           f"images, {len(set(class_names))} products; base {detector.settings.method} {detector.settings.backbone} "
-          f"{detector.settings.base.iters} iters, {'loaded' if args.run else 'trained'} in {base_seconds:.0f} s; "
+          f"{detector.training_info.get('base_iters') or detector.settings.base.iters} iters, "
+          f"{'loaded' if args.run else 'trained'} in {base_seconds:.0f} s; "
           f"caches {ablation.cache_seconds:.0f} s")
 
     rows = []

@@ -41,8 +41,10 @@ def test_epochs_option_resolves_to_iterations_said_in_the_first_line(tiny_data, 
     assert detector.training_info["base_iters"] == 3 and detector.settings.base.epochs == 2
     with pytest.raises(SystemExit):  # one length or the other
         main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "both"), "--iters", "3", "--epochs", "2"])
-    assert main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "zero"), "--epochs", "0", "--quiet"]) == 2
-    assert "epochs" in capsys.readouterr().err and not (tmp_path / "zero").exists()
+    with pytest.raises(SystemExit) as stopped:  # refused by the argument parser, exit code 2
+        main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "zero"), "--epochs", "0", "--quiet"])
+    assert stopped.value.code == 2 and "--epochs: must be a positive number, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "zero").exists()
 
 
 def test_synth_writes_the_mvtec_layout(tmp_path):
