@@ -56,7 +56,7 @@ def test_missing_or_mismatched_files_are_refused_clearly(trained, tmp_path):
         Detector.load(tmp_path)
     folder = trained.save(tmp_path / "run")
     config = json.loads((folder / "config.json").read_text())
-    config["settings"]["aligner"]["hidden"] = 17  # weights no longer fit the described model
+    config["settings"]["backbone"] = "efficientnet_lite1"  # weights no longer fit the described model
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(IncompatibleRunError, match="do not fit"):
         Detector.load(folder)

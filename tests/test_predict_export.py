@@ -46,7 +46,8 @@ def test_predict_writes_csv_json_overlays_and_masks_and_skips_bad_files(calibrat
                  "--quiet"]) == 0
     with open(out / "predictions.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 5 and set(rows[0]) == {"path", "score", "anomalous"}
+    extra = {"nearest_distance", "unfamiliar"} if DEFAULT_ALIGN == "knn" else set()  # knn's unfamiliar signal
+    assert len(rows) == 5 and set(rows[0]) == {"path", "score", "anomalous", *extra}
     threshold = json.loads((calibrated_run / "config.json").read_text())["calibration"]["threshold"]
     assert all(int(r["anomalous"]) == (float(r["score"]) >= threshold - 1e-6) for r in rows)
     report = json.loads((out / "predictions.json").read_text())

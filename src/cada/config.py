@@ -127,9 +127,9 @@ class Settings:
     method: str = "revdist"
     backbone: str = "wide_resnet50_2"
     image_size: int = 256
-    # cada-score (the paper's regressor with gamma = the image score) by measurement on realmix, realmix-extra and
-    # their 6-product mix (benchmarks/aligners.py); the paper's own aligner is `cada`, for reproduction.
-    align: str = "cada-score"
+    # knn (k = 20) by measurement with the cpu preset's base on realmix, realmix-extra and their 6-product mix
+    # (benchmarks/aligners.py, README); the paper's own aligner is `cada`, for reproduction.
+    align: str = "knn"
     base: BaseTraining = field(default_factory=BaseTraining)
     aligner: AlignTraining = field(default_factory=AlignTraining)
     # Options of one method each, read only when that method is chosen (see method_options).
