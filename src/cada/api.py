@@ -256,7 +256,7 @@ class Detector:
             # The resolved schedule: steps of the effective batch (PatchCore trains none: one pass).
             "base_iters": None if settings.method == "patchcore" else base_schedule.iters,
             "base_epochs": None if settings.method == "patchcore" else round(
-                base_schedule.iters * base_schedule.batch_size * training.world_size() / len(images), 2),
+                base_schedule.passes(len(images), training.world_size()), 2),
             "base_seconds": round(base_seconds, 1),
             "aligner_seconds": round(time.perf_counter() - started, 1),
             # None for a method without gradient training (PatchCore): it has no loss to report.

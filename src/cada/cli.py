@@ -92,7 +92,8 @@ def train_and_save(settings, data: Path, out: Path, weights: str | None = None, 
         def announce(n_images: int, iters: int) -> None:  # once the images are read: the schedule is resolved
             batch = settings.base.batch_size * world_size()
             schedule = ("one pass, no iterations" if settings.method == "patchcore" else
-                        f"{iters} iters of batch {batch} = {iters * batch / n_images:.1f} passes over {n_images} images")
+                        f"{iters} iters of batch {batch} = {settings.base.passes(n_images, world_size()):.1f} passes "
+                        f"over {n_images} images")
             _say(f"training {settings.method} ({settings.backbone}, {settings.image_size}px, {schedule}) "
                  f"+ aligner {settings.align} on all classes of {data} mixed{processes}")
 
@@ -328,7 +329,7 @@ def cmd_predict(args) -> int:
         detector = Detector.load(target)
         scorer, image_size, threshold = detector_scorer(detector), detector.settings.image_size, detector.threshold
         description = {"run": str(target)}
-        if detector.aligner.nearest_distance is not None and hasattr(detector.aligner, "reference_distance"):
+        if hasattr(detector.aligner, "reference_distance"):  # an aligner with an unfamiliar-product signal (knn)
             description["unfamiliar_reference_distance"] = float(detector.aligner.reference_distance)
     if threshold is None and is_main():
         print("note: the run has no threshold yet (cada calibrate); scores only, no decisions", file=sys.stderr)

@@ -47,6 +47,10 @@ class BaseTraining:
             return self.iters
         return max(1, self.min_iters, math.ceil(self.epochs * n_images / (self.batch_size * processes)))
 
+    def passes(self, n_images: int, processes: int = 1) -> float:
+        """How many passes over `n_images` training images the (resolved) schedule makes."""
+        return self.iterations(n_images, processes) * self.batch_size * processes / n_images
+
     def resolved(self, n_images: int, processes: int = 1) -> "BaseTraining":
         """A copy with `iters` set to `iterations(n_images, processes)`: what the training loop runs."""
         return dataclasses.replace(self, iters=self.iterations(n_images, processes), epochs=None)

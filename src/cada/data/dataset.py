@@ -92,13 +92,21 @@ def read_image(path: str | Path) -> Image.Image:
     Refused with a BadImageError naming the file: unreadable or truncated files, files over the pixel limit
     (max_image_pixels), and float images with NaN or infinite pixels (there is no honest way to show them).
     """
+    with _opened(path) as image:
+        image.load()
+        if image.mode == "F" and not np.isfinite(np.asarray(image)).all():
+            raise BadImageError(f"cannot read image {path}: it has NaN or infinite pixel values")
+        return ImageOps.exif_transpose(image)
+
+
+@contextmanager
+def _opened(path: str | Path):
+    """The PIL image of `path`, opened under the pixel limit; any failure to read it is a BadImageError naming
+    the file."""
     limit = max_image_pixels()
     try:
         with _pixel_limit(path, limit), Image.open(path) as image:
-            image.load()
-            if image.mode == "F" and not np.isfinite(np.asarray(image)).all():
-                raise BadImageError(f"cannot read image {path}: it has NaN or infinite pixel values")
-            return ImageOps.exif_transpose(image)
+            yield image
     except BadImageError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
@@ -140,15 +148,9 @@ def _binary(mask: Image.Image) -> np.ndarray:
 
 def image_size_of(path: str | Path) -> tuple[int, int]:
     """(width, height) as read_image would give it (EXIF rotation included), from the header alone."""
-    limit = max_image_pixels()
-    try:
-        with _pixel_limit(path, limit), Image.open(path) as image:
-            width, height = image.size
-            rotated = image.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the axes
-    except BadImageError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise BadImageError(f"cannot read image {path}: {error}") from error
+    with _opened(path) as image:
+        width, height = image.size
+        rotated = image.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the axes
     return (height, width) if rotated else (width, height)
 
 
