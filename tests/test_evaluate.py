@@ -185,3 +185,23 @@ def test_original_resolution_upsamples_maps_to_each_masks_size(tiny_data, tiny_d
     big_maps, big_masks = np.concatenate(big_maps), np.concatenate(big_masks)
     assert pooled["p_auroc"] == pytest.approx(skm.roc_auc_score(big_masks, big_maps), abs=1e-6)
     assert pooled["p_ap"] == pytest.approx(skm.average_precision_score(big_masks, big_maps), abs=1e-6)
+
+
+def test_normals_aligned_reference_is_the_pooled_auroc_when_normals_share_one_distribution():
+    """Two products whose normal scores are the same values: pooled I-AUROC equals the anomaly-weighted mean of
+    the per-product I-AUROC, and differs from the plain mean when the products' anomaly counts differ."""
+    from cada.evaluate import per_product_decisions
+
+    normal = np.linspace(0.0, 1.0, 11)
+    easy = np.array([2.0, 3.0])  # above every normal: I-AUROC 1
+    hard = np.array([0.05, 0.35, 0.55, 0.75, 0.95, 1.5])  # partly among the normals
+    scores = np.concatenate([normal, easy, normal, hard])
+    labels = np.array([0] * 11 + [1] * 2 + [0] * 11 + [1] * 6)
+    names = np.array(["easy"] * 13 + ["hard"] * 17)
+    block = per_product_decisions(scores, labels, names, threshold=0.5)
+    per = {name: binary_metrics(scores[names == name], labels[names == name])["auroc"] for name in ("easy", "hard")}
+    assert block["products"]["easy"]["i_auroc"] == per["easy"] == 1.0
+    assert block["products"]["hard"]["i_auroc"] == pytest.approx(per["hard"])
+    assert block["normals_aligned_i_auroc"] == pytest.approx(binary_metrics(scores, labels)["auroc"])
+    assert block["normals_aligned_i_auroc"] == pytest.approx((2 * per["easy"] + 6 * per["hard"]) / 8)
+    assert block["normals_aligned_i_auroc"] < (per["easy"] + per["hard"]) / 2

@@ -403,29 +403,45 @@ def image_only_metrics(scores: np.ndarray, labels: np.ndarray, class_names: np.n
 
 def per_product_decisions(scores: np.ndarray, labels: np.ndarray, class_names: np.ndarray,
                           threshold: float | None) -> dict:
-    """Each product's median normal score and its FPR and recall at ONE pooled threshold: the calibrated one
-    when given, else the threshold at REFERENCE_FPR of the pooled test normals (an after-the-fact reference)."""
+    """Each product's I-AUROC, median normal score, and FPR and recall at ONE pooled threshold: the calibrated one
+    when given, else the threshold at REFERENCE_FPR of the pooled test normals (an after-the-fact reference).
+
+    "normals_aligned_i_auroc" is the mean of the products' I-AUROC weighted by their anomalous images: the pooled
+    I-AUROC of any alignment that puts every product's normal scores on one distribution (each anomaly then
+    ranks against all normals as against its own product's). It, not the plain per-product mean, is the figure
+    to hold a pooled I-AUROC against: the pooled ranking weighs products by their anomalies, so a hard product
+    with many defects pulls it down however well the products are aligned.
+    """
     source = "calibrated"
     if threshold is None:
         threshold, source = threshold_at_fpr(scores[labels == 0], REFERENCE_FPR), f"{REFERENCE_FPR:.0%} FPR on test normals"
-    products = {}
+    products, weighted, anomalies = {}, 0.0, 0
     for name in sorted(set(class_names)):
         index = class_names == name
         normal = scores[index & (labels == 0)]
         decisions = decision_metrics(scores[index], labels[index], threshold)
-        products[name] = {"median_normal_score": float(np.median(normal)) if normal.size else None,
+        ranking = _safe(binary_metrics, scores[index], labels[index])
+        products[name] = {"i_auroc": ranking["auroc"] if ranking else None,
+                          "median_normal_score": float(np.median(normal)) if normal.size else None,
                           "fpr": decisions["fpr"], "recall": decisions["recall"]}
-    return {"threshold": float(threshold), "threshold_source": source, "products": products}
+        if ranking:
+            count = int((labels[index] == 1).sum())
+            weighted, anomalies = weighted + count * ranking["auroc"], anomalies + count
+    return {"threshold": float(threshold), "threshold_source": source,
+            "normals_aligned_i_auroc": weighted / anomalies if anomalies else None, "products": products}
 
 
 def format_per_product(results: dict) -> str:
     """Per product and alignment: median normal score, FPR and recall (percent) at one pooled threshold."""
     lines = []
     for name, block in results.get("per_product", {}).items():
-        lines.append(f"  {name} (threshold {block['threshold']:.4g}, {block['threshold_source']}):")
+        reference = block["normals_aligned_i_auroc"]
+        lines.append(f"  {name} (threshold {block['threshold']:.4g}, {block['threshold_source']}; pooled I-AUROC with "
+                     f"every product's normals aligned: {'-' if reference is None else f'{100 * reference:.1f}'}):")
         for product, values in block["products"].items():
             median = "-" if values["median_normal_score"] is None else f"{values['median_normal_score']:.3g}"
-            rates = " ".join(f"{key}={'-' if values[key] is None else f'{100 * values[key]:.1f}'}" for key in ("fpr", "recall"))
+            rates = " ".join(f"{key}={'-' if values[key] is None else f'{100 * values[key]:.1f}'}"
+                             for key in ("i_auroc", "fpr", "recall"))
             lines.append(f"    {product:<16} median normal {median:>8}  {rates}")
     return "\n".join(lines)
 
