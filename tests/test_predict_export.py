@@ -47,7 +47,7 @@ def test_predict_writes_csv_json_overlays_and_masks_and_skips_bad_files(calibrat
     with open(out / "predictions.csv") as handle:
         rows = list(csv.DictReader(handle))
     extra = {"nearest_distance", "unfamiliar"} if DEFAULT_ALIGN == "knn" else set()  # knn's unfamiliar signal
-    assert len(rows) == 5 and set(rows[0]) == {"path", "score", "anomalous", *extra}
+    assert len(rows) == 5 and set(rows[0]) == {"path", "score", "anomalous", "u", "spread", *extra}
     threshold = json.loads((calibrated_run / "config.json").read_text())["calibration"]["threshold"]
     assert all(int(r["anomalous"]) == (float(r["score"]) >= threshold - 1e-6) for r in rows)
     report = json.loads((out / "predictions.json").read_text())
@@ -79,6 +79,22 @@ def test_predict_runs_an_exported_model_with_the_same_outputs(calibrated_run, ti
     assert [r["path"] for r in a] == [r["path"] for r in b]
     assert [r["anomalous"] for r in a] == [r["anomalous"] for r in b]
     assert np.allclose([r["score"] for r in a], [r["score"] for r in b], atol=1e-4)
+
+
+def test_predictions_carry_u_and_spread_that_give_the_aligned_score(calibrated_run, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    folder = tiny_data / "washer" / "test"
+    assert main(["predict", str(calibrated_run), str(folder), "--out", str(out), "--quiet"]) == 0
+    rows = json.loads((out / "predictions.json").read_text())["predictions"]
+    images, samples = load_all([s for s in mvtec_samples(tiny_data, "test") if s.class_name == "washer"], 64)
+    result = Detector.load(calibrated_run).infer(images)
+    base = {str(sample.path): values for sample, values in
+            zip(samples, zip(result.base_scores.tolist(), result.u.tolist(), result.spread.tolist()))}
+    assert len(rows) == len(base) > 0
+    for row in rows:
+        base_score, u, spread = base[row["path"]]
+        assert row["spread"] > 0 and row["u"] == pytest.approx(u) and row["spread"] == pytest.approx(spread)
+        assert row["score"] == pytest.approx((base_score - row["u"]) / row["spread"], abs=1e-5)
 
 
 def test_evaluate_reports_decisions_at_the_stored_threshold(calibrated_run, tiny_data, tmp_path, capsys):
@@ -124,7 +140,7 @@ def test_knn_run_reports_and_flags_unfamiliar_images(tiny_data, tmp_path):
     assert main(["predict", str(run), str(tiny_data / "washer" / "test"), "--out", str(out), "--quiet"]) == 0
     with open(out / "predictions.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert set(rows[0]) == {"path", "score", "anomalous", "nearest_distance", "unfamiliar"}
+    assert set(rows[0]) == {"path", "score", "anomalous", "u", "spread", "nearest_distance", "unfamiliar"}
     report = json.loads((out / "predictions.json").read_text())
     reference = report["unfamiliar_reference_distance"]
     assert reference > 0 and report["n_unfamiliar"] == sum(int(r["unfamiliar"]) for r in rows)

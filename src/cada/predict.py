@@ -34,7 +34,8 @@ from cada.methods.training import batch_shard, is_main, world_size
 HEATMAP_MAX = 2.0
 
 # (uint8 batch B x 3 x S x S) -> (aligned image scores B, aligned maps B x S x S[, {column: B values}]): the
-# optional third item adds per-image columns to the CSV and JSON (the knn aligner's unfamiliar-product signal).
+# optional third item adds per-image columns to the CSV and JSON (u and spread; the knn aligner's unfamiliar-product
+# signal).
 Scorer = Callable[[torch.Tensor], tuple]
 
 
@@ -143,14 +144,16 @@ def _write_png(path: Path, array: np.ndarray) -> None:
 
 
 def detector_scorer(detector) -> Scorer:
-    """Aligned scores and maps; with an aligner that keeps training descriptors (knn), also each image's distance to
-    the nearest training image and whether it lies beyond the training set's reference level ("unfamiliar")."""
+    """Aligned scores and maps, with each image's predicted normal statistics: u (the normal mean of its base map)
+    and spread (gamma - u, its normal maximum above the mean, floored as the alignment uses it; aligned = (base - u)
+    / spread). With an aligner that keeps training descriptors (knn), also each image's distance to the nearest
+    training image and whether it lies beyond the training set's reference level ("unfamiliar")."""
     def score(images: torch.Tensor) -> tuple:
         result = detector.infer(images)
+        columns = {"u": result.u, "spread": result.spread}
         distance = detector.aligner.nearest_distance(result.align_features)
-        if distance is None:
-            return result.aligned_scores, result.aligned_maps
-        return result.aligned_scores, result.aligned_maps, {
-            "nearest_distance": distance, "unfamiliar": distance > detector.aligner.reference_distance}
+        if distance is not None:
+            columns.update(nearest_distance=distance, unfamiliar=distance > detector.aligner.reference_distance)
+        return result.aligned_scores, result.aligned_maps, columns
 
     return score
