@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -151,3 +152,70 @@ def test_knn_run_reports_and_flags_unfamiliar_images(tiny_data, tmp_path):
     images, _ = load_all(mvtec_samples(tiny_data, "test"), 64)
     scores, _ = scorer(images)
     assert torch.allclose(scores, Detector.load(run).predict(images).scores, atol=1e-4)
+
+
+def test_predict_changes_the_operating_point_without_recalibrating(calibrated_run, tiny_data, tmp_path, capsys):
+    config = json.loads((calibrated_run / "config.json").read_text())
+    calibration = config["calibration"]
+    assert len(calibration["normal_scores"]) == calibration["n_normal"] == 24
+    folder = str(tiny_data / "washer" / "test")
+
+    def predict(name, *options):
+        assert main(["predict", str(calibrated_run), folder, "--out", str(tmp_path / name), "--quiet", *options]) == 0
+        return json.loads((tmp_path / name / "predictions.json").read_text()), capsys.readouterr().out
+
+    stored, printed = predict("stored")
+    assert stored["threshold"] == calibration["threshold"] and "stored in the run" in stored["threshold_source"]
+    assert f"threshold {calibration['threshold']:.4f}, stored in the run" in printed
+    # The calibrated rate again: the same threshold, bit for bit, from the stored scores.
+    same, printed = predict("same", "--fpr", "0.1")
+    assert same["threshold"] == calibration["threshold"] and "over the 24 calibration scores" in printed
+    # A higher rate flags more: the threshold sits lower, among the stored normal scores.
+    loose, _ = predict("loose", "--fpr", "0.5")
+    assert loose["threshold"] < calibration["threshold"]
+    assert sum(s >= loose["threshold"] for s in calibration["normal_scores"]) <= 12
+    assert loose["n_anomalous"] >= stored["n_anomalous"]
+    given, _ = predict("given", "--threshold=-1e6")
+    assert given["threshold"] == -1e6 and given["n_anomalous"] == given["n_images"]
+    assert given["threshold_source"] == "given with --threshold"
+    assert all(row["anomalous"] for row in given["predictions"])
+
+
+def test_predict_fpr_needs_stored_calibration_scores(tiny_data, calibrated_run, tmp_path, capsys):
+    from cada.checkpoint import update_config
+
+    run = tmp_path / "run"
+    shutil.copytree(calibrated_run, run)
+    old = json.loads((run / "config.json").read_text())["calibration"]
+    update_config(run, calibration={k: v for k, v in old.items() if k != "normal_scores"})  # an older run
+    folder = str(tiny_data / "washer" / "test")
+    capsys.readouterr()
+    assert main(["predict", str(run), folder, "--out", str(tmp_path / "a"), "--fpr", "0.05", "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert "--fpr needs the calibration scores stored in the run" in error and "cada calibrate" in error
+    assert len(error.strip().splitlines()) == 1 and not (tmp_path / "a" / "predictions.csv").exists()
+    update_config(run, calibration=None)
+    assert main(["predict", str(run), folder, "--out", str(tmp_path / "b"), "--fpr", "0.05", "--quiet"]) == 2
+    assert "has no calibration" in capsys.readouterr().err
+    # The stored threshold still works; --threshold needs no calibration at all.
+    assert main(["predict", str(run), folder, "--out", str(tmp_path / "c"), "--threshold", "1.5", "--masks",
+                 "--quiet"]) == 0
+    assert json.loads((tmp_path / "c" / "predictions.json").read_text())["threshold"] == 1.5
+    with pytest.raises(SystemExit) as exit_info:  # argparse: one or the other
+        main(["predict", str(run), folder, "--out", str(tmp_path / "d"), "--fpr", "0.1", "--threshold", "1"])
+    assert exit_info.value.code == 2
+    assert main(["predict", str(run), folder, "--out", str(tmp_path / "e"), "--threshold", "nan"]) == 2
+    assert "--threshold must be a finite number" in capsys.readouterr().err
+
+
+def test_exported_model_changes_the_operating_point_too(calibrated_run, tiny_data, tmp_path):
+    assert main(["export", str(calibrated_run), "--out", str(tmp_path / "model.onnx")]) == 0
+    folder = str(tiny_data / "washer" / "test")
+    assert main(["predict", str(tmp_path / "model.onnx"), folder, "--out", str(tmp_path / "a"), "--fpr", "0.5",
+                 "--quiet"]) == 0
+    assert main(["predict", str(calibrated_run), folder, "--out", str(tmp_path / "b"), "--fpr", "0.5",
+                 "--quiet"]) == 0
+    a, b = (json.loads((tmp_path / name / "predictions.json").read_text()) for name in ("a", "b"))
+    assert a["threshold"] == b["threshold"] < json.loads((calibrated_run / "config.json").read_text())[
+        "calibration"]["threshold"]
+    assert [r["anomalous"] for r in a["predictions"]] == [r["anomalous"] for r in b["predictions"]]

@@ -289,6 +289,8 @@ def cmd_calibrate(args) -> int:
         detector.calibrate(images, args.fpr, source=f"{len(samples)} normal images in {', '.join(args.normal)}")
     update_config(args.run, calibration=detector.calibration)  # the weights stay as they are
     _print_calibration(detector.calibration)
+    print(f"kept the {len(detector.calibration['normal_scores'])} normal calibration scores in the run: "
+          "`cada predict --fpr F` decides at another false-positive rate without recalibrating")
     if previous:
         print(f"replaced the previous threshold {previous['threshold']:.4f} ({previous['how']}, {previous['source']})")
     return 0
@@ -312,29 +314,21 @@ def cmd_export(args) -> int:
 
 def cmd_predict(args) -> int:
     from cada.methods.training import init_distributed, is_main
-    from cada.predict import detector_scorer, predict_paths
+    from cada.predict import load_model, predict_paths
 
     init_distributed()  # under torchrun: the images are shared out over the processes, rank 0 writes the results
 
     target = Path(args.model)
     out = Path(args.out)
     _check_predict_out(out, target, args.paths, args.overwrite)
-    if target.suffix == ".onnx":
-        from cada.export import onnx_scorer
-
-        scorer, image_size, threshold, description = onnx_scorer(target)
-    else:
-        from cada.api import Detector
-
-        detector = Detector.load(target)
-        scorer, image_size, threshold = detector_scorer(detector), detector.settings.image_size, detector.threshold
-        description = {"run": str(target)}
-        if hasattr(detector.aligner, "reference_distance"):  # an aligner with an unfamiliar-product signal (knn)
-            description["unfamiliar_reference_distance"] = float(detector.aligner.reference_distance)
-    if threshold is None and is_main():
-        print("note: the run has no threshold yet (cada calibrate); scores only, no decisions", file=sys.stderr)
-    summary = predict_paths(scorer, image_size, threshold, args.paths, args.out, args.overlays, args.masks,
-                            args.batch_size, not args.quiet, description)
+    model = load_model(target, args.fpr, args.threshold)
+    if is_main():
+        if model.threshold is None:
+            print("note: the run has no threshold yet (cada calibrate); scores only, no decisions", file=sys.stderr)
+        else:
+            print(f"threshold {model.threshold:.4f}, {model.threshold_source}")
+    summary = predict_paths(model.scorer, model.image_size, model.threshold, args.paths, args.out, args.overlays,
+                            args.masks, args.batch_size, not args.quiet, model.description)
     if not is_main():
         return 0
     for message in summary["skipped"]:
@@ -590,6 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, help="folder for predictions.csv/.json (and overlays, masks)")
     predict.add_argument("--overlays", action="store_true", help="write a heatmap overlay PNG per image")
     predict.add_argument("--masks", action="store_true", help="write a binary mask PNG per image (map >= threshold)")
+    point = predict.add_mutually_exclusive_group()
+    point.add_argument("--fpr", type=float, help="decide at this false-positive rate, chosen now over the calibration "
+                                                 "scores stored in the run (no recalibration)")
+    point.add_argument("--threshold", type=float, help="decide at this aligned-score threshold")
     predict.add_argument("--batch-size", type=int, default=16)
     predict.add_argument("--quiet", action="store_true")
     predict.add_argument("--overwrite", action="store_true",

@@ -14,6 +14,7 @@ import io
 import json
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +29,7 @@ from cada.data.folder import image_files
 from cada.data.mvtec import Sample
 from cada.files import atomic_write, printable
 from cada.methods.training import batch_shard, is_main, world_size
+from cada.operating_point import choose_threshold, without_scores
 
 # Overlays colour aligned maps on one fixed scale for every image: 0 is the predicted normal mean of the
 # image's product, 1 its normal maximum; values at or above HEATMAP_MAX are full red. A normal image looks calm.
@@ -157,3 +159,47 @@ def detector_scorer(detector) -> Scorer:
         return result.aligned_scores, result.aligned_maps, columns
 
     return score
+
+
+@dataclass
+class LoadedModel:
+    """What prediction needs of a run folder or an exported .onnx file, at the operating point chosen."""
+
+    scorer: Scorer
+    image_size: int
+    threshold: float | None
+    threshold_source: str | None  # where the threshold comes from, in words (None: no threshold)
+    calibration: dict | None  # as stored, without the calibration scores
+    description: dict  # what predictions.json says of the model
+    settings: dict | None = None
+
+
+def load_model(target: str | Path, fpr: float | None = None, threshold: float | None = None) -> LoadedModel:
+    """A run folder or an exported .onnx file, ready to score; the threshold is the stored one, or the one at
+    `fpr` over the stored calibration scores, or `threshold` (see cada.operating_point)."""
+    target = Path(target)
+    if target.suffix == ".onnx":
+        from cada.export import onnx_scorer, sidecar_path
+        from cada.threshold import check_calibration
+
+        scorer, image_size, stored, description = onnx_scorer(target)
+        sidecar = json.loads(sidecar_path(target).read_text())  # read and checked by onnx_scorer
+        try:
+            calibration = check_calibration(sidecar.get("calibration"))
+        except ValueError as error:
+            raise ValueError(f"{sidecar_path(target)}: {error}") from None
+        if calibration is None and stored is not None:  # a sidecar with a bare threshold
+            calibration = {"threshold": stored, "how": "given", "source": str(sidecar_path(target))}
+        settings = sidecar.get("settings")
+    else:
+        from cada.api import Detector
+
+        detector = Detector.load(target)
+        scorer, image_size, calibration = detector_scorer(detector), detector.settings.image_size, detector.calibration
+        description = {"run": str(target)}
+        if hasattr(detector.aligner, "reference_distance"):  # an aligner with an unfamiliar-product signal (knn)
+            description["unfamiliar_reference_distance"] = float(detector.aligner.reference_distance)
+        settings = detector.settings.to_dict()
+    chosen, source = choose_threshold(calibration, fpr, threshold)
+    description["threshold_source"] = source
+    return LoadedModel(scorer, image_size, chosen, source, without_scores(calibration), description, settings)
