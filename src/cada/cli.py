@@ -363,6 +363,34 @@ def _check_predict_out(out: Path, model: Path, paths: list[str], overwrite: bool
         dist.barrier()  # no process writes before rank 0 has cleared the old overlays
 
 
+def cmd_serve(args) -> int:
+    from cada.predict import load_model
+    from cada.serve import make_server
+
+    if not 0 < args.max_request_mb <= 4096:
+        raise ValueError(f"--max-request-mb must be in (0, 4096], got {args.max_request_mb}")
+    model = load_model(args.model, args.fpr, args.threshold)
+    try:
+        server = make_server(model, str(args.model), args.host, args.port, int(args.max_request_mb * 1024 * 1024),
+                             args.quiet)
+    except OSError as error:  # the port is taken, the address is not this machine's, a port below 1024...
+        raise ValueError(f"cannot listen on {args.host} port {args.port}: {error.strerror or error}") from None
+    host, port = server.server_address[:2]
+    print(f"serving {printable(args.model)} on http://{host}:{port}/ (POST /predict, GET /health, GET /info); "
+          + ("no threshold: scores only" if model.threshold is None
+             else f"threshold {model.threshold:.4f}, {model.threshold_source}"), flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print("note: the server has no authentication; anyone who can reach this address can use it",
+              file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+    finally:
+        server.server_close()
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from cada.api import Detector
     from cada.data.folder import folder_samples
@@ -610,6 +638,19 @@ def build_parser() -> argparse.ArgumentParser:
                              "test images moved into training, and compare (u, gamma) with (u, sigma) on it")
     _add_training_options(ablate)
     ablate.set_defaults(func=cmd_ablate, align="none")
+
+    serve = commands.add_parser("serve", help="an HTTP API and a web page that score images (see README: Serving)")
+    serve.add_argument("model", help="run folder, or an exported .onnx file")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
+    serve.add_argument("--max-request-mb", type=float, default=32.0,
+                       help="largest request body accepted, in MiB (larger: 413)")
+    point = serve.add_mutually_exclusive_group()
+    point.add_argument("--fpr", type=float, help="decide at this false-positive rate, over the stored calibration "
+                                                 "scores")
+    point.add_argument("--threshold", type=float, help="decide at this aligned-score threshold")
+    serve.add_argument("--quiet", action="store_true", help="no line per request")
+    serve.set_defaults(func=cmd_serve)
 
     evaluate = commands.add_parser("evaluate", help="absolute-unified and model-unified metrics of a run")
     evaluate.add_argument("run", help="run folder written by `cada train`")
