@@ -9,6 +9,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -382,6 +383,11 @@ def cmd_serve(args) -> int:
     if host not in ("127.0.0.1", "localhost", "::1"):
         print("note: the server has no authentication; anyone who can reach this address can use it",
               file=sys.stderr)
+    def stop(*_):  # SIGTERM (docker stop, systemd) ends the server as Ctrl-C does
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

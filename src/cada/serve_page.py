@@ -102,7 +102,7 @@ async function send(list) {
     const response = await fetch("predict?overlay=1", { method: "POST", body: form });
     const answer = await response.json();
     if (!response.ok) throw new Error(answer.error || response.statusText);
-    for (const prediction of answer.predictions) results.prepend(card(prediction));
+    for (const prediction of answer.predictions.slice().reverse()) results.prepend(card(prediction));
     statusLine.textContent = "scored " + answer.predictions.length + " image(s)";
   } catch (error) {
     statusLine.className = "error";
