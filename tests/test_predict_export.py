@@ -48,7 +48,7 @@ def test_predict_writes_csv_json_overlays_and_masks_and_skips_bad_files(calibrat
     with open(out / "predictions.csv") as handle:
         rows = list(csv.DictReader(handle))
     extra = {"nearest_distance", "unfamiliar"} if DEFAULT_ALIGN == "knn" else set()  # knn's unfamiliar signal
-    assert len(rows) == 5 and set(rows[0]) == {"path", "score", "anomalous", "u", "spread", *extra}
+    assert len(rows) == 5 and set(rows[0]) == {"path", "score", "anomalous", "width", "height", "u", "spread", *extra}
     threshold = json.loads((calibrated_run / "config.json").read_text())["calibration"]["threshold"]
     assert all(int(r["anomalous"]) == (float(r["score"]) >= threshold - 1e-6) for r in rows)
     report = json.loads((out / "predictions.json").read_text())
@@ -141,7 +141,8 @@ def test_knn_run_reports_and_flags_unfamiliar_images(tiny_data, tmp_path):
     assert main(["predict", str(run), str(tiny_data / "washer" / "test"), "--out", str(out), "--quiet"]) == 0
     with open(out / "predictions.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert set(rows[0]) == {"path", "score", "anomalous", "u", "spread", "nearest_distance", "unfamiliar"}
+    assert set(rows[0]) == {"path", "score", "anomalous", "width", "height", "u", "spread", "nearest_distance",
+                            "unfamiliar"}
     report = json.loads((out / "predictions.json").read_text())
     reference = report["unfamiliar_reference_distance"]
     assert reference > 0 and report["n_unfamiliar"] == sum(int(r["unfamiliar"]) for r in rows)
@@ -219,3 +220,51 @@ def test_exported_model_changes_the_operating_point_too(calibrated_run, tiny_dat
     assert a["threshold"] == b["threshold"] < json.loads((calibrated_run / "config.json").read_text())[
         "calibration"]["threshold"]
     assert [r["anomalous"] for r in a["predictions"]] == [r["anomalous"] for r in b["predictions"]]
+
+
+def test_upsampled_strips_match_torch_bilinear():
+    from cada.predict import upsampled_strips
+
+    small = torch.rand(16, 12, generator=torch.Generator().manual_seed(0)) * 3 - 1
+    for height, width in ((16, 12), (37, 100), (600, 5), (3, 2)):
+        expected = torch.nn.functional.interpolate(small[None, None], size=(height, width), mode="bilinear",
+                                                   align_corners=False)[0, 0].numpy()
+        strips = list(upsampled_strips(small, height, width, rows=7))
+        assert [start for start, _ in strips] == list(range(0, height, 7))
+        assert np.allclose(np.concatenate([strip for _, strip in strips]), expected, atol=1e-5)
+
+
+def test_overlays_and_masks_at_each_images_own_size(calibrated_run, tiny_data, tmp_path):
+    source = sorted((tiny_data / "washer" / "test").rglob("*.png"))[-1]
+    images = tmp_path / "line"
+    images.mkdir()
+    sizes = {"wide": (150, 40), "tall": (33, 90), "same": (64, 64)}
+    for name, size in sizes.items():
+        Image.open(source).convert("RGB").resize(size).save(images / f"{name}.png")
+    detector = Detector.load(calibrated_run)
+    # A threshold through the middle of one map: the masks have both sides to get right.
+    threshold = float(detector.predict(str(images / "wide.png")).maps.median())
+    options = ["--overlays", "--masks", "--quiet", f"--threshold={threshold!r}"]
+    assert main(["predict", str(calibrated_run), str(images), "--out", str(tmp_path / "full"), *options]) == 0
+    assert main(["predict", str(calibrated_run), str(images), "--out", str(tmp_path / "small"), "--output-size",
+                 "model", *options]) == 0
+    report = json.loads((tmp_path / "full" / "predictions.json").read_text())
+    assert report["output_size"] == "original" and report["threshold"] == threshold
+    for row in report["predictions"]:
+        name = row["path"].rsplit("/", 1)[-1].removesuffix(".png")
+        assert (row["width"], row["height"]) == sizes[name]
+        overlay = Image.open(tmp_path / "full" / "overlays" / f"{name}.png")
+        mask = np.array(Image.open(tmp_path / "full" / "masks" / f"{name}.png"))
+        assert overlay.size == sizes[name] and mask.shape == sizes[name][::-1]
+        assert Image.open(tmp_path / "small" / "overlays" / f"{name}.png").size == (64, 64)
+        # The mask is the model's map upsampled bilinearly to the image's size, then thresholded.
+        aligned_map = detector.predict(row["path"]).maps
+        expected = torch.nn.functional.interpolate(aligned_map[None], size=sizes[name][::-1], mode="bilinear",
+                                                   align_corners=False)[0, 0].numpy()
+        decided = np.abs(expected - threshold) > 1e-4  # pixels not on the threshold within rounding
+        assert np.array_equal((mask == 255)[decided], (expected >= threshold)[decided])
+        if name == "wide":
+            assert set(np.unique(mask)) == {0, 255}
+    with open(tmp_path / "full" / "predictions.csv") as handle:
+        header = next(csv.reader(handle))
+    assert header[:5] == ["path", "score", "anomalous", "width", "height"]

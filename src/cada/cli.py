@@ -329,7 +329,7 @@ def cmd_predict(args) -> int:
         else:
             print(f"threshold {model.threshold:.4f}, {model.threshold_source}")
     summary = predict_paths(model.scorer, model.image_size, model.threshold, args.paths, args.out, args.overlays,
-                            args.masks, args.batch_size, not args.quiet, model.description)
+                            args.masks, args.batch_size, not args.quiet, model.description, args.output_size)
     if not is_main():
         return 0
     for message in summary["skipped"]:
@@ -622,6 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
     point.add_argument("--fpr", type=float, help="decide at this false-positive rate, chosen now over the calibration "
                                                  "scores stored in the run (no recalibration)")
     point.add_argument("--threshold", type=float, help="decide at this aligned-score threshold")
+    predict.add_argument("--output-size", choices=("original", "model"), default="original",
+                         help="write overlays and masks at each image's own size (default; the map upsampled "
+                              "bilinearly) or at the model's input size")
     predict.add_argument("--batch-size", type=int, default=16)
     predict.add_argument("--quiet", action="store_true")
     predict.add_argument("--overwrite", action="store_true",

@@ -26,18 +26,16 @@ import json
 import threading
 from email.parser import BytesParser
 from email.policy import HTTP
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from cada import __version__
 from cada.data.dataset import BadImageError, max_image_pixels, resize_rgb, rgb_array
-from cada.predict import LoadedModel, overlay
+from cada.predict import LoadedModel, full_size_outputs
 from cada.serve_page import PAGE
 
 MAX_REQUEST_BYTES = 32 * 1024 * 1024  # the default body limit (--max-request-mb)
@@ -117,11 +115,9 @@ def _small(rgb: np.ndarray) -> np.ndarray:
 def _overlay_png(rgb: np.ndarray, aligned_map: torch.Tensor) -> bytes:
     """The heatmap over the image at the image's size: the map upsampled bilinearly (as evaluate's
     --pixel-resolution original), PNG bytes."""
-    height, width = rgb.shape[:2]
-    full = F.interpolate(aligned_map[None, None].float(), size=(height, width), mode="bilinear",
-                         align_corners=False)[0, 0].numpy()
+    picture, _ = full_size_outputs(aligned_map, rgb.shape[0], rgb.shape[1], rgb)
     buffer = io.BytesIO()
-    Image.fromarray(overlay(rgb, full)).save(buffer, format="PNG")
+    Image.fromarray(picture).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
