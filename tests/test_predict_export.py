@@ -268,3 +268,17 @@ def test_overlays_and_masks_at_each_images_own_size(calibrated_run, tiny_data, t
     with open(tmp_path / "full" / "predictions.csv") as handle:
         header = next(csv.reader(handle))
     assert header[:5] == ["path", "score", "anomalous", "width", "height"]
+
+
+def test_a_threshold_set_by_hand_in_the_sidecar_is_the_one_used_and_said(calibrated_run, tiny_data, tmp_path, capsys):
+    from cada.predict import load_model
+
+    export_onnx(Detector.load(calibrated_run), tmp_path / "model.onnx")
+    sidecar = json.loads((tmp_path / "model.json").read_text())
+    assert load_model(tmp_path / "model.onnx").threshold_source.startswith("stored in model.json: at false-positive")
+    sidecar["threshold"] = 0.25
+    (tmp_path / "model.json").write_text(json.dumps(sidecar))
+    model = load_model(tmp_path / "model.onnx")
+    assert model.threshold == 0.25
+    assert model.threshold_source == "stored in model.json: from its threshold field, set by hand"
+    assert load_model(tmp_path / "model.onnx", fpr=0.1).threshold == sidecar["calibration"]["threshold"]

@@ -44,12 +44,13 @@ def describe_calibration(calibration: dict) -> str:
     return f"from {source}"
 
 
-def choose_threshold(calibration: dict | None, fpr: float | None = None,
-                     threshold: float | None = None) -> tuple[float | None, str | None]:
+def choose_threshold(calibration: dict | None, fpr: float | None = None, threshold: float | None = None,
+                     where: str = "in the run") -> tuple[float | None, str | None]:
     """(threshold, where it comes from, in words) for prediction.
 
     threshold: that value. fpr: the threshold at that false-positive rate over the stored calibration scores
-    (ValueError when the run has none). Neither: the stored threshold (None for an uncalibrated run).
+    (ValueError when the run has none). Neither: the stored threshold (None for an uncalibrated run). `where`
+    says where the calibration is kept, for the messages.
     """
     if fpr is not None and threshold is not None:
         raise ValueError("give --fpr or --threshold, not both")
@@ -62,8 +63,9 @@ def choose_threshold(calibration: dict | None, fpr: float | None = None,
         if scores is None:
             state = ("has no calibration" if calibration is None else
                      "was calibrated without keeping the calibration scores (by an older cada)")
-            raise ValueError(f"--fpr needs the calibration scores stored in the run, and this one {state}: run "
-                             "`cada calibrate RUN --normal FOLDER` once (or give --threshold)")
+            raise ValueError(f"--fpr needs the calibration scores stored {where}, and this one {state}: run "
+                             "`cada calibrate RUN --normal FOLDER` once, and export again for a .onnx model (or "
+                             "give --threshold)")
         if not len(scores):
             raise ValueError("--fpr needs normal calibration images, and this run was calibrated on anomalous images "
                              "only: run `cada calibrate RUN --normal FOLDER` (or give --threshold)")
@@ -71,8 +73,8 @@ def choose_threshold(calibration: dict | None, fpr: float | None = None,
             warnings.warn(f"{len(scores)} calibration images cannot resolve a false-positive rate of {fpr}: the "
                           f"threshold is set above all of them (use at least {math.ceil(1 / fpr)} images)")
         chosen = threshold_at_fpr(scores, fpr)
-        return chosen, (f"at false-positive rate {fpr} over the {len(scores)} calibration scores stored in the run "
+        return chosen, (f"at false-positive rate {fpr} over the {len(scores)} calibration scores stored {where} "
                         f"({calibration.get('source') or 'unnamed images'})")
     if calibration is None:
         return None, None
-    return calibration["threshold"], f"stored in the run: {describe_calibration(calibration)}"
+    return calibration["threshold"], f"stored {where}: {describe_calibration(calibration)}"

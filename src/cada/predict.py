@@ -2,9 +2,10 @@
 
 Writes DIR/predictions.csv (path,score,anomalous,width,height, and the scorer's columns) and
 DIR/predictions.json, and optionally a heatmap overlay and a binary mask per image, at the image's own size by
-default (every file written atomically; file names that are not valid UTF-8 are written with backslash escapes). Images are streamed in batches, so memory does not grow with the folder. Under
-torchrun the batches are shared out over the processes (each writes its own overlays and masks) and rank 0
-writes the CSV and JSON of all of them, in file order.
+default (every file written atomically; file names that are not valid UTF-8 are written with backslash
+escapes). Images are streamed in batches, so memory does not grow with the folder. Under torchrun the batches
+are shared out over the processes (each writes its own overlays and masks) and rank 0 writes the CSV and JSON
+of all of them, in file order.
 """
 
 from __future__ import annotations
@@ -176,7 +177,8 @@ def predict_paths(scorer: Scorer, image_size: int, threshold: float | None, path
         skipped = [message for part in gathered for message in part[1]]
         seconds = max(part[2] for part in gathered)
     rows = [row for _, row in sorted(rows, key=lambda item: item[0])]
-    summary = {"threshold": threshold, "output_size": output_size, "n_images": len(rows), "n_anomalous": sum(bool(r["anomalous"]) for r in rows),
+    summary = {"threshold": threshold, "output_size": output_size, "n_images": len(rows),
+               "n_anomalous": sum(bool(r["anomalous"]) for r in rows),
                "skipped": skipped, "seconds": round(seconds, 2),
                "images_per_second": round(len(rows) / seconds, 2) if seconds else None, **(description or {})}
     if world_size() > 1:
@@ -245,9 +247,11 @@ def load_model(target: str | Path, fpr: float | None = None, threshold: float | 
             calibration = check_calibration(sidecar.get("calibration"))
         except ValueError as error:
             raise ValueError(f"{sidecar_path(target)}: {error}") from None
-        if calibration is None and stored is not None:  # a sidecar with a bare threshold
-            calibration = {"threshold": stored, "how": "given", "source": str(sidecar_path(target))}
-        settings = sidecar.get("settings")
+        if stored is not None and (calibration is None or calibration["threshold"] != stored):
+            # the sidecar's threshold is the one that decides (as ever): set by hand, it is said so
+            calibration = {**(calibration or {}), "threshold": stored, "how": "given",
+                           "source": "its threshold field, set by hand"}
+        settings, where = sidecar.get("settings"), f"in {sidecar_path(target).name}"
     else:
         from cada.api import Detector
 
@@ -256,7 +260,7 @@ def load_model(target: str | Path, fpr: float | None = None, threshold: float | 
         description = {"run": str(target)}
         if hasattr(detector.aligner, "reference_distance"):  # an aligner with an unfamiliar-product signal (knn)
             description["unfamiliar_reference_distance"] = float(detector.aligner.reference_distance)
-        settings = detector.settings.to_dict()
-    chosen, source = choose_threshold(calibration, fpr, threshold)
+        settings, where = detector.settings.to_dict(), "in the run"
+    chosen, source = choose_threshold(calibration, fpr, threshold, where)
     description["threshold_source"] = source
     return LoadedModel(scorer, image_size, chosen, source, without_scores(calibration), description, settings)

@@ -40,6 +40,7 @@ from cada.serve_page import PAGE
 
 MAX_REQUEST_BYTES = 32 * 1024 * 1024  # the default body limit (--max-request-mb)
 MAX_IMAGES = 64  # images in one request
+MAX_BODIES = 4  # request bodies read and held at once
 OVERLAY_MAX_SIDE = 1024  # overlays of larger images are scaled down to this long side
 
 
@@ -58,6 +59,8 @@ class Service:
         self.model, self.source, self.max_request_bytes = model, source, max_request_bytes
         self._inference = threading.Lock()
         self._decoding = threading.BoundedSemaphore(2)  # decoded images are the big allocations: two at a time
+        # Request bodies held at once (each up to max_request_bytes): more wait their turn, memory stays bounded.
+        self.bodies = threading.BoundedSemaphore(MAX_BODIES)
 
     def info(self) -> dict:
         model = self.model
@@ -95,7 +98,8 @@ class Service:
         for i, (name, _) in enumerate(images):
             score = float(scores[i])
             row = {"name": name, "width": int(sizes[i][1]), "height": int(sizes[i][0]), "score": score,
-                   "anomalous": None if threshold is None else score >= threshold, "threshold": threshold, **{key: values[i].item() for key, values in columns.items()}}
+                   "anomalous": None if threshold is None else score >= threshold, "threshold": threshold,
+                   **{key: values[i].item() for key, values in columns.items()}}
             if overlays:
                 row["overlay_png"] = base64.b64encode(_overlay_png(pictures[i], maps[i])).decode("ascii")
             predictions.append(row)
@@ -239,6 +243,10 @@ class Handler(BaseHTTPRequestHandler):
             if length <= 2 * self.service.max_request_bytes:
                 self._discard(length)
             return self._too_large(length)
+        with self.service.bodies:
+            self._predict(length)
+
+    def _predict(self, length: int) -> None:
         body = self.rfile.read(length)
         if len(body) < length:
             self.close_connection = True
