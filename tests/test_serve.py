@@ -156,6 +156,19 @@ def test_oversized_requests_get_413(run):
         server.server_close()
 
 
+def test_a_body_without_a_length_is_refused(server):
+    port = int(server.rsplit(":", 1)[1])
+    for headers in ({}, {"Transfer-Encoding": "chunked"}):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.putrequest("POST", "/predict")
+        for key, value in headers.items():
+            connection.putheader(key, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        assert response.status == 411 and "Content-Length" in json.loads(response.read())["error"]
+        connection.close()
+
+
 def test_unknown_paths_and_methods(server):
     status, _, body = call(server + "/nope")
     assert status == 404 and "/nope" in json.loads(body)["error"]
