@@ -249,7 +249,7 @@ def test_same_image_in_train_and_test_warns(trees, tmp_path):
 def _count_decodes(monkeypatch):
     calls = []
     original = dataset.read_image
-    monkeypatch.setattr(dataset, "read_image", lambda path: calls.append(path) or original(path))
+    monkeypatch.setattr(dataset, "read_image", lambda path, *rest: calls.append(path) or original(path, *rest))
     return calls
 
 

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -47,7 +48,7 @@ def test_predict_writes_csv_json_overlays_and_masks_and_skips_bad_files(calibrat
     with open(out / "predictions.csv") as handle:
         rows = list(csv.DictReader(handle))
     extra = {"nearest_distance", "unfamiliar"} if DEFAULT_ALIGN == "knn" else set()  # knn's unfamiliar signal
-    assert len(rows) == 5 and set(rows[0]) == {"path", "score", "anomalous", *extra}
+    assert len(rows) == 5 and set(rows[0]) == {"path", "score", "anomalous", "width", "height", "u", "spread", *extra}
     threshold = json.loads((calibrated_run / "config.json").read_text())["calibration"]["threshold"]
     assert all(int(r["anomalous"]) == (float(r["score"]) >= threshold - 1e-6) for r in rows)
     report = json.loads((out / "predictions.json").read_text())
@@ -79,6 +80,22 @@ def test_predict_runs_an_exported_model_with_the_same_outputs(calibrated_run, ti
     assert [r["path"] for r in a] == [r["path"] for r in b]
     assert [r["anomalous"] for r in a] == [r["anomalous"] for r in b]
     assert np.allclose([r["score"] for r in a], [r["score"] for r in b], atol=1e-4)
+
+
+def test_predictions_carry_u_and_spread_that_give_the_aligned_score(calibrated_run, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    folder = tiny_data / "washer" / "test"
+    assert main(["predict", str(calibrated_run), str(folder), "--out", str(out), "--quiet"]) == 0
+    rows = json.loads((out / "predictions.json").read_text())["predictions"]
+    images, samples = load_all([s for s in mvtec_samples(tiny_data, "test") if s.class_name == "washer"], 64)
+    result = Detector.load(calibrated_run).infer(images)
+    base = {str(sample.path): values for sample, values in
+            zip(samples, zip(result.base_scores.tolist(), result.u.tolist(), result.spread.tolist()))}
+    assert len(rows) == len(base) > 0
+    for row in rows:
+        base_score, u, spread = base[row["path"]]
+        assert row["spread"] > 0 and row["u"] == pytest.approx(u) and row["spread"] == pytest.approx(spread)
+        assert row["score"] == pytest.approx((base_score - row["u"]) / row["spread"], abs=1e-5)
 
 
 def test_evaluate_reports_decisions_at_the_stored_threshold(calibrated_run, tiny_data, tmp_path, capsys):
@@ -124,7 +141,8 @@ def test_knn_run_reports_and_flags_unfamiliar_images(tiny_data, tmp_path):
     assert main(["predict", str(run), str(tiny_data / "washer" / "test"), "--out", str(out), "--quiet"]) == 0
     with open(out / "predictions.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert set(rows[0]) == {"path", "score", "anomalous", "nearest_distance", "unfamiliar"}
+    assert set(rows[0]) == {"path", "score", "anomalous", "width", "height", "u", "spread", "nearest_distance",
+                            "unfamiliar"}
     report = json.loads((out / "predictions.json").read_text())
     reference = report["unfamiliar_reference_distance"]
     assert reference > 0 and report["n_unfamiliar"] == sum(int(r["unfamiliar"]) for r in rows)
@@ -135,3 +153,132 @@ def test_knn_run_reports_and_flags_unfamiliar_images(tiny_data, tmp_path):
     images, _ = load_all(mvtec_samples(tiny_data, "test"), 64)
     scores, _ = scorer(images)
     assert torch.allclose(scores, Detector.load(run).predict(images).scores, atol=1e-4)
+
+
+def test_predict_changes_the_operating_point_without_recalibrating(calibrated_run, tiny_data, tmp_path, capsys):
+    config = json.loads((calibrated_run / "config.json").read_text())
+    calibration = config["calibration"]
+    assert len(calibration["normal_scores"]) == calibration["n_normal"] == 24
+    folder = str(tiny_data / "washer" / "test")
+
+    def predict(name, *options):
+        assert main(["predict", str(calibrated_run), folder, "--out", str(tmp_path / name), "--quiet", *options]) == 0
+        return json.loads((tmp_path / name / "predictions.json").read_text()), capsys.readouterr().out
+
+    stored, printed = predict("stored")
+    assert stored["threshold"] == calibration["threshold"] and "stored in the run" in stored["threshold_source"]
+    assert f"threshold {calibration['threshold']:.4f}, stored in the run" in printed
+    # The calibrated rate again: the same threshold, bit for bit, from the stored scores.
+    same, printed = predict("same", "--fpr", "0.1")
+    assert same["threshold"] == calibration["threshold"] and "over the 24 calibration scores" in printed
+    # A higher rate flags more: the threshold sits lower, among the stored normal scores.
+    loose, _ = predict("loose", "--fpr", "0.5")
+    assert loose["threshold"] < calibration["threshold"]
+    assert sum(s >= loose["threshold"] for s in calibration["normal_scores"]) <= 12
+    assert loose["n_anomalous"] >= stored["n_anomalous"]
+    given, _ = predict("given", "--threshold=-1e6")
+    assert given["threshold"] == -1e6 and given["n_anomalous"] == given["n_images"]
+    assert given["threshold_source"] == "given with --threshold"
+    assert all(row["anomalous"] for row in given["predictions"])
+
+
+def test_predict_fpr_needs_stored_calibration_scores(tiny_data, calibrated_run, tmp_path, capsys):
+    from cada.checkpoint import update_config
+
+    run = tmp_path / "run"
+    shutil.copytree(calibrated_run, run)
+    old = json.loads((run / "config.json").read_text())["calibration"]
+    update_config(run, calibration={k: v for k, v in old.items() if k != "normal_scores"})  # an older run
+    folder = str(tiny_data / "washer" / "test")
+    capsys.readouterr()
+    assert main(["predict", str(run), folder, "--out", str(tmp_path / "a"), "--fpr", "0.05", "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert "--fpr needs the calibration scores stored in the run" in error and "cada calibrate" in error
+    assert len(error.strip().splitlines()) == 1 and not (tmp_path / "a" / "predictions.csv").exists()
+    update_config(run, calibration=None)
+    assert main(["predict", str(run), folder, "--out", str(tmp_path / "b"), "--fpr", "0.05", "--quiet"]) == 2
+    assert "has no calibration" in capsys.readouterr().err
+    # The stored threshold still works; --threshold needs no calibration at all.
+    assert main(["predict", str(run), folder, "--out", str(tmp_path / "c"), "--threshold", "1.5", "--masks",
+                 "--quiet"]) == 0
+    assert json.loads((tmp_path / "c" / "predictions.json").read_text())["threshold"] == 1.5
+    with pytest.raises(SystemExit) as exit_info:  # argparse: one or the other
+        main(["predict", str(run), folder, "--out", str(tmp_path / "d"), "--fpr", "0.1", "--threshold", "1"])
+    assert exit_info.value.code == 2
+    assert main(["predict", str(run), folder, "--out", str(tmp_path / "e"), "--threshold", "nan"]) == 2
+    assert "--threshold must be a finite number" in capsys.readouterr().err
+
+
+def test_exported_model_changes_the_operating_point_too(calibrated_run, tiny_data, tmp_path):
+    assert main(["export", str(calibrated_run), "--out", str(tmp_path / "model.onnx")]) == 0
+    folder = str(tiny_data / "washer" / "test")
+    assert main(["predict", str(tmp_path / "model.onnx"), folder, "--out", str(tmp_path / "a"), "--fpr", "0.5",
+                 "--quiet"]) == 0
+    assert main(["predict", str(calibrated_run), folder, "--out", str(tmp_path / "b"), "--fpr", "0.5",
+                 "--quiet"]) == 0
+    a, b = (json.loads((tmp_path / name / "predictions.json").read_text()) for name in ("a", "b"))
+    assert a["threshold"] == b["threshold"] < json.loads((calibrated_run / "config.json").read_text())[
+        "calibration"]["threshold"]
+    assert [r["anomalous"] for r in a["predictions"]] == [r["anomalous"] for r in b["predictions"]]
+
+
+def test_upsampled_strips_match_torch_bilinear():
+    from cada.predict import upsampled_strips
+
+    small = torch.rand(16, 12, generator=torch.Generator().manual_seed(0)) * 3 - 1
+    for height, width in ((16, 12), (37, 100), (600, 5), (3, 2)):
+        expected = torch.nn.functional.interpolate(small[None, None], size=(height, width), mode="bilinear",
+                                                   align_corners=False)[0, 0].numpy()
+        strips = list(upsampled_strips(small, height, width, rows=7))
+        assert [start for start, _ in strips] == list(range(0, height, 7))
+        assert np.allclose(np.concatenate([strip for _, strip in strips]), expected, atol=1e-5)
+
+
+def test_overlays_and_masks_at_each_images_own_size(calibrated_run, tiny_data, tmp_path):
+    source = sorted((tiny_data / "washer" / "test").rglob("*.png"))[-1]
+    images = tmp_path / "line"
+    images.mkdir()
+    sizes = {"wide": (150, 40), "tall": (33, 90), "same": (64, 64)}
+    for name, size in sizes.items():
+        Image.open(source).convert("RGB").resize(size).save(images / f"{name}.png")
+    detector = Detector.load(calibrated_run)
+    # A threshold through the middle of one map: the masks have both sides to get right.
+    threshold = float(detector.predict(str(images / "wide.png")).maps.median())
+    options = ["--overlays", "--masks", "--quiet", f"--threshold={threshold!r}"]
+    assert main(["predict", str(calibrated_run), str(images), "--out", str(tmp_path / "full"), *options]) == 0
+    assert main(["predict", str(calibrated_run), str(images), "--out", str(tmp_path / "small"), "--output-size",
+                 "model", *options]) == 0
+    report = json.loads((tmp_path / "full" / "predictions.json").read_text())
+    assert report["output_size"] == "original" and report["threshold"] == threshold
+    for row in report["predictions"]:
+        name = row["path"].rsplit("/", 1)[-1].removesuffix(".png")
+        assert (row["width"], row["height"]) == sizes[name]
+        overlay = Image.open(tmp_path / "full" / "overlays" / f"{name}.png")
+        mask = np.array(Image.open(tmp_path / "full" / "masks" / f"{name}.png"))
+        assert overlay.size == sizes[name] and mask.shape == sizes[name][::-1]
+        assert Image.open(tmp_path / "small" / "overlays" / f"{name}.png").size == (64, 64)
+        # The mask is the model's map upsampled bilinearly to the image's size, then thresholded.
+        aligned_map = detector.predict(row["path"]).maps
+        expected = torch.nn.functional.interpolate(aligned_map[None], size=sizes[name][::-1], mode="bilinear",
+                                                   align_corners=False)[0, 0].numpy()
+        decided = np.abs(expected - threshold) > 1e-4  # pixels not on the threshold within rounding
+        assert np.array_equal((mask == 255)[decided], (expected >= threshold)[decided])
+        if name == "wide":
+            assert set(np.unique(mask)) == {0, 255}
+    with open(tmp_path / "full" / "predictions.csv") as handle:
+        header = next(csv.reader(handle))
+    assert header[:5] == ["path", "score", "anomalous", "width", "height"]
+
+
+def test_a_threshold_set_by_hand_in_the_sidecar_is_the_one_used_and_said(calibrated_run, tiny_data, tmp_path, capsys):
+    from cada.predict import load_model
+
+    export_onnx(Detector.load(calibrated_run), tmp_path / "model.onnx")
+    sidecar = json.loads((tmp_path / "model.json").read_text())
+    assert load_model(tmp_path / "model.onnx").threshold_source.startswith("stored in model.json: at false-positive")
+    sidecar["threshold"] = 0.25
+    (tmp_path / "model.json").write_text(json.dumps(sidecar))
+    model = load_model(tmp_path / "model.onnx")
+    assert model.threshold == 0.25
+    assert model.threshold_source == "stored in model.json: from its threshold field, set by hand"
+    assert load_model(tmp_path / "model.onnx", fpr=0.1).threshold == sidecar["calibration"]["threshold"]

@@ -331,7 +331,7 @@ class Detector:
                           f"threshold is set above all of them (use at least {math.ceil(1 / fpr)} images)")
         self.calibration = {"threshold": threshold_at_fpr(aligned, fpr), "base_threshold": threshold_at_fpr(base, fpr),
                             "how": "fpr", "target_fpr": fpr, "n_normal": len(aligned), "n_anomalous": 0,
-                            "source": source}
+                            "source": source, "normal_scores": aligned.tolist()}  # other operating points later
         return self.calibration
 
     def calibrate_f1(self, images, labels, source: str = "") -> dict:
@@ -346,7 +346,8 @@ class Detector:
         labels = labels.astype(bool)
         self.calibration = {"threshold": threshold_f1(aligned, labels), "base_threshold": threshold_f1(base, labels),
                             "how": "f1", "target_fpr": None, "n_normal": int((~labels).sum()),
-                            "n_anomalous": int(labels.sum()), "source": source}
+                            "n_anomalous": int(labels.sum()), "source": source,
+                            "normal_scores": aligned[~labels].tolist()}
         return self.calibration
 
     # -- inference ---------------------------------------------------------------------------------------

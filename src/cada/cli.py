@@ -9,6 +9,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -289,6 +290,8 @@ def cmd_calibrate(args) -> int:
         detector.calibrate(images, args.fpr, source=f"{len(samples)} normal images in {', '.join(args.normal)}")
     update_config(args.run, calibration=detector.calibration)  # the weights stay as they are
     _print_calibration(detector.calibration)
+    print(f"kept the {len(detector.calibration['normal_scores'])} normal calibration scores in the run: "
+          "`cada predict --fpr F` decides at another false-positive rate without recalibrating")
     if previous:
         print(f"replaced the previous threshold {previous['threshold']:.4f} ({previous['how']}, {previous['source']})")
     return 0
@@ -312,29 +315,21 @@ def cmd_export(args) -> int:
 
 def cmd_predict(args) -> int:
     from cada.methods.training import init_distributed, is_main
-    from cada.predict import detector_scorer, predict_paths
+    from cada.predict import load_model, predict_paths
 
     init_distributed()  # under torchrun: the images are shared out over the processes, rank 0 writes the results
 
     target = Path(args.model)
     out = Path(args.out)
     _check_predict_out(out, target, args.paths, args.overwrite)
-    if target.suffix == ".onnx":
-        from cada.export import onnx_scorer
-
-        scorer, image_size, threshold, description = onnx_scorer(target)
-    else:
-        from cada.api import Detector
-
-        detector = Detector.load(target)
-        scorer, image_size, threshold = detector_scorer(detector), detector.settings.image_size, detector.threshold
-        description = {"run": str(target)}
-        if hasattr(detector.aligner, "reference_distance"):  # an aligner with an unfamiliar-product signal (knn)
-            description["unfamiliar_reference_distance"] = float(detector.aligner.reference_distance)
-    if threshold is None and is_main():
-        print("note: the run has no threshold yet (cada calibrate); scores only, no decisions", file=sys.stderr)
-    summary = predict_paths(scorer, image_size, threshold, args.paths, args.out, args.overlays, args.masks,
-                            args.batch_size, not args.quiet, description)
+    model = load_model(target, args.fpr, args.threshold)
+    if is_main():
+        if model.threshold is None:
+            print("note: the run has no threshold yet (cada calibrate); scores only, no decisions", file=sys.stderr)
+        else:
+            print(f"threshold {model.threshold:.4f}, {model.threshold_source}")
+    summary = predict_paths(model.scorer, model.image_size, model.threshold, args.paths, args.out, args.overlays,
+                            args.masks, args.batch_size, not args.quiet, model.description, args.output_size)
     if not is_main():
         return 0
     for message in summary["skipped"]:
@@ -367,6 +362,39 @@ def _check_predict_out(out: Path, model: Path, paths: list[str], overwrite: bool
         import torch.distributed as dist
 
         dist.barrier()  # no process writes before rank 0 has cleared the old overlays
+
+
+def cmd_serve(args) -> int:
+    from cada.predict import load_model
+    from cada.serve import make_server
+
+    if not 0 < args.max_request_mb <= 4096:
+        raise ValueError(f"--max-request-mb must be in (0, 4096], got {args.max_request_mb}")
+    model = load_model(args.model, args.fpr, args.threshold)
+    try:
+        server = make_server(model, str(args.model), args.host, args.port, int(args.max_request_mb * 1024 * 1024),
+                             args.quiet)
+    except OSError as error:  # the port is taken, the address is not this machine's, a port below 1024...
+        raise ValueError(f"cannot listen on {args.host} port {args.port}: {error.strerror or error}") from None
+    host, port = server.server_address[:2]
+    print(f"serving {printable(args.model)} on http://{host}:{port}/ (POST /predict, GET /health, GET /info); "
+          + ("no threshold: scores only" if model.threshold is None
+             else f"threshold {model.threshold:.4f}, {model.threshold_source}"), flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print("note: the server has no authentication; anyone who can reach this address can use it",
+              file=sys.stderr)
+    def stop(*_):  # SIGTERM (docker stop, systemd) ends the server as Ctrl-C does
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+    finally:
+        server.server_close()
+    return 0
 
 
 def cmd_evaluate(args) -> int:
@@ -590,6 +618,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, help="folder for predictions.csv/.json (and overlays, masks)")
     predict.add_argument("--overlays", action="store_true", help="write a heatmap overlay PNG per image")
     predict.add_argument("--masks", action="store_true", help="write a binary mask PNG per image (map >= threshold)")
+    point = predict.add_mutually_exclusive_group()
+    point.add_argument("--fpr", type=float, help="decide at this false-positive rate, chosen now over the calibration "
+                                                 "scores stored in the run (no recalibration)")
+    point.add_argument("--threshold", type=float, help="decide at this aligned-score threshold")
+    predict.add_argument("--output-size", choices=("original", "model"), default="original",
+                         help="write overlays and masks at each image's own size (default; the map upsampled "
+                              "bilinearly) or at the model's input size")
     predict.add_argument("--batch-size", type=int, default=16)
     predict.add_argument("--quiet", action="store_true")
     predict.add_argument("--overwrite", action="store_true",
@@ -612,6 +647,19 @@ def build_parser() -> argparse.ArgumentParser:
                              "test images moved into training, and compare (u, gamma) with (u, sigma) on it")
     _add_training_options(ablate)
     ablate.set_defaults(func=cmd_ablate, align="none")
+
+    serve = commands.add_parser("serve", help="an HTTP API and a web page that score images (see README: Serving)")
+    serve.add_argument("model", help="run folder, or an exported .onnx file")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
+    serve.add_argument("--max-request-mb", type=float, default=32.0,
+                       help="largest request body accepted, in MiB (larger: 413)")
+    point = serve.add_mutually_exclusive_group()
+    point.add_argument("--fpr", type=float, help="decide at this false-positive rate, over the stored calibration "
+                                                 "scores")
+    point.add_argument("--threshold", type=float, help="decide at this aligned-score threshold")
+    serve.add_argument("--quiet", action="store_true", help="no line per request")
+    serve.set_defaults(func=cmd_serve)
 
     evaluate = commands.add_parser("evaluate", help="absolute-unified and model-unified metrics of a run")
     evaluate.add_argument("run", help="run folder written by `cada train`")

@@ -1,10 +1,11 @@
 """Prediction on anonymous images: no class names, no layout, one threshold.
 
-Writes DIR/predictions.csv (path,score,anomalous) and DIR/predictions.json, and optionally a heatmap overlay
-and a binary mask per image (every file written atomically; file names that are not valid UTF-8 are written with
-backslash escapes). Images are streamed in batches, so memory does not grow with the folder. Under
-torchrun the batches are shared out over the processes (each writes its own overlays and masks) and rank 0
-writes the CSV and JSON of all of them, in file order.
+Writes DIR/predictions.csv (path,score,anomalous,width,height, and the scorer's columns) and
+DIR/predictions.json, and optionally a heatmap overlay and a binary mask per image, at the image's own size by
+default (every file written atomically; file names that are not valid UTF-8 are written with backslash
+escapes). Images are streamed in batches, so memory does not grow with the folder. Under torchrun the batches
+are shared out over the processes (each writes its own overlays and masks) and rank 0 writes the CSV and JSON
+of all of them, in file order.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import io
 import json
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,18 +25,22 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cada.data.dataset import iterate_batches
+from cada.data.dataset import BadImageError, image_size_of, iterate_batches, rgb_array
 from cada.data.folder import image_files
 from cada.data.mvtec import Sample
 from cada.files import atomic_write, printable
 from cada.methods.training import batch_shard, is_main, world_size
+from cada.operating_point import choose_threshold, without_scores
 
 # Overlays colour aligned maps on one fixed scale for every image: 0 is the predicted normal mean of the
 # image's product, 1 its normal maximum; values at or above HEATMAP_MAX are full red. A normal image looks calm.
 HEATMAP_MAX = 2.0
+# Overlays and masks at each image's own size (the map upsampled bilinearly), or at the model's input size.
+OUTPUT_SIZES = ("original", "model")
 
 # (uint8 batch B x 3 x S x S) -> (aligned image scores B, aligned maps B x S x S[, {column: B values}]): the
-# optional third item adds per-image columns to the CSV and JSON (the knn aligner's unfamiliar-product signal).
+# optional third item adds per-image columns to the CSV and JSON (u and spread; the knn aligner's unfamiliar-product
+# signal).
 Scorer = Callable[[torch.Tensor], tuple]
 
 
@@ -51,6 +57,43 @@ def overlay(image: np.ndarray, aligned_map: np.ndarray, alpha: float = 0.45) -> 
     return (image * (1 - alpha) + colour_map(aligned_map) * alpha).astype(np.uint8)
 
 
+def _source_positions(size_in: int, size_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bilinear resampling as torch's F.interpolate(align_corners=False): for each output position, the two input
+    positions it reads and the weight of the second."""
+    source = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * (size_in / size_out) - 0.5).clamp(min=0)
+    first = source.floor().long().clamp(max=size_in - 1)
+    return first, (first + 1).clamp(max=size_in - 1), (source - first).float()
+
+
+def upsampled_strips(aligned_map: torch.Tensor, height: int, width: int, rows: int = 256):
+    """(first row, rows x width float32 array) strips of `aligned_map` (h x w) upsampled bilinearly to height x
+    width, as evaluate's --pixel-resolution original upsamples (F.interpolate, align_corners=False), without ever
+    holding the full-size float map: memory stays small for camera-sized images."""
+    aligned_map = aligned_map.float()
+    y0, y1, wy = _source_positions(aligned_map.shape[0], height)
+    x0, x1, wx = _source_positions(aligned_map.shape[1], width)
+    across = aligned_map[:, x0] * (1 - wx) + aligned_map[:, x1] * wx  # h x width
+    for start in range(0, height, rows):
+        part = slice(start, start + rows)
+        weight = wy[part, None]
+        yield start, (across[y0[part]] * (1 - weight) + across[y1[part]] * weight).numpy()
+
+
+def full_size_outputs(aligned_map: torch.Tensor, height: int, width: int, image: np.ndarray | None = None,
+                      threshold: float | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(overlay over `image` (H x W x 3 uint8) or None, binary mask (0/255) at `threshold` or None), at the image's
+    own height x width: the map upsampled bilinearly, strip by strip."""
+    picture = None if image is None else np.empty((height, width, 3), np.uint8)
+    mask = None if threshold is None else np.empty((height, width), np.uint8)
+    for start, strip in upsampled_strips(aligned_map, height, width):
+        rows = slice(start, start + len(strip))
+        if picture is not None:
+            picture[rows] = overlay(image[rows], strip)
+        if mask is not None:
+            mask[rows] = (strip >= threshold).astype(np.uint8) * 255
+    return picture, mask
+
+
 def _output_name(path: Path, used: set[str]) -> str:
     """A file name per input image, unique even when two folders hold files of the same name."""
     name, counter = path.stem, 1
@@ -63,8 +106,13 @@ def _output_name(path: Path, used: set[str]) -> str:
 
 def predict_paths(scorer: Scorer, image_size: int, threshold: float | None, paths, out: str | Path,
                   overlays: bool = False, masks: bool = False, batch_size: int = 16, progress: bool = True,
-                  description: dict | None = None) -> dict:
-    """Score every image under `paths`; write the CSV, the JSON and (optionally) overlays and masks to `out`."""
+                  description: dict | None = None, output_size: str = "original") -> dict:
+    """Score every image under `paths`; write the CSV, the JSON and (optionally) overlays and masks to `out`.
+
+    Rows carry each image's own width and height. Overlays and masks are written at that size (output_size
+    "original": the map upsampled bilinearly, the overlay over the image as read) or at the model's (`model`)."""
+    if output_size not in OUTPUT_SIZES:
+        raise ValueError(f"output size must be one of {', '.join(OUTPUT_SIZES)}, got {output_size!r}")
     files = image_files(paths)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,17 +138,29 @@ def predict_paths(scorer: Scorer, image_size: int, threshold: float | None, path
             for position, local in enumerate(batch["index"].tolist()):
                 index = positions[local]
                 path, score = files[index], float(scores[position])
+                try:  # the image as read (overlays at its own size), else its size from the header alone
+                    original = rgb_array(path) if overlays and output_size == "original" else None
+                    width, height = image_size_of(path) if original is None else original.shape[1::-1]
+                except BadImageError as error:  # changed since it was scored: skipped as unreadable files are
+                    warnings.warn(f"skipped: {error}")
+                    continue
                 row = {"path": printable(path), "score": score,
                        "anomalous": None if threshold is None else bool(score >= threshold),
+                       "width": width, "height": height,
                        **{name: values[position].item() for name, values in columns.items()}}
                 if overlays or masks:
                     name = names[index]
-                    aligned_map = maps[position].numpy()
+                    if output_size == "original":
+                        picture, mask = full_size_outputs(maps[position], height, width, original,
+                                                          threshold if masks else None)
+                    else:
+                        aligned_map = maps[position].numpy()
+                        picture = overlay(batch["image"][position].permute(1, 2, 0).numpy(), aligned_map)
+                        mask = (aligned_map >= threshold).astype(np.uint8) * 255 if masks else None
                     if overlays:
-                        image = batch["image"][position].permute(1, 2, 0).numpy()
-                        _write_png(out / "overlays" / f"{name}.png", overlay(image, aligned_map))
+                        _write_png(out / "overlays" / f"{name}.png", picture)
                     if masks:
-                        _write_png(out / "masks" / f"{name}.png", (aligned_map >= threshold).astype(np.uint8) * 255)
+                        _write_png(out / "masks" / f"{name}.png", mask)
                 rows.append((index, row))
             bar.update((len(batch["index"]) + len(batch["errors"])) * world_size())
     # A bad file is skipped, not fatal: it is listed in the JSON with the reason.
@@ -117,7 +177,8 @@ def predict_paths(scorer: Scorer, image_size: int, threshold: float | None, path
         skipped = [message for part in gathered for message in part[1]]
         seconds = max(part[2] for part in gathered)
     rows = [row for _, row in sorted(rows, key=lambda item: item[0])]
-    summary = {"threshold": threshold, "n_images": len(rows), "n_anomalous": sum(bool(r["anomalous"]) for r in rows),
+    summary = {"threshold": threshold, "output_size": output_size, "n_images": len(rows),
+               "n_anomalous": sum(bool(r["anomalous"]) for r in rows),
                "skipped": skipped, "seconds": round(seconds, 2),
                "images_per_second": round(len(rows) / seconds, 2) if seconds else None, **(description or {})}
     if world_size() > 1:
@@ -132,7 +193,8 @@ def predict_paths(scorer: Scorer, image_size: int, threshold: float | None, path
     writer.writerow(["path", "score", "anomalous", *extra])
     for row in rows:
         writer.writerow([row["path"], f"{row['score']:.6f}", "" if row["anomalous"] is None else int(row["anomalous"]),
-                         *(int(row[name]) if isinstance(row[name], bool) else f"{row[name]:.6f}" for name in extra)])
+                         *(int(row[name]) if isinstance(row[name], (bool, int)) else f"{row[name]:.6f}"
+                           for name in extra)])
     atomic_write(out / "predictions.csv", table.getvalue())
     atomic_write(out / "predictions.json", json.dumps({**summary, "predictions": rows}, indent=2) + "\n")
     return summary
@@ -143,14 +205,62 @@ def _write_png(path: Path, array: np.ndarray) -> None:
 
 
 def detector_scorer(detector) -> Scorer:
-    """Aligned scores and maps; with an aligner that keeps training descriptors (knn), also each image's distance to
-    the nearest training image and whether it lies beyond the training set's reference level ("unfamiliar")."""
+    """Aligned scores and maps, with each image's predicted normal statistics: u (the normal mean of its base map)
+    and spread (gamma - u, its normal maximum above the mean, floored as the alignment uses it; aligned = (base - u)
+    / spread). With an aligner that keeps training descriptors (knn), also each image's distance to the nearest
+    training image and whether it lies beyond the training set's reference level ("unfamiliar")."""
     def score(images: torch.Tensor) -> tuple:
         result = detector.infer(images)
+        columns = {"u": result.u, "spread": result.spread}
         distance = detector.aligner.nearest_distance(result.align_features)
-        if distance is None:
-            return result.aligned_scores, result.aligned_maps
-        return result.aligned_scores, result.aligned_maps, {
-            "nearest_distance": distance, "unfamiliar": distance > detector.aligner.reference_distance}
+        if distance is not None:
+            columns.update(nearest_distance=distance, unfamiliar=distance > detector.aligner.reference_distance)
+        return result.aligned_scores, result.aligned_maps, columns
 
     return score
+
+
+@dataclass
+class LoadedModel:
+    """What prediction needs of a run folder or an exported .onnx file, at the operating point chosen."""
+
+    scorer: Scorer
+    image_size: int
+    threshold: float | None
+    threshold_source: str | None  # where the threshold comes from, in words (None: no threshold)
+    calibration: dict | None  # as stored, without the calibration scores
+    description: dict  # what predictions.json says of the model
+    settings: dict | None = None
+
+
+def load_model(target: str | Path, fpr: float | None = None, threshold: float | None = None) -> LoadedModel:
+    """A run folder or an exported .onnx file, ready to score; the threshold is the stored one, or the one at
+    `fpr` over the stored calibration scores, or `threshold` (see cada.operating_point)."""
+    target = Path(target)
+    if target.suffix == ".onnx":
+        from cada.export import onnx_scorer, sidecar_path
+        from cada.threshold import check_calibration
+
+        scorer, image_size, stored, description = onnx_scorer(target)
+        sidecar = json.loads(sidecar_path(target).read_text())  # read and checked by onnx_scorer
+        try:
+            calibration = check_calibration(sidecar.get("calibration"))
+        except ValueError as error:
+            raise ValueError(f"{sidecar_path(target)}: {error}") from None
+        if stored is not None and (calibration is None or calibration["threshold"] != stored):
+            # the sidecar's threshold is the one that decides (as ever): set by hand, it is said so
+            calibration = {**(calibration or {}), "threshold": stored, "how": "given",
+                           "source": "its threshold field, set by hand"}
+        settings, where = sidecar.get("settings"), f"in {sidecar_path(target).name}"
+    else:
+        from cada.api import Detector
+
+        detector = Detector.load(target)
+        scorer, image_size, calibration = detector_scorer(detector), detector.settings.image_size, detector.calibration
+        description = {"run": str(target)}
+        if hasattr(detector.aligner, "reference_distance"):  # an aligner with an unfamiliar-product signal (knn)
+            description["unfamiliar_reference_distance"] = float(detector.aligner.reference_distance)
+        settings, where = detector.settings.to_dict(), "in the run"
+    chosen, source = choose_threshold(calibration, fpr, threshold, where)
+    description["threshold_source"] = source
+    return LoadedModel(scorer, image_size, chosen, source, without_scores(calibration), description, settings)

@@ -6,7 +6,7 @@ import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -86,42 +86,57 @@ def _pixel_limit(path: str | Path, limit: int):
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def read_image(path: str | Path) -> Image.Image:
+def read_image(path: str | Path | BinaryIO, name: str | None = None) -> Image.Image:
     """Open an image fully (so truncated files fail here) and apply its EXIF orientation.
 
+    `path` may also be a binary file object (an upload held in memory), then named `name` in messages.
     Refused with a BadImageError naming the file: unreadable or truncated files, files over the pixel limit
     (max_image_pixels), and float images with NaN or infinite pixels (there is no honest way to show them).
     """
-    with _opened(path) as image:
+    name = path if name is None else name
+    with _opened(path, name) as image:
         image.load()
         if image.mode == "F" and not np.isfinite(np.asarray(image)).all():
-            raise BadImageError(f"cannot read image {path}: it has NaN or infinite pixel values")
+            raise BadImageError(f"cannot read image {name}: it has NaN or infinite pixel values")
         return ImageOps.exif_transpose(image)
 
 
 @contextmanager
-def _opened(path: str | Path):
+def _opened(path: str | Path | BinaryIO, name: str | Path | None = None):
     """The PIL image of `path`, opened under the pixel limit; any failure to read it is a BadImageError naming
-    the file."""
+    the file (or `name`)."""
+    name = path if name is None else name
     limit = max_image_pixels()
     try:
-        with _pixel_limit(path, limit), Image.open(path) as image:
+        with _pixel_limit(name, limit), Image.open(path) as image:
             yield image
     except BadImageError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise BadImageError(f"cannot read image {path}: {error}") from error
+        raise BadImageError(f"cannot read image {name}: {error}") from error
+
+
+def rgb_array(path: str | Path | BinaryIO, name: str | None = None) -> np.ndarray:
+    """The image as RGB uint8 H x W x 3 at its own size (EXIF orientation applied); BadImageError if unusable."""
+    name = path if name is None else name
+    try:
+        return _to_rgb_array(read_image(path, name))
+    except BadImageError:
+        raise
+    except ValueError as error:
+        raise BadImageError(f"cannot read image {name}: {error}") from None
+
+
+def resize_rgb(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """RGB uint8 H x W x 3 -> uint8 tensor 3 x size x size, resized exactly as training resizes (PIL bilinear)."""
+    resized = Image.fromarray(rgb).resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.array(resized)).permute(2, 0, 1).contiguous()
 
 
 def load_image(path: str | Path, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """uint8 tensor 3 x size x size (bilinear resize) and the original (width, height)."""
-    image = read_image(path)
-    original_size = image.size
-    try:
-        rgb = Image.fromarray(_to_rgb_array(image)).resize((size, size), Image.BILINEAR)
-    except ValueError as error:
-        raise BadImageError(f"cannot read image {path}: {error}") from None
-    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous(), original_size
+    rgb = rgb_array(path)
+    return resize_rgb(rgb, size), (rgb.shape[1], rgb.shape[0])
 
 
 def load_mask(path: str | Path, size: int, image_size: tuple[int, int]) -> torch.Tensor:
