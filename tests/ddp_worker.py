@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from cada.cli import main, train_and_save
 from cada.config import preset
-from cada.methods.training import init_distributed, rank, world_size
+from cada.engine import init_distributed, rank, world_size
 
 data, out = Path(sys.argv[1]), Path(sys.argv[2])
 assert init_distributed() and world_size() == 2, "expected to run under torchrun with 2 processes"

@@ -48,7 +48,7 @@ def _settings_from_args(args):
 
 def _say(*args, **kwargs) -> None:
     """print on rank 0 only (every line once under torchrun)."""
-    from cada.methods.training import is_main
+    from cada.engine.distributed import is_main
 
     if is_main():
         print(*args, **kwargs)
@@ -70,7 +70,8 @@ def train_and_save(settings, data: Path, out: Path, weights: str | None = None, 
     An existing run in `out` is replaced only with `overwrite`, and only once the new one is complete."""
     from cada.api import Detector
     from cada.checkpoint import RESUME_FOLDER, check_replaceable, recover_swap
-    from cada.methods.training import STATE_TENSORS, is_main, require_checkpoint, world_size
+    from cada.engine.distributed import is_main, world_size
+    from cada.engine.resume import STATE_TENSORS, require_checkpoint
 
     out = Path(out)
     check_output(out, "--out", "folder", inputs=[data])
@@ -128,7 +129,7 @@ def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: 
     from cada.data.duplicates import warn_duplicates
     from cada.evaluate import (collect, format_decisions, format_per_class, format_per_product, format_table,
                                results_table)
-    from cada.methods.training import is_main, world_size
+    from cada.engine.distributed import is_main, world_size
 
     if report_dir and world_size() > 1:
         raise ValueError("--report shows every image's map, which stay with their process under torchrun: write "
@@ -244,7 +245,7 @@ def launch_processes(devices: int, argv: list[str]) -> int:
 
 
 def cmd_train(args) -> int:
-    from cada.methods.training import init_distributed, world_size
+    from cada.engine.distributed import init_distributed, world_size
 
     argv = list(getattr(args, "argv", None) or [])
     if args.devices is not None:
@@ -311,7 +312,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from cada.methods.training import init_distributed, is_main
+    from cada.engine.distributed import init_distributed, is_main
     from cada.predict import detector_scorer, predict_paths
 
     init_distributed()  # under torchrun: the images are shared out over the processes, rank 0 writes the results
@@ -351,7 +352,7 @@ def _check_predict_out(out: Path, model: Path, paths: list[str], overwrite: bool
     """Before any scoring: OUT must not hold or overlap the inputs or the model, and earlier predictions there
     are replaced only with --overwrite (then their overlays and masks go, so old and new never mix)."""
     from cada.export import sidecar_path
-    from cada.methods.training import is_distributed, is_main
+    from cada.engine.distributed import is_distributed, is_main
 
     model_files = [model, sidecar_path(model)] if model.suffix == ".onnx" else run_files(model)
     check_output(out, "--out", "folder", inputs=paths, protected=model_files)
@@ -372,7 +373,7 @@ def _check_predict_out(out: Path, model: Path, paths: list[str], overwrite: bool
 def cmd_evaluate(args) -> int:
     from cada.api import Detector
     from cada.data.folder import folder_samples
-    from cada.methods.training import init_distributed, is_main
+    from cada.engine.distributed import init_distributed, is_main
 
     init_distributed()  # under torchrun: the test set is sharded over the processes, results on rank 0
 

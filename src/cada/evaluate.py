@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from cada.data.dataset import iterate_batches, original_mask
 from cada.data.mvtec import Sample
-from cada.methods.training import batch_shard, is_distributed, is_main, world_size
+from cada.engine.distributed import batch_shard, is_distributed, is_main, world_size
 from cada.metrics import _check_pieces, _from_counts, _pieces, _sort_positives, binary_metrics, negative_counts, pixel_metrics
 from cada.align.class_aware import oracle_alignment
 from cada.scoring import align

@@ -25,7 +25,8 @@ from torch import nn
 
 from cada.backbones import create_encoder
 from cada.methods.base import BaseMethod, MethodOutput
-from cada.methods.training import FeatureSource, make_optimizer, run_training
+from cada.engine import FeatureSource, Trainer
+from cada.engine.loop import LossOf
 
 DISTANCE_CHUNK = 4  # images per chunk of the (patches x centroids) distance matrix: 64 MiB each at 256 px
 
@@ -122,19 +123,15 @@ class CFA(BaseMethod):
             total += self.describe(features[batch]).flatten(2).sum(dim=0)
         self.centroids.copy_(total / n_images)
 
-    def fit(self, images: torch.Tensor, settings, generator: torch.Generator, progress: bool = True,
-            cache_gib: float = 4.0) -> list[float]:
+    def objective(self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float,
+                  trainer: Trainer) -> tuple[list[dict], LossOf]:
         """Initialise the memory bank, then train the descriptor (and r) with the soft-boundary loss."""
-        features = FeatureSource(self.encoder, images, settings.batch_size, cache_gib)
+        features = FeatureSource(self.encoder, images, settings.batch_size, cache_gib, trainer.stop_point)
         self.eval()
         self.initialise_centroids(features, len(images), settings.batch_size)
-        optimizer = make_optimizer([{"params": [*self.descriptor.parameters(), self.radius]}], settings)
 
         def loss_of(iteration: int, batch: torch.Tensor) -> torch.Tensor:
             descriptors = self.describe(features[batch]).flatten(2).transpose(1, 2)
             return self.soft_boundary_loss(descriptors)
 
-        self.train()
-        losses = run_training(self.name, len(images), settings, optimizer, generator, progress, loss_of, module=self)
-        self.eval()
-        return losses
+        return [{"params": [*self.descriptor.parameters(), self.radius]}], loss_of

@@ -29,7 +29,8 @@ from torch import nn
 
 from cada.backbones import IMAGENET_MEAN, IMAGENET_STD, create_encoder
 from cada.methods.base import BaseMethod, MethodOutput
-from cada.methods.training import make_optimizer, run_training
+from cada.engine import Trainer
+from cada.engine.loop import LossOf
 
 PERLIN_MAX_OCTAVE = 6  # lattice cells per axis: 2 ** randint(0, 6), as DRAEM
 MASK_THRESHOLD = 0.5
@@ -331,14 +332,13 @@ class DRAEM(BaseMethod):
         anomaly_map = self.segment(pixels)[1].softmax(dim=1)[:, 1]
         return MethodOutput(anomaly_map, self.encoder(x)[-1])
 
-    def fit(self, images: torch.Tensor, settings, generator: torch.Generator, progress: bool = True,
-            cache_gib: float = 4.0) -> list[float]:
+    def objective(self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float,
+                  trainer: Trainer) -> tuple[list[dict], LossOf]:
         """Train both sub-networks on synthetic anomalies over normal uint8 images (N x 3 x S x S).
 
         Loss per batch: MSE + (1 - SSIM) of the reconstruction against the clean image, plus the focal loss of
         the segmentation against the synthetic mask. `cache_gib` is unused (there are no frozen features to keep).
         """
-        optimizer = make_optimizer([{"params": self.trainable_parameters()}], settings)
         device = next(self.reconstructive.parameters()).device
 
         def loss_of(iteration: int, batch: torch.Tensor) -> torch.Tensor:
@@ -348,7 +348,4 @@ class DRAEM(BaseMethod):
             reconstruction_loss = F.mse_loss(reconstruction, clean) + (1 - ssim(reconstruction, clean))
             return reconstruction_loss + focal_loss(logits.softmax(dim=1), masks)
 
-        self.train()
-        losses = run_training(self.name, len(images), settings, optimizer, generator, progress, loss_of, module=self)
-        self.eval()
-        return losses
+        return [{"params": self.trainable_parameters()}], loss_of

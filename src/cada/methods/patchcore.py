@@ -50,7 +50,7 @@ from cada.backbones import create_encoder
 from cada.config import PatchCoreSettings
 from cada.data.dataset import normalize
 from cada.methods.base import BaseMethod, MethodOutput
-from cada.methods.training import stop_point
+from cada.engine import Trainer
 
 FLOAT_BYTES = 4
 
@@ -212,13 +212,14 @@ class PatchCore(BaseMethod):
     # -- fit -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def fit(self, images: torch.Tensor, settings, generator: torch.Generator, progress: bool = True,
-            cache_gib: float = 4.0) -> list[float]:
+            cache_gib: float = 4.0, trainer: Trainer | None = None) -> list[float]:
         """Build the memory bank from normal uint8 images (N x 3 x S x S) in one streamed pass.
 
         `settings` is the base-training settings: only `batch_size` (encoder batch) is read; PatchCore has
         no iterations and no learning rate. `cache_gib` is accepted for the common signature and unused
         (nothing is cached). Returns [] (no loss). See the module docstring for the blockwise coreset.
         """
+        trainer = trainer or Trainer(progress=progress)
         options = self.options
         self.eval()
         projection = torch.randn(self.embedding_dim, options.projection_dim, generator=generator)
@@ -237,12 +238,12 @@ class PatchCore(BaseMethod):
             kept += counts[-1]
         bank = torch.empty(kept, self.embedding_dim)
         filled = 0
-        for start, count in tqdm(list(zip(starts, counts)), desc="patchcore coreset", disable=not progress,
+        for start, count in tqdm(list(zip(starts, counts)), desc="patchcore coreset", disable=not trainer.progress,
                                  leave=False):
             block = images[start : start + block_images]
             pieces = []
             for i in range(0, len(block), batch_size):
-                stop_point("building the PatchCore memory bank")
+                trainer.stop_point("building the PatchCore memory bank")
                 pieces.append(self.patch_embedding(*self.local_features(normalize(block[i : i + batch_size])))
                               .reshape(-1, self.embedding_dim))
             features = torch.cat(pieces)

@@ -24,7 +24,8 @@ from cada.backbones import create_encoder
 from cada.data.dataset import normalize
 from cada.methods.base import BaseMethod, MethodOutput
 from cada.methods.revdist import OneClassBottleneck, ReverseDecoder, cosine_distance_map
-from cada.methods.training import FeatureSource, make_optimizer, run_training
+from cada.engine import FeatureSource, Trainer
+from cada.engine.loop import LossOf
 
 # Hard mining: the threshold mean + alpha * std of the per-position distance; alpha ramps linearly from
 # ALPHA_START to ALPHA_END over the first RAMP_FRACTION of the iterations (all positions count at first).
@@ -94,21 +95,17 @@ class ReContrast(BaseMethod):
         targets, rebuilt, embedding = self.pairs(x)
         return MethodOutput(cosine_distance_map(targets, rebuilt, x.shape[-1]), embedding)
 
-    def fit(self, images: torch.Tensor, settings, generator: torch.Generator, progress: bool = True,
-            cache_gib: float = 4.0) -> list[float]:
+    def objective(self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float,
+                  trainer: Trainer) -> tuple[list[dict], LossOf]:
         """Train bottleneck, decoder and heads (settings.lr) and the trainable encoder (settings.encoder_lr)."""
-        frozen = FeatureSource(self.encoder, images, settings.batch_size, cache_gib)
+        frozen = FeatureSource(self.encoder, images, settings.batch_size, cache_gib, trainer.stop_point)
         reconstruction = [*self.bottleneck.parameters(), *self.decoder.parameters(), *self.heads.parameters()]
-        optimizer = make_optimizer([{"params": reconstruction},
-                                    {"params": list(self.trainable_encoder.parameters()), "lr": settings.encoder_lr}],
-                                   settings)
+        groups = [{"params": reconstruction},
+                  {"params": list(self.trainable_encoder.parameters()), "lr": settings.encoder_lr}]
 
         def loss_of(iteration: int, batch: torch.Tensor) -> torch.Tensor:
             targets, rebuilt, _ = self.pairs(normalize(images[batch]), frozen[batch])
             alpha = hard_mining_alpha(iteration, settings.iters)
             return hard_mined_cosine_loss(targets, rebuilt, alpha) / 2  # the two halves (3 scales each) averaged
 
-        self.train()
-        losses = run_training(self.name, len(images), settings, optimizer, generator, progress, loss_of, module=self)
-        self.eval()
-        return losses
+        return groups, loss_of

@@ -17,7 +17,8 @@ from torch import nn
 
 from cada.backbones import create_encoder
 from cada.methods.base import BaseMethod, MethodOutput
-from cada.methods.training import FeatureSource, make_optimizer, run_training
+from cada.engine import FeatureSource, Trainer
+from cada.engine.loop import LossOf
 
 EXPANSION = 4
 WIDTH_FACTOR = 2  # wide ResNet: the 3x3 conv is twice as wide as a plain bottleneck's
@@ -150,17 +151,13 @@ class RevDist(BaseMethod):
         embedding, decoded = self.reconstruct(encoded)
         return MethodOutput(cosine_distance_map(encoded, decoded, x.shape[-1]), embedding)
 
-    def fit(self, images: torch.Tensor, settings, generator: torch.Generator, progress: bool = True,
-            cache_gib: float = 4.0) -> list[float]:
+    def objective(self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float,
+                  trainer: Trainer) -> tuple[list[dict], LossOf]:
         """Train bottleneck and decoder on normal images (uint8 N x 3 x S x S); the encoder stays frozen."""
-        features = FeatureSource(self.encoder, images, settings.batch_size, cache_gib)
-        optimizer = make_optimizer([{"params": self.trainable_parameters()}], settings)
+        features = FeatureSource(self.encoder, images, settings.batch_size, cache_gib, trainer.stop_point)
 
         def loss_of(iteration: int, batch: torch.Tensor) -> torch.Tensor:
             encoded = features[batch]
             return flattened_cosine_loss(encoded, self.reconstruct(encoded)[1])
 
-        self.train()
-        losses = run_training(self.name, len(images), settings, optimizer, generator, progress, loss_of, module=self)
-        self.eval()
-        return losses
+        return [{"params": self.trainable_parameters()}], loss_of
