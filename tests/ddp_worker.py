@@ -9,9 +9,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from cada.cli import main, train_and_save
+from cada.cli import main
 from cada.config import preset
 from cada.engine import init_distributed, rank, world_size
+from cada.workflows import train
 
 data, out = Path(sys.argv[1]), Path(sys.argv[2])
 assert init_distributed() and world_size() == 2, "expected to run under torchrun with 2 processes"
@@ -20,7 +21,7 @@ for method, align in (("revdist", "cada"), ("recontrast", "classifier")):
     settings.image_size, settings.align = 64, align
     settings.base.iters, settings.base.epochs, settings.base.batch_size = 3, None, 2
     settings.aligner.iters, settings.aligner.batch_size = 4, 2
-    detector = train_and_save(settings, data, out / method, progress=False, checkpoint_every=2)
+    detector = train(settings, data, out / method, progress=False, checkpoint_every=2)
     state = {key: value.contiguous() for key, value in detector._modules().state_dict().items()}
     save_file(state, str(out / f"{method}-rank{rank()}.safetensors"))
 code = main(["evaluate", str(out / "revdist"), "--data", str(data), "--json", str(out / "distributed.json"),

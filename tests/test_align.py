@@ -5,10 +5,20 @@ import dataclasses
 import pytest
 import torch
 
-from cada.align import CADA, SCORE, CADAScore, CADASigma, ClassAware, ClassifierAligner, KNNAligner, NoAlign, create_aligner
+from cada.align import (
+    CADA,
+    SCORE,
+    CADAScore,
+    CADASigma,
+    ClassAware,
+    ClassifierAligner,
+    KNNAligner,
+    NoAlign,
+    create_aligner,
+)
 from cada.align.base import ZSCORE_WIDTH, Head, map_statistics
-from cada.scoring import align
 from cada.config import AlignTraining
+from cada.scoring import align
 
 CLASS_STATS = torch.tensor([[0.05, 0.30, 0.04], [0.20, 0.60, 0.08], [0.40, 1.00, 0.12]])  # mean, max, std
 NAMES = ["bottle", "grid", "tile"]

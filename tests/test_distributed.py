@@ -11,6 +11,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from cada.cli import main
+
 from helpers import stop_after_steps
 
 

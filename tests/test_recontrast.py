@@ -8,8 +8,8 @@ from cada import Detector
 from cada.config import ALIGNERS, Settings, preset
 from cada.data.dataset import load_all, normalize
 from cada.data.mvtec import mvtec_samples
-from cada.methods.recontrast import ReContrast, hard_mined_cosine_loss, hard_mining_alpha
 from cada.engine import Trainer, make_optimizer
+from cada.methods.recontrast import ReContrast, hard_mined_cosine_loss, hard_mining_alpha
 
 from helpers import assert_save_load_bit_exact, paste_square, square_means, tiny_preset
 

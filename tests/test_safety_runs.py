@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from cada.cli import main
+
 from helpers import stop_after_steps
 
 

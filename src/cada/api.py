@@ -7,9 +7,9 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -26,8 +26,9 @@ from cada.data.dataset import load_all, normalize
 from cada.data.layouts import find_samples
 from cada.data.mvtec import Sample
 from cada.engine import Checkpointing, Trainer, is_main, world_size
+from cada.inference import infer_maps
 from cada.methods import BaseMethod, create_method
-from cada.scoring import align, image_score, smooth
+from cada.scoring import align, image_score
 from cada.threshold import check_calibration, threshold_at_fpr, threshold_f1
 
 
@@ -185,7 +186,7 @@ class Detector:
             fpr: float = 0.01, format: str = "auto", cache_dir: str | Path | None = "auto",
             checkpoint_dir: str | Path | None = None, checkpoint_every: int = 200, resume: bool = False,
             resume_hint: str = "", keep_checkpoint: bool = False,
-            on_start: Callable[[int, int], None] | None = None) -> "Detector":
+            on_start: Callable[[int, int], None] | None = None) -> Detector:
         """Train the base method, then the aligner, on the normal images of every class of `data` mixed.
 
         `data` is a data root (MVTec AD, VisA, BTAD or a folder of normal images, see `format`; its training
@@ -355,7 +356,7 @@ class Detector:
         return self.calibration
 
     # -- inference ---------------------------------------------------------------------------------------
-    def eval(self) -> "Detector":
+    def eval(self) -> Detector:
         self.method.eval()
         self.aligner.eval()
         return self
@@ -367,11 +368,9 @@ class Detector:
         `class_names` is read only by the class-aware reference aligner (CaDA-A); the detector itself never needs it.
         """
         self._require_fitted("infer")
-        output = self.method(normalize(check_images(images, self.settings.image_size)))
-        maps = smooth(output.anomaly_map, self.settings.smoothing_sigma)
-        u, gamma = self.aligner.stats(output.align_features, class_names)
-        return BatchResult(maps, image_score(maps, self.settings.top_fraction), u, self.aligner.spread(u, gamma),
-                           output.align_features)
+        maps, u, spread, features = infer_maps(self.method, self.aligner, check_images(images, self.settings.image_size),
+                                               self.settings.smoothing_sigma, class_names)
+        return BatchResult(maps, image_score(maps, self.settings.top_fraction), u, spread, features)
 
     def predict(self, images, batch_size: int = 16) -> Prediction:
         """Aligned image scores and maps (and decisions, once a threshold is set) of `images`: one image or a batch
@@ -406,7 +405,7 @@ class Detector:
         return checkpoint.save_run(folder, self._modules().state_dict(), config, overwrite)
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Detector":
+    def load(cls, folder: str | Path) -> Detector:
         config = checkpoint.read_config(folder)
         where = Path(folder) / checkpoint.CONFIG_FILE
         if "settings" not in config:

@@ -23,13 +23,13 @@ import os
 import torch
 from torch import nn
 
+from cada.data.dataset import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = ["BACKBONES", "Encoder", "WeightsNotFoundError", "create_encoder"]
 
 BACKBONES: tuple[str, ...] = (
     "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "efficientnet_b4", "wide_resnet50_2"
 )
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _STAGE_STRIDES = {"revdist": (4, 8, 16), "uniad": (2, 4, 8, 16)}
 
 

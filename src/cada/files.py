@@ -12,12 +12,19 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: the process's umask, for the permissions of the files written
+
+
+def os_error(error: OSError) -> str:
+    """'Permission denied: PATH' rather than '[Errno 13] Permission denied: 'PATH''; our own messages as they are."""
+    if error.strerror and error.filename:
+        return f"{error.strerror}: {printable(error.filename)}"
+    return str(error)
 
 
 def printable(text: str | Path) -> str:

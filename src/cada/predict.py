@@ -14,8 +14,8 @@ import io
 import json
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from cada.data.dataset import iterate_batches
 from cada.data.folder import image_files
 from cada.data.mvtec import Sample
-from cada.files import atomic_write, printable
 from cada.engine.distributed import batch_shard, is_main, world_size
+from cada.files import atomic_write, printable
 
 # Overlays colour aligned maps on one fixed scale for every image: 0 is the predicted normal mean of the
 # image's product, 1 its normal maximum; values at or above HEATMAP_MAX are full red. A normal image looks calm.

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from cada.engine import DrawSampler, Trainer, lr_factor
+from cada.registry import ALIGNERS
 from cada.scoring import image_score, smooth
 
 # Columns of the per-image statistics that aligners learn from: mean, max and std of the raw map, and the image
@@ -75,10 +76,12 @@ class Aligner(nn.Module):
         pass
 
 
+@ALIGNERS.register("none")
 class NoAlign(Aligner):
     """The base map as it is: u = 0, gamma = 1."""
 
-    name = "none"
+    def __init__(self, channels: int = 0, settings=None):  # the common signature; nothing to build
+        super().__init__()
 
     def fit(self, features, image_stats, settings, generator, class_names=None, progress=True, trainer=None
             ) -> list[float]:

@@ -13,10 +13,11 @@ import torch.nn.functional as F
 
 from cada.align.base import MAX, MEAN, SCORE, STD, Aligner, make_head, train_head
 from cada.engine import Trainer
+from cada.registry import ALIGNERS
 
 
+@ALIGNERS.register("cada", trained=True)
 class CADA(Aligner):
-    name = "cada"
     targets = (MEAN, MAX)
 
     def __init__(self, channels: int, settings):
@@ -45,20 +46,20 @@ class CADA(Aligner):
         return second
 
 
+@ALIGNERS.register("cada-sigma", trained=True)
 class CADASigma(CADA):
     """The (u, sigma) variant: regress mean and standard deviation, gamma = u + 3 sigma."""
 
-    name = "cada-sigma"
     targets = (MEAN, STD)
 
     def gamma(self, u, second):
         return u + 3 * second
 
 
+@ALIGNERS.register("cada-score", trained=True)
 class CADAScore(CADA):
     """Not in the paper: gamma's target is the image score (top fraction of the smoothed map, the value the
     threshold sees) instead of the raw map's max, so every product's typical normal image scores 1 after
     alignment, however spiky its maps are (with the max, the aligned normal score is top / max, per product)."""
 
-    name = "cada-score"
     targets = (MEAN, SCORE)

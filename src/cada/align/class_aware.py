@@ -13,12 +13,13 @@ import torch.nn.functional as F
 
 from cada.align.base import MAX, MEAN, Aligner, make_head, train_head, zscore_alignment
 from cada.engine import Trainer
+from cada.registry import ALIGNERS
 
 
+@ALIGNERS.register("class-aware")
 class ClassAware(Aligner):
     """CaDA-A: (u_c, gamma_c) of the image's given class."""
 
-    name = "class-aware"
     needs_class_names = True
 
     def __init__(self, channels: int, settings):
@@ -71,10 +72,10 @@ class ClassAware(Aligner):
         self._set_classes(state["class_names"])
 
 
+@ALIGNERS.register("classifier", trained=True)
 class ClassifierAligner(ClassAware):
     """CaDA-B: a classifier picks the class, whose (u_c, gamma_c) then align the map."""
 
-    name = "classifier"
     needs_class_names = False
 
     def _set_classes(self, class_names):

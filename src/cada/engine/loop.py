@@ -9,8 +9,8 @@ when training starts. BatchNorm normalises with each process's own slice, as und
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable
 
 import torch
 import torch.distributed as dist

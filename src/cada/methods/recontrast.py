@@ -21,11 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from cada.backbones import create_encoder
+from cada.config import BaseTraining
 from cada.data.dataset import normalize
-from cada.methods.base import BaseMethod, MethodOutput
-from cada.methods.revdist import OneClassBottleneck, ReverseDecoder, cosine_distance_map
 from cada.engine import FeatureSource, Trainer
 from cada.engine.loop import LossOf
+from cada.methods.base import BaseMethod, MethodOutput
+from cada.methods.revdist import OneClassBottleneck, ReverseDecoder, cosine_distance_map
+from cada.registry import METHODS
 
 # Hard mining: the threshold mean + alpha * std of the per-position distance; alpha ramps linearly from
 # ALPHA_START to ALPHA_END over the first RAMP_FRACTION of the iterations (all positions count at first).
@@ -62,8 +64,12 @@ def hard_mined_cosine_loss(targets: list[torch.Tensor], rebuilt: list[torch.Tens
     return loss
 
 
+def _paper(settings) -> None:  # the reference's multi-class optimisation
+    settings.base = BaseTraining(eps=1e-10, amsgrad=True, encoder_lr=1e-5, lr_drop_at=0.8)
+
+
+@METHODS.register("recontrast", presets={"paper": _paper})
 class ReContrast(BaseMethod):
-    name = "recontrast"
     score_scale = 0.1
 
     def __init__(self, backbone: str, image_size: int, pretrained: bool = True, weights_path: str | None = None):
