@@ -1,8 +1,8 @@
 """One process of the 2-process test in test_distributed.py (run by torchrun; not a test module itself).
 
 argv: DATA OUT. Trains RevDist + CADA and ReContrast + the classifier aligner with DDP, saves each rank's
-weights to OUT/<method>-rank<r>.safetensors, then evaluates the RevDist run distributed (OUT/distributed.json) and predicts with it
-(OUT/predicted-distributed)."""
+weights to OUT/<method>-rank<r>.safetensors, then evaluates the RevDist run distributed (OUT/distributed.json)
+and predicts with it (OUT/predicted-distributed)."""
 
 import sys
 from pathlib import Path

@@ -70,7 +70,7 @@ def test_class_aware_uses_per_class_mean_and_mean_of_maxima():
     aligner, losses, features, labels, names = _fit(ClassAware)
     assert losses == []  # nothing to train: a table per class
     features_, image_stats, _, _ = _data()
-    for c, name in enumerate(NAMES):
+    for c in range(len(NAMES)):
         assert aligner.class_u[c].item() == pytest.approx(image_stats[labels == c, 0].mean().item())
         assert aligner.class_gamma[c].item() == pytest.approx(image_stats[labels == c, 1].mean().item())
     u, gamma = aligner.stats(features[:2], ["tile", "bottle"])

@@ -165,8 +165,9 @@ def _b4_file() -> str:
     if path is None:
         raise WeightsNotFoundError(
             "ImageNet weights for efficientnet_b4 not found; expected one of: " + ", ".join(files)
-            + ". Nothing is downloaded: on a machine with internet, run `timm.create_model('tf_efficientnet_b4.aa_in1k',"
-            " pretrained=True)` to fill the cache and copy it here, or pass weights_path / --weights (timm's or "
+            + ". Nothing is downloaded: on a machine with internet, run "
+            "`timm.create_model('tf_efficientnet_b4.aa_in1k', pretrained=True)` to fill the cache and copy it here, or "
+            "pass weights_path / --weights (timm's or "
             "UniAD's efficientnet-b4-6ed6700e.pth naming, .pth or .safetensors)."
         )
     return path

@@ -253,7 +253,8 @@ def cmd_demo(args) -> int:
         results = evaluate(detector, data, out / "results.json", progress=not args.quiet)
     rows = {(r["align"], r["protocol"]): r for r in results["rows"]}
     base, aligned = rows[("none", "absolute-unified")], rows[(settings.align, "absolute-unified")]
-    print(f"absolute-unified I-AUROC: base {100 * base['i_auroc']:.1f} -> +{settings.align} {100 * aligned['i_auroc']:.1f}")
+    print(f"absolute-unified I-AUROC: base {100 * base['i_auroc']:.1f} -> "
+          f"+{settings.align} {100 * aligned['i_auroc']:.1f}")
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
     return 0
 

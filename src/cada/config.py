@@ -50,6 +50,7 @@ class BaseTraining:
         """The optimiser steps for `n_images` training images and `processes` processes (each its own batch)."""
         if self.iters is not None:
             return self.iters
+        assert self.epochs is not None  # validate: exactly one of iters and epochs
         return max(1, self.min_iters, math.ceil(self.epochs * n_images / (self.batch_size * processes)))
 
     def passes(self, n_images: int, processes: int = 1) -> float:
@@ -130,7 +131,8 @@ class Settings:
             if item.name == "method_blocks":
                 continue
             value = getattr(self, item.name)
-            data[item.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            is_block = dataclasses.is_dataclass(value) and not isinstance(value, type)
+            data[item.name] = dataclasses.asdict(value) if is_block else value
             if item.name == "aligner":
                 data.update({name: dataclasses.asdict(block) for name, block in self.method_blocks.items()})
         return data
@@ -170,7 +172,7 @@ class Settings:
 
 
 def _default_blocks() -> dict[str, Any]:
-    return {name: METHODS[name].options() for name in METHODS if METHODS[name].options is not None}
+    return {name: options() for name in METHODS if (options := METHODS[name].options) is not None}
 
 
 # Allowed values of the numeric settings, by dotted name; "[" and "]" include the bound, "(" and ")" exclude it.
@@ -262,7 +264,7 @@ def _check_fields(block, prefix: str) -> None:
         if item.name == "method_blocks":
             continue  # checked by Settings.validate against the registry
         name, value, kind = prefix + item.name, getattr(block, item.name), kinds[item.name]
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             if not isinstance(value, kind):
                 raise ValueError(f"{name} must be a {kind.__name__} block, got {value!r}")
             _check_fields(value, name + ".")

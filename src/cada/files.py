@@ -42,9 +42,9 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], objec
     the path it is given) to a temporary file beside `path`, then rename it over `path`. On any error the temporary
     file is removed."""
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
-    temporary = Path(temporary)
+    temporary = Path(name)
     try:
         os.chmod(temporary, 0o666 & ~_UMASK)  # as a plainly created file (mkstemp makes it private)
         if callable(content):

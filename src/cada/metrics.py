@@ -91,7 +91,9 @@ def _pieces(scores, labels, name: str, regions: bool = False):
     for c in chunks:  # a first, cheap pass: the size of the one copy
         y = read_labels(c)
         n_pos, size = n_pos + np.count_nonzero(y), size + y.size
-    neg, pos, region_ids = None, [], []
+    neg = None
+    pieces: list[np.ndarray] = []  # the positives of each chunk
+    region_pieces: list[np.ndarray] = []
     filled = n_regions = n_nan = n_inf = 0
     for c in chunks:
         y, s = read_labels(c), read(scores, c)
@@ -101,21 +103,21 @@ def _pieces(scores, labels, name: str, regions: bool = False):
         n_inf += np.count_nonzero(np.isinf(s))
         if neg is None:
             neg = np.empty(size - n_pos, s.dtype)
-        pos.append(s[y])
+        pieces.append(s[y])
         part = s[~y]
         neg[filled:filled + part.size] = part
         filled += part.size
         if regions:
             components, count = ndimage.label(y, _REGION_STRUCTURE)
-            region_ids.append(components[y] + (n_regions - 1))  # ids 0..n_regions-1 over all images
+            region_pieces.append(components[y] + (n_regions - 1))  # ids 0..n_regions-1 over all images
             n_regions += count
     if neg is None:
         neg = np.empty(0, np.float32)
-    pos = np.concatenate(pos) if pos else np.empty(0, neg.dtype)
+    pos = np.concatenate(pieces) if pieces else np.empty(0, neg.dtype)
     neg.sort()  # in place: the one sorted full-size copy
     region_size = None
     if regions:
-        region_ids = np.concatenate(region_ids) if region_ids else np.empty(0, np.int64)
+        region_ids = np.concatenate(region_pieces) if region_pieces else np.empty(0, np.int64)
         region_size = np.bincount(region_ids, minlength=n_regions)[region_ids]
     return pos, region_size, neg, n_regions, n_nan, n_inf
 

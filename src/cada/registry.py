@@ -39,6 +39,8 @@ def load_plugins() -> None:
                 raise ValueError(f"${PLUGINS_ENV} names {item}, which is not a file")
             name = f"cada_plugin_{path.stem}"
             spec = importlib.util.spec_from_file_location(name, path)
+            if spec is None or spec.loader is None:
+                raise ValueError(f"${PLUGINS_ENV} names {item}, which Python cannot import")
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module
             spec.loader.exec_module(module)
@@ -75,7 +77,7 @@ class Registry:
             known = self._entries.get(name)
             if known is not None and known.cls.__qualname__ != cls.__qualname__:
                 raise ValueError(f"the {self.kind} name {name!r} is taken by {known.cls.__module__}.{known.cls.__name__}")
-            cls.name = name
+            cls.name = name  # type: ignore[attr-defined]  # every registered base class declares it
             self._entries[name] = Entry(name, cls, options, dict(presets or {}), extra)
             return cls
 

@@ -292,9 +292,10 @@ def evaluate(detector, data: str | Path, json_path: str | Path | None = None, *,
     if plots_dir or report_dir:
         from cada.report.plots import score_distributions
 
+        folder = plots_dir or report_dir
+        assert folder is not None
         figure = score_distributions(outputs.base_scores, outputs.u, outputs.spread, outputs.labels,
-                                     outputs.class_names, (plots_dir or report_dir) / "score_distributions.png",
-                                     detector.settings.align)
+                                     outputs.class_names, folder / "score_distributions.png", detector.settings.align)
         say(f"wrote {figure}")
     if report_dir:
         from cada.report.html import write_report

@@ -248,7 +248,7 @@ def iterate_batches(
         collate_fn=_collate,
     )
     for batch in loader:
-        for index, message in batch["errors"]:
+        for _index, message in batch["errors"]:
             if strict:
                 raise BadImageError(message)
             warnings.warn(f"skipped: {message}")

@@ -54,7 +54,8 @@ def _json_safe(value):
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Optimiser state_dict -> (named tensors, JSON structure that names them)."""
-    tensors, state = {}, {}
+    tensors: dict[str, torch.Tensor] = {}
+    state: dict[str, dict] = {}
     for parameter, entries in state_dict["state"].items():
         state[str(parameter)] = {}
         for key, value in entries.items():
@@ -151,7 +152,7 @@ class Checkpointing:
         return None if self.saved is None else self.saved["stage"]
 
     def describe(self) -> str:
-        saved = self.saved
+        saved = self.saved or {}
         return f"resuming from {self.folder}: {saved['stage']} training at step {saved['iteration']} of {saved['total']}"
 
     def restore_model(self) -> None:
