@@ -29,7 +29,8 @@ from cada.align.base import SCORE
 from cada.align.class_aware import class_score_statistics
 from cada.api import Detector, split_holdout
 from cada.checkpoint import write_json
-from cada.cli import _samples, positive_int, train_and_save
+from cada import workflows
+from cada.cli import positive_int
 from cada.config import preset
 from cada.evaluate import image_only_metrics, image_scores, oracle_scores, per_product_decisions
 from cada.threshold import threshold_at_fpr
@@ -100,15 +101,15 @@ def main() -> None:
             settings.base.iters, settings.base.epochs = args.iters, None
         if args.image_size is not None:
             settings.image_size = args.image_size
-        detector = train_and_save(settings, args.data, args.out / "base", progress=False, holdout=args.holdout,
+        detector = workflows.train(settings, args.data, args.out / "base", progress=False, holdout=args.holdout,
                                   fpr=args.fpr)
     base_seconds = time.perf_counter() - started
-    train, held_out = split_holdout(_samples(args.data, "train"), args.holdout, detector.settings.seed)
+    train, held_out = split_holdout(workflows.find_split(args.data, "train"), args.holdout, detector.settings.seed)
     trained_on = detector.training_info.get("n_images")
     if trained_on is not None and trained_on != len(train):
         parser.error(f"the run was trained on {trained_on} images, not the {len(train)} left by --holdout "
                      f"{args.holdout}: give the --holdout it was trained with")
-    test = _samples(args.data, "test", quiet=True)
+    test = workflows.find_split(args.data, "test", quiet=True)
     ablation = Ablation(detector, train, test, progress=False, calibration_samples=held_out)
     labels, class_names = ablation.test.labels, ablation.test.class_names
     print(f"{args.data}: {len(train)} training images, {len(held_out)} held out for calibration, {len(test)} test "

@@ -21,9 +21,11 @@ import time
 from pathlib import Path
 
 from cada.checkpoint import write_json
-from cada.cli import evaluate_and_report, positive_int, train_and_save
-from cada.config import METHODS, preset
+from cada.cli import positive_int
+from cada.config import preset
 from cada.evaluate import format_table
+from cada.registry import METHODS
+from cada.workflows import evaluate, train
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realmix"
 
@@ -55,8 +57,8 @@ def main() -> None:
             settings.aligner.iters = args.align_iters
         print(f"\n=== {method} ===")
         started, cpu_started = time.perf_counter(), cpu_seconds()
-        detector = train_and_save(settings.validate(), args.data, args.out / method, progress=False)
-        results = evaluate_and_report(detector, args.data, args.out / method / "results.json", progress=False)
+        detector = train(settings.validate(), args.data, args.out / method, progress=False)
+        results = evaluate(detector, args.data, args.out / method / "results.json", progress=False)
         info = detector.training_info
         runs[method] = {
             "settings": settings.to_dict(),

@@ -12,8 +12,9 @@ import argparse
 import time
 from pathlib import Path
 
-from cada.cli import evaluate_and_report, positive_int, train_and_save
+from cada.cli import positive_int
 from cada.config import preset
+from cada.workflows import evaluate, train
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realmix"
 
@@ -32,9 +33,9 @@ def main() -> None:
     if args.iters is not None:
         settings.base.iters, settings.base.epochs = args.iters, None
     started = time.perf_counter()
-    detector = train_and_save(settings, args.data, args.out, progress=False)
+    detector = train(settings, args.data, args.out, progress=False)
     trained = time.perf_counter()
-    evaluate_and_report(detector, args.data, args.out / "results.json", progress=False, plots_dir=args.out / "plots")
+    evaluate(detector, args.data, args.out / "results.json", progress=False, plots_dir=args.out / "plots")
     print(f"train {trained - started:.0f} s, evaluate {time.perf_counter() - trained:.0f} s")
 
 

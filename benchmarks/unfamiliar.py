@@ -18,8 +18,8 @@ import torch
 
 from cada.align import create_aligner
 from cada.api import Detector, split_holdout
-from cada.cli import _samples
 from cada.data.dataset import load_all
+from cada.workflows import find_split
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
 
     detector = Detector.load(args.run)
     size = detector.settings.image_size
-    train, held_out = split_holdout(_samples(args.data, "train", quiet=True), args.holdout, detector.settings.seed)
+    train, held_out = split_holdout(find_split(args.data, "train", quiet=True), args.holdout, detector.settings.seed)
     features, statistics = detector.training_statistics(load_all(train, size)[0])
     detector.aligner = create_aligner("knn", detector.method.align_channels, detector.settings.aligner)
     detector.aligner.fit(features, statistics, detector.settings.aligner, torch.Generator().manual_seed(0))
@@ -46,8 +46,8 @@ def main() -> None:
                           for batch in images.split(16)])
 
     sets = {f"{args.data.name}: held-out normals": held_out,
-            f"{args.data.name}: test normals": [s for s in _samples(args.data, "test", quiet=True) if s.label == 0]}
-    other = _samples(args.other, "test", quiet=True)
+            f"{args.data.name}: test normals": [s for s in find_split(args.data, "test", quiet=True) if s.label == 0]}
+    other = find_split(args.other, "test", quiet=True)
     for product in sorted({s.class_name for s in other}):
         sets[f"{product} (never trained on): all test images"] = [s for s in other if s.class_name == product]
     print(f"knn on {len(train)} training images; unfamiliar beyond distance {reference:.3f}")

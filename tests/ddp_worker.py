@@ -1,17 +1,18 @@
 """One process of the 2-process test in test_distributed.py (run by torchrun; not a test module itself).
 
 argv: DATA OUT. Trains RevDist + CADA and ReContrast + the classifier aligner with DDP, saves each rank's
-weights to OUT/<method>-rank<r>.safetensors, then evaluates the RevDist run distributed (OUT/distributed.json) and predicts with it
-(OUT/predicted-distributed)."""
+weights to OUT/<method>-rank<r>.safetensors, then evaluates the RevDist run distributed (OUT/distributed.json)
+and predicts with it (OUT/predicted-distributed)."""
 
 import sys
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from cada.cli import main, train_and_save
+from cada.cli import main
 from cada.config import preset
-from cada.methods.training import init_distributed, rank, world_size
+from cada.engine import init_distributed, rank, world_size
+from cada.workflows import train
 
 data, out = Path(sys.argv[1]), Path(sys.argv[2])
 assert init_distributed() and world_size() == 2, "expected to run under torchrun with 2 processes"
@@ -20,7 +21,7 @@ for method, align in (("revdist", "cada"), ("recontrast", "classifier")):
     settings.image_size, settings.align = 64, align
     settings.base.iters, settings.base.epochs, settings.base.batch_size = 3, None, 2
     settings.aligner.iters, settings.aligner.batch_size = 4, 2
-    detector = train_and_save(settings, data, out / method, progress=False, checkpoint_every=2)
+    detector = train(settings, data, out / method, progress=False, checkpoint_every=2)
     state = {key: value.contiguous() for key, value in detector._modules().state_dict().items()}
     save_file(state, str(out / f"{method}-rank{rank()}.safetensors"))
 code = main(["evaluate", str(out / "revdist"), "--data", str(data), "--json", str(out / "distributed.json"),

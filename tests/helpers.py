@@ -1,5 +1,8 @@
 """Small pieces the method tests share."""
 
+from contextlib import contextmanager
+
+import pytest
 import torch
 
 from cada.config import Settings, preset
@@ -44,3 +47,22 @@ def assert_save_load_bit_exact(detector, folder, images: torch.Tensor):
     before, after = detector.predict(images), loaded.predict(images)
     assert torch.equal(before.scores, after.scores) and torch.equal(before.maps, after.maps)
     return loaded
+
+
+@contextmanager
+def stop_after_steps(steps: int):
+    """While the block runs, a training run stops as if SIGTERM arrived during its optimiser step `steps` (counted
+    over its stages): the checkpoint session is asked to stop then, as the signal handler does."""
+    from cada.engine.resume import Checkpointing
+
+    original = Checkpointing.stop_wanted
+
+    def stop_wanted(self):
+        self.test_steps = getattr(self, "test_steps", 0) + 1
+        if self.test_steps >= steps:
+            self.request_stop()
+        return original(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Checkpointing, "stop_wanted", stop_wanted)
+        yield

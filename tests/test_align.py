@@ -5,10 +5,20 @@ import dataclasses
 import pytest
 import torch
 
-from cada.align import CADA, SCORE, CADAScore, CADASigma, ClassAware, ClassifierAligner, KNNAligner, NoAlign, create_aligner
+from cada.align import (
+    CADA,
+    SCORE,
+    CADAScore,
+    CADASigma,
+    ClassAware,
+    ClassifierAligner,
+    KNNAligner,
+    NoAlign,
+    create_aligner,
+)
 from cada.align.base import ZSCORE_WIDTH, Head, map_statistics
-from cada.scoring import align
 from cada.config import AlignTraining
+from cada.scoring import align
 
 CLASS_STATS = torch.tensor([[0.05, 0.30, 0.04], [0.20, 0.60, 0.08], [0.40, 1.00, 0.12]])  # mean, max, std
 NAMES = ["bottle", "grid", "tile"]
@@ -60,7 +70,7 @@ def test_class_aware_uses_per_class_mean_and_mean_of_maxima():
     aligner, losses, features, labels, names = _fit(ClassAware)
     assert losses == []  # nothing to train: a table per class
     features_, image_stats, _, _ = _data()
-    for c, name in enumerate(NAMES):
+    for c in range(len(NAMES)):
         assert aligner.class_u[c].item() == pytest.approx(image_stats[labels == c, 0].mean().item())
         assert aligner.class_gamma[c].item() == pytest.approx(image_stats[labels == c, 1].mean().item())
     u, gamma = aligner.stats(features[:2], ["tile", "bottle"])

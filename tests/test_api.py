@@ -105,17 +105,17 @@ def test_f1_calibration_on_labelled_validation_images(trained, tiny_data):
 
 
 def test_epochs_are_passes_over_the_images_actually_trained_on(tiny_data, tiny_settings, monkeypatch):
-    from cada.methods import training
+    from cada.engine import Trainer
 
     steps, announced = [], []
-    train_loop = training.train_loop
+    train_loop = Trainer.loop
 
-    def counting_loop(*args, **kwargs):  # the steps the base really takes
-        losses = train_loop(*args, **kwargs)
+    def counting_loop(self, *args, **kwargs):  # the steps the base really takes
+        losses = train_loop(self, *args, **kwargs)
         steps.append(len(losses))
         return losses
 
-    monkeypatch.setattr(training, "train_loop", counting_loop)
+    monkeypatch.setattr(Trainer, "loop", counting_loop)
     settings = tiny_settings()
     settings.base.iters, settings.base.epochs, settings.base.min_iters = None, 1.5, 0  # no floor of 400 steps
     detector = Detector(settings).fit(tiny_data, progress=False, holdout=0.34, fpr=0.5,

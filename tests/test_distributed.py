@@ -11,7 +11,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from cada.cli import main
-from cada.methods.training import STOP_AFTER_ENV
+
+from helpers import stop_after_steps
 
 
 def _train_args(data, out, *extra):
@@ -41,14 +42,13 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_data, tmp_path, monkey
 
     for stop_after, stage in ((2, "base"), (6, "aligner")):  # base has 4 steps: step 6 is the aligner's second
         run = tmp_path / f"stopped-in-{stage}"
-        monkeypatch.setenv(STOP_AFTER_ENV, str(stop_after))  # as if SIGTERM arrived during that step
-        assert main(_train_args(tiny_data, run)) == 130
+        with stop_after_steps(stop_after):  # as if SIGTERM arrived during that step
+            assert main(_train_args(tiny_data, run)) == 130
         error = capsys.readouterr().err
         assert "--resume" in error and str(run / "resume") in error
         state = json.loads((run / "resume" / "state.json").read_text())
         assert (state["stage"], state["iteration"]) == (stage, stop_after if stage == "base" else stop_after - 4)
         assert not (run / "model.safetensors").exists()
-        monkeypatch.delenv(STOP_AFTER_ENV)
         if stage == "base":
             assert main([*_train_args(tiny_data, run, "--resume"), "--seed", "1"]) == 2
             error = capsys.readouterr().err

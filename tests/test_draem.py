@@ -4,11 +4,20 @@ import pytest
 import torch
 
 from cada import Detector
-from cada.cli import _settings_from_args, build_parser, main
+from cada.cli import build_parser, main
 from cada.config import Settings, preset
 from cada.data.dataset import normalize
-from cada.methods.draem import (DRAEM, DiscriminativeNetwork, ReconstructiveNetwork, focal_loss, perlin_masks,
-                                perlin_noise, ssim, synthesize_anomalies)
+from cada.methods.draem import (
+    DRAEM,
+    DiscriminativeNetwork,
+    ReconstructiveNetwork,
+    focal_loss,
+    perlin_masks,
+    perlin_noise,
+    ssim,
+    synthesize_anomalies,
+)
+from cada.workflows import settings_from_options
 
 from helpers import assert_save_load_bit_exact, tiny_preset
 
@@ -120,7 +129,7 @@ def test_presets_and_the_command_line_choose_draem_settings():
     for settings in (paper, cpu):
         assert Settings.from_dict(settings.to_dict()) == settings.validate()
     args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--method", "draem"])
-    assert _settings_from_args(args) == cpu
+    assert settings_from_options(vars(args)) == cpu
 
 
 def test_detector_save_load_round_trips_bit_exactly(tiny_data, images, tmp_path):

@@ -14,8 +14,18 @@ import torch
 from PIL import Image
 
 import cada.data.dataset as dataset
-from cada.data import (BadImageError, Sample, detect_format, find_duplicates, find_samples, folder_samples, image_files,
-                       iterate_batches, load_all, warn_duplicates)
+from cada.data import (
+    BadImageError,
+    Sample,
+    detect_format,
+    find_duplicates,
+    find_samples,
+    folder_samples,
+    image_files,
+    iterate_batches,
+    load_all,
+    warn_duplicates,
+)
 from cada.data.cache import ImageCache
 
 SIZE = 32

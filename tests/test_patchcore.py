@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from cada import Detector
-from cada.cli import _settings_from_args, build_parser, main
-from cada.config import BaseTraining, PatchCoreSettings, Settings, preset
+from cada.cli import build_parser, main
+from cada.config import BaseTraining, Settings, preset
 from cada.data.dataset import load_all, normalize
 from cada.data.mvtec import mvtec_samples
-from cada.methods.patchcore import PatchCore, chunk_rows, greedy_coreset, nearest_neighbours
+from cada.methods.patchcore import PatchCore, PatchCoreSettings, chunk_rows, greedy_coreset, nearest_neighbours
+from cada.workflows import settings_from_options
 
 from helpers import assert_save_load_bit_exact, paste_square, square_means, tiny_preset
 
@@ -171,7 +172,7 @@ def test_presets_settings_and_validation():
         with pytest.raises(ValueError, match="patchcore"):
             bad.validate()
     args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--method", "patchcore"])
-    assert _settings_from_args(args) == preset("cpu", "patchcore")
+    assert settings_from_options(vars(args)) == preset("cpu", "patchcore")
 
 
 def test_detector_save_load_round_trips_bit_exactly(tiny_data, images, tmp_path):

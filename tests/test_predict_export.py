@@ -11,9 +11,9 @@ from PIL import Image
 
 from cada import Detector
 from cada.cli import main
+from cada.config import Settings
 from cada.data.dataset import load_all
 from cada.data.mvtec import mvtec_samples
-from cada.config import Settings
 from cada.export import export_onnx, onnx_scorer
 
 DEFAULT_ALIGN = Settings().align  # what `cada train` aligns with unless told

@@ -8,8 +8,8 @@ from cada import Detector
 from cada.config import ALIGNERS, Settings, preset
 from cada.data.dataset import load_all, normalize
 from cada.data.mvtec import mvtec_samples
+from cada.engine import Trainer, make_optimizer
 from cada.methods.recontrast import ReContrast, hard_mined_cosine_loss, hard_mining_alpha
-from cada.methods.training import make_optimizer, run_training
 
 from helpers import assert_save_load_bit_exact, paste_square, square_means, tiny_preset
 
@@ -119,7 +119,7 @@ def test_learning_rates_per_group_and_the_drop_at_eighty_percent():
         seen.append([group["lr"] for group in optimizer.param_groups])
         return (decoder.sum() + encoder.sum()) ** 2
 
-    run_training("test", 4, settings, optimizer, torch.Generator().manual_seed(0), False, loss_of)
+    Trainer(progress=False).run("test", 4, settings, optimizer, torch.Generator().manual_seed(0), loss_of)
     assert seen[:8] == [[2e-3, 1e-5]] * 8
     assert seen[8:] == [pytest.approx([4e-4, 2e-6])] * 2
 

@@ -55,7 +55,7 @@ def skipped_messages(samples, size=64, **options):
     return read, [str(w.message) for w in caught if str(w.message).startswith("skipped:")]
 
 
-# -- item 4: decompression bombs ------------------------------------------------------------------------------------
+# -- item 4: decompression bombs -------------------------------------------------------------------------------------
 def test_decompression_bomb_is_skipped_with_its_path_and_the_good_images_are_scored(tiny_data, tmp_path, run,
                                                                                     monkeypatch, capsys):
     bomb = png_claiming(tmp_path / "bomb.png", 60000, 60000)
@@ -88,7 +88,7 @@ def test_decompression_bomb_is_skipped_with_its_path_and_the_good_images_are_sco
         list(iterate_batches(samples, 64, cache_dir=None))
 
 
-# -- item 5: settings --------------------------------------------------------------------------------------------------
+# -- item 5: settings ------------------------------------------------------------------------------------------------
 BAD_SETTINGS = [
     ("image_size", 100000, r"image_size must be an integer in \[64, 1024\], got 100000"),
     ("image_size", "256", r"image_size must be an integer .* got '256'"),
@@ -162,7 +162,7 @@ def test_a_run_with_a_bad_config_is_refused_on_load(run, tmp_path, capsys, dotte
     assert error.count("\n") == 1 and "config.json" in error and "Traceback" not in error
 
 
-# -- item 6: non-finite pixels ------------------------------------------------------------------------------------------
+# -- item 6: non-finite pixels ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_float_tiff_with_a_non_finite_pixel_is_skipped_with_its_path(tmp_path, bad):
     pixels = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
@@ -190,7 +190,7 @@ def test_16_and_32_bit_images_keep_their_contrast_or_are_refused(tmp_path):
         load_image(tmp_path / "wide.tif", 64)
 
 
-# -- item 7: zero iterations ------------------------------------------------------------------------------------------
+# -- item 7: zero iterations -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", [
     ["train", "--data", "missing", "--out", "o", "--iters", "0"],
     ["train", "--data", "missing", "--out", "o", "--align-iters", "0"],
@@ -211,13 +211,13 @@ def test_an_aligner_that_trains_needs_iterations():
     settings.align = "none"  # nothing to train: 0 is fine
     settings.validate()
     args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--image-size", "0"])
-    from cada.cli import _settings_from_args
+    from cada.workflows import settings_from_options
 
     with pytest.raises(ValueError, match="image_size"):  # 0 is a value, not "the preset's"
-        _settings_from_args(args)
+        settings_from_options(vars(args))
 
 
-# -- item 8: the Python API ---------------------------------------------------------------------------------------------
+# -- item 8: the Python API ------------------------------------------------------------------------------------------
 def test_an_unfitted_detector_refuses_to_predict_calibrate_infer_or_save(tiny_settings, images, tmp_path):
     detector = Detector(tiny_settings(), pretrained=False)
     for call in (lambda: detector.predict(images[:2]), lambda: detector.infer(images[:2]),
@@ -260,7 +260,7 @@ def test_predict_accepts_numpy_channels_last_floats_and_paths_and_refuses_the_re
         detector.calibrate_f1(images[:2], [0, 1, 1])
 
 
-# -- item 12: thresholds with a margin, and split files that stay inside the data ----------------------------------------
+# -- item 12: thresholds with a margin, and split files that stay inside the data ------------------------------------
 def test_threshold_has_a_margin_that_survives_rounding():
     scores = np.random.default_rng(0).random(50).astype(np.float32)
     for fpr in (0.0, 0.1, 0.5):

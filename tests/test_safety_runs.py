@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from cada.cli import main
-from cada.methods.training import STOP_AFTER_ENV
+
+from helpers import stop_after_steps
 
 
 def _train_args(data, out, *extra):
@@ -167,9 +168,8 @@ def test_3_resume_refuses_other_data_of_the_same_count(tiny_data, tmp_path, monk
     Image.fromarray(255 - pixels).save(first)  # same name, same count, other content
 
     run = tmp_path / "run"
-    monkeypatch.setenv(STOP_AFTER_ENV, "1")
-    assert main(_train_args(tiny_data, run)) == 130
-    monkeypatch.delenv(STOP_AFTER_ENV)
+    with stop_after_steps(1):
+        assert main(_train_args(tiny_data, run)) == 130
     capsys.readouterr()
     assert main(_train_args(changed, run, "--resume")) == 2
     assert "training data differ" in _one_line(capsys)
@@ -318,7 +318,7 @@ def _unwritable_system_folder() -> Path:
 # -- 13: a signal stops the long passes outside the step loop within a batch ----------------------------------------
 
 @pytest.mark.parametrize("method, module, phase, resumable", [
-    ("revdist", "cada.methods.training", "encoding the training images", False),
+    ("revdist", "cada.engine.features", "encoding the training images", False),
     ("patchcore", "cada.methods.patchcore", "building the PatchCore memory bank", False),
     ("patchcore", "cada.api", "computing the maps of the training images", True),
 ])

@@ -5,11 +5,12 @@ import torch
 
 from cada import Detector
 from cada.backbones import WeightsNotFoundError
-from cada.cli import _settings_from_args, build_parser
+from cada.cli import build_parser
 from cada.config import ALIGNERS, Settings, preset
 from cada.data.dataset import load_all
 from cada.data.mvtec import mvtec_samples
 from cada.methods.uniad import DecoderLayer, EncoderLayer, UniAD, fitting_window, neighbour_mask
+from cada.workflows import settings_from_options
 
 from helpers import assert_save_load_bit_exact, square_means, tiny_preset
 
@@ -118,7 +119,7 @@ def test_presets_and_the_command_line_choose_uniad_settings(tmp_path, monkeypatc
     assert (cpu.backbone, cpu.image_size, cpu.base.lr) == ("efficientnet_lite0", 224, 3e-4)
     assert Settings.from_dict(cpu.to_dict()) == cpu
     args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--method", "uniad"])
-    assert _settings_from_args(args) == cpu
+    assert settings_from_options(vars(args)) == cpu
 
 
 def test_detector_save_load_round_trips_bit_exactly(tiny_data, images, tmp_path):

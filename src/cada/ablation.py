@@ -15,12 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cada.api import Detector
 from cada.align import Aligner, create_aligner
+from cada.api import Detector
 from cada.data.dataset import load_all
 from cada.data.mvtec import Sample
 from cada.evaluate import EvalOutputs, collect, results_table
+from cada.metrics import METRIC_HEADERS
 from cada.scoring import image_score
+
+ABLATION_METRICS = ("i_auroc", "i_ap", "p_auroc", "p_ap")  # the columns of the paper's Tables 3-5
 
 
 @dataclass
@@ -130,11 +133,12 @@ def noisy_split(train: list[Sample], test: list[Sample], fraction: float, seed: 
 
 def format_rows(title: str, entries: list[tuple[str, dict, float | None]]) -> str:
     """A paper-shaped table: one line per variant, absolute-unified metrics in percent, and its time."""
-    header = f"{'variant':<42} {'I-AUROC':>8} {'I-AP':>6} {'P-AUROC':>8} {'P-AP':>6} {'time':>7}"
+    widths = {key: max(6, len(METRIC_HEADERS[key]) + 1) for key in ABLATION_METRICS}
+    header = f"{'variant':<42} " + " ".join(f"{METRIC_HEADERS[k]:>{w}}" for k, w in widths.items()) + f" {'time':>7}"
     lines = [title, header, "-" * len(header)]
     for label, row, seconds in entries:
-        cells = ["-" if row.get(k) is None or np.isnan(row[k]) else f"{100 * row[k]:.1f}"
-                 for k in ("i_auroc", "i_ap", "p_auroc", "p_ap")]
+        cells = " ".join(f"{'-' if row.get(k) is None or np.isnan(row[k]) else f'{100 * row[k]:.1f}':>{w}}"
+                         for k, w in widths.items())
         timing = "" if seconds is None else f"{seconds:6.1f}s"
-        lines.append(f"{label:<42} {cells[0]:>8} {cells[1]:>6} {cells[2]:>8} {cells[3]:>6} {timing:>7}")
+        lines.append(f"{label:<42} {cells} {timing:>7}")
     return "\n".join(lines)

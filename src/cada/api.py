@@ -7,9 +7,9 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -25,8 +25,10 @@ from cada.config import preset as make_preset
 from cada.data.dataset import load_all, normalize
 from cada.data.layouts import find_samples
 from cada.data.mvtec import Sample
-from cada.methods import BaseMethod, create_method, training
-from cada.scoring import align, image_score, smooth
+from cada.engine import Checkpointing, Trainer, is_main, world_size
+from cada.inference import infer_maps
+from cada.methods import BaseMethod, create_method
+from cada.scoring import align, image_score
 from cada.threshold import check_calibration, threshold_at_fpr, threshold_f1
 
 
@@ -184,7 +186,7 @@ class Detector:
             fpr: float = 0.01, format: str = "auto", cache_dir: str | Path | None = "auto",
             checkpoint_dir: str | Path | None = None, checkpoint_every: int = 200, resume: bool = False,
             resume_hint: str = "", keep_checkpoint: bool = False,
-            on_start: Callable[[int, int], None] | None = None) -> "Detector":
+            on_start: Callable[[int, int], None] | None = None) -> Detector:
         """Train the base method, then the aligner, on the normal images of every class of `data` mixed.
 
         `data` is a data root (MVTec AD, VisA, BTAD or a folder of normal images, see `format`; its training
@@ -213,20 +215,21 @@ class Detector:
         settings = self.settings
         samples, held_out = split_holdout(samples, holdout, settings.seed)
         images, samples = load_all(samples, settings.image_size, cache_dir=cache_dir)
-        base_schedule = settings.base.resolved(len(images), training.world_size())
+        base_schedule = settings.base.resolved(len(images), world_size())
         if on_start is not None:
             on_start(len(images), base_schedule.iters)
         generator = torch.Generator().manual_seed(settings.seed)
         session = None
         if checkpoint_dir is not None:
             identity = {"n_images": len(images), "data_fingerprint": data_fingerprint(samples, images, data)}
-            session = training.Checkpointing(checkpoint_dir, self._modules(), settings.to_dict(), checkpoint_every,
-                                             resume, identity, resume_hint)
-        with training.checkpointing(session):
+            session = Checkpointing(checkpoint_dir, self._modules(), settings.to_dict(), checkpoint_every, resume,
+                                    identity, resume_hint)
+        trainer = Trainer(session, progress)
+        with trainer.signals():
             started = time.perf_counter()
             if session is not None and session.resumed_stage() == "aligner":  # the base finished before the stop
                 session.restore_model()
-                if training.is_main():
+                if is_main():
                     print(f"resuming from {checkpoint_dir}: base training finished, continuing with the aligner",
                           flush=True)
                 base_losses, base_seconds = session.finished["base"]["losses"], session.finished["base"]["seconds"]
@@ -234,16 +237,16 @@ class Detector:
                 if session is not None:
                     session.enter("base")
                 base_losses = self.method.fit(images, base_schedule, generator, progress,
-                                              cache_gib=settings.feature_cache_gib)
+                                              cache_gib=settings.feature_cache_gib, trainer=trainer)
                 base_seconds = time.perf_counter() - started
                 if session is not None:
                     session.finish_stage("base", base_losses, generator, "aligner", seconds=round(base_seconds, 1))
             if session is not None:
                 session.enter("aligner")
             started = time.perf_counter()
-            features, image_stats = self.training_statistics(images, progress)
+            features, image_stats = self.training_statistics(images, progress, trainer)
             aligner_losses = self.fit_aligner(features, image_stats, [s.class_name for s in samples], generator,
-                                              progress)
+                                              progress, trainer)
         if session is not None and not keep_checkpoint:
             session.complete()
         self.fitted = True
@@ -256,7 +259,7 @@ class Detector:
             # The resolved schedule: steps of the effective batch (PatchCore trains none: one pass).
             "base_iters": None if settings.method == "patchcore" else base_schedule.iters,
             "base_epochs": None if settings.method == "patchcore" else round(
-                base_schedule.passes(len(images), training.world_size()), 2),
+                base_schedule.passes(len(images), world_size()), 2),
             "base_seconds": round(base_seconds, 1),
             "aligner_seconds": round(time.perf_counter() - started, 1),
             # None for a method without gradient training (PatchCore): it has no loss to report.
@@ -265,8 +268,8 @@ class Detector:
             "mean_image_stats": dict(zip(("mean", "max", "std", "score"), image_stats.mean(dim=0).tolist())),
             # The class-aware reference of `cada evaluate` (its oracle row); nothing at prediction reads class names.
             "class_score_stats": class_score_statistics(image_stats[:, SCORE], [s.class_name for s in samples]),
-            "processes": training.world_size(),
-            "effective_batch": settings.base.batch_size * training.world_size(),
+            "processes": world_size(),
+            "effective_batch": settings.base.batch_size * world_size(),
         }
         if held_out:
             held_out_images, held_out = load_all(held_out, settings.image_size, cache_dir=cache_dir)
@@ -274,23 +277,26 @@ class Detector:
         return self
 
     def fit_aligner(self, features: torch.Tensor, image_stats: torch.Tensor, class_names: list[str],
-                    generator: torch.Generator | None = None, progress: bool = True) -> list[float]:
+                    generator: torch.Generator | None = None, progress: bool = True,
+                    trainer: Trainer | None = None) -> list[float]:
         """Train the aligner alone on cached training statistics; the base method is not touched."""
         settings = self.settings.aligner
         if settings.smooth_l1_alpha is None:
             settings.smooth_l1_alpha = self.method.score_scale
         generator = generator or torch.Generator().manual_seed(self.settings.seed)
-        return self.aligner.fit(features, image_stats, settings, generator, class_names, progress)
+        return self.aligner.fit(features, image_stats, settings, generator, class_names, progress, trainer=trainer)
 
     @torch.inference_mode()
-    def training_statistics(self, images: torch.Tensor, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_statistics(self, images: torch.Tensor, progress: bool = False, trainer: Trainer | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """Aligner inputs and targets from the frozen base: features and per-image `map_statistics` (raw map mean,
-        max, std and the image score)."""
+        max, std and the image score). `trainer`: the run's, whose signals stop this pass between batches."""
+        trainer = trainer or Trainer(progress=progress)
         self.eval()
         features, targets = [], []
         batch_size = self.settings.base.batch_size
         for start in tqdm(range(0, len(images), batch_size), desc="training-set maps", disable=not progress, leave=False):
-            training.stop_point("computing the maps of the training images")
+            trainer.stop_point("computing the maps of the training images")
             output = self.method(normalize(images[start : start + batch_size]))
             features.append(output.align_features)
             targets.append(map_statistics(output.anomaly_map, self.settings.smoothing_sigma, self.settings.top_fraction))
@@ -351,7 +357,7 @@ class Detector:
         return self.calibration
 
     # -- inference ---------------------------------------------------------------------------------------
-    def eval(self) -> "Detector":
+    def eval(self) -> Detector:
         self.method.eval()
         self.aligner.eval()
         return self
@@ -363,11 +369,9 @@ class Detector:
         `class_names` is read only by the class-aware reference aligner (CaDA-A); the detector itself never needs it.
         """
         self._require_fitted("infer")
-        output = self.method(normalize(check_images(images, self.settings.image_size)))
-        maps = smooth(output.anomaly_map, self.settings.smoothing_sigma)
-        u, gamma = self.aligner.stats(output.align_features, class_names)
-        return BatchResult(maps, image_score(maps, self.settings.top_fraction), u, self.aligner.spread(u, gamma),
-                           output.align_features)
+        maps, u, spread, features = infer_maps(self.method, self.aligner, check_images(images, self.settings.image_size),
+                                               self.settings.smoothing_sigma, class_names)
+        return BatchResult(maps, image_score(maps, self.settings.top_fraction), u, spread, features)
 
     def predict(self, images, batch_size: int = 16) -> Prediction:
         """Aligned image scores and maps (and decisions, once a threshold is set) of `images`: one image or a batch
@@ -402,7 +406,7 @@ class Detector:
         return checkpoint.save_run(folder, self._modules().state_dict(), config, overwrite)
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Detector":
+    def load(cls, folder: str | Path) -> Detector:
         config = checkpoint.read_config(folder)
         where = Path(folder) / checkpoint.CONFIG_FILE
         if "settings" not in config:

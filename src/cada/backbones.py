@@ -23,13 +23,13 @@ import os
 import torch
 from torch import nn
 
+from cada.data.dataset import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = ["BACKBONES", "Encoder", "WeightsNotFoundError", "create_encoder"]
 
 BACKBONES: tuple[str, ...] = (
     "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "efficientnet_b4", "wide_resnet50_2"
 )
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _STAGE_STRIDES = {"revdist": (4, 8, 16), "uniad": (2, 4, 8, 16)}
 
 
@@ -165,8 +165,9 @@ def _b4_file() -> str:
     if path is None:
         raise WeightsNotFoundError(
             "ImageNet weights for efficientnet_b4 not found; expected one of: " + ", ".join(files)
-            + ". Nothing is downloaded: on a machine with internet, run `timm.create_model('tf_efficientnet_b4.aa_in1k',"
-            " pretrained=True)` to fill the cache and copy it here, or pass weights_path / --weights (timm's or "
+            + ". Nothing is downloaded: on a machine with internet, run "
+            "`timm.create_model('tf_efficientnet_b4.aa_in1k', pretrained=True)` to fill the cache and copy it here, or "
+            "pass weights_path / --weights (timm's or "
             "UniAD's efficientnet-b4-6ed6700e.pth naming, .pth or .safetensors)."
         )
     return path

@@ -1,4 +1,9 @@
-"""The command-line front: `cada demo | synth | train | evaluate`."""
+"""The command-line front: `cada demo | synth | train | evaluate | calibrate | predict | export | ablate`.
+
+demo: train and evaluate on synthetic data; synth: write the synthetic data set; train: one model on all classes
+mixed (settings from a preset, --config FILE and --set key=value); evaluate: the protocols' metrics of a run;
+calibrate: choose a run's one threshold; predict: score image files; export: one ONNX graph; ablate: the paper's
+Tables 3-5. This module parses arguments and prints; the work is in cada.workflows and the modules it calls."""
 
 from __future__ import annotations
 
@@ -11,189 +16,26 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 from safetensors import SafetensorError
 
-from cada.config import ALIGNERS, METHODS, Settings, preset
-from cada.files import check_output, folder_lock, printable, write_json
+from cada.config import Settings
+from cada.files import check_output, os_error, printable, write_json
+from cada.registry import ALIGNERS, METHODS
+from cada.workflows import (
+    evaluate,
+    find_split,
+    make_settings,
+    print_calibration,
+    run_files,
+    settings_from_options,
+    train,
+)
 
 
-def _os_error(error: OSError) -> str:
-    """'Permission denied: PATH' rather than '[Errno 13] Permission denied: 'PATH''; our own messages as they are."""
-    if error.strerror and error.filename:
-        return f"{error.strerror}: {printable(error.filename)}"
-    return str(error)
-
-
-def _settings_from_args(args):
-    settings = preset(args.preset, args.method)  # each method has its own schedule (optimiser, iterations, size)
-    settings.align = args.align
-    settings.seed = args.seed
-    # `is not None`, not truthiness: 0 is a value to validate (and refuse), never "use the preset's".
-    if args.backbone is not None:
-        settings.backbone = args.backbone
-    if args.image_size is not None:
-        settings.image_size = args.image_size
-    if args.iters is not None:  # either length replaces the preset's, whichever way the preset gives it
-        settings.base.iters, settings.base.epochs = args.iters, None
-    if args.epochs is not None:  # exactly these passes: no preset minimum of steps
-        settings.base.iters, settings.base.epochs, settings.base.min_iters = None, args.epochs, 0
-    if args.align_iters is not None:
-        settings.aligner.iters = args.align_iters
-    if getattr(args, "scale_lr", False):
-        settings.base.scale_lr = settings.aligner.scale_lr = True
-    return settings.validate()
-
-
-def _say(*args, **kwargs) -> None:
-    """print on rank 0 only (every line once under torchrun)."""
-    from cada.methods.training import is_main
-
-    if is_main():
-        print(*args, **kwargs)
-
-
-def run_files(run: str | Path) -> list[Path]:
-    """What no output may be written over: a run's weights, settings and checkpoint."""
-    from cada.checkpoint import CONFIG_FILE, RESUME_FOLDER, WEIGHTS_FILE
-
-    return [Path(run) / name for name in (WEIGHTS_FILE, CONFIG_FILE, RESUME_FOLDER)]
-
-
-def train_and_save(settings, data: Path, out: Path, weights: str | None = None, progress: bool = True,
-                   holdout: float = 0.0, fpr: float = 0.01, format: str = "auto", cache_dir="auto",
-                   checkpoint_every: int | None = None, resume: bool = False, resume_hint: str = "",
-                   overwrite: bool = False):
-    """Train and save the run in `out` (rank 0 writes it, holding the folder's lock throughout). With
-    `checkpoint_every` (0: only on interrupt), checkpoints go to out/resume and `resume` continues from them.
-    An existing run in `out` is replaced only with `overwrite`, and only once the new one is complete."""
-    from cada.api import Detector
-    from cada.checkpoint import RESUME_FOLDER, check_replaceable, recover_swap
-    from cada.methods.training import STATE_TENSORS, is_main, require_checkpoint, world_size
-
-    out = Path(out)
-    check_output(out, "--out", "folder", inputs=[data])
-    with folder_lock(out) if is_main() else nullcontext():
-        if is_main():
-            recover_swap(out)
-        state = check_replaceable(out, overwrite, "--out")
-        checkpoint_folder = out / RESUME_FOLDER
-        if resume:
-            require_checkpoint(checkpoint_folder)  # before the slow part
-        elif state == "unfinished" and not overwrite:
-            raise ValueError(f"--out {printable(out)} holds an unfinished training ({printable(checkpoint_folder)})"
-                             ": continue it with --resume, or start again with --overwrite")
-        elif checkpoint_folder.exists() and is_main():
-            shutil.rmtree(checkpoint_folder)  # --overwrite without --resume: an earlier training's checkpoint
-        detector = Detector(settings, weights_path=weights)
-        processes = f" in {world_size()} processes" if world_size() > 1 else ""
-
-        def announce(n_images: int, iters: int) -> None:  # once the images are read: the schedule is resolved
-            batch = settings.base.batch_size * world_size()
-            schedule = ("one pass, no iterations" if settings.method == "patchcore" else
-                        f"{iters} iters of batch {batch} = {settings.base.passes(n_images, world_size()):.1f} passes "
-                        f"over {n_images} images")
-            _say(f"training {settings.method} ({settings.backbone}, {settings.image_size}px, {schedule}) "
-                 f"+ aligner {settings.align} on all classes of {data} mixed{processes}")
-
-        checkpoint_dir = None if checkpoint_every is None and not resume else checkpoint_folder
-        # The checkpoint stays until the run is saved: the save replaces the folder that holds it.
-        detector.fit(data, progress=progress, holdout=holdout, fpr=fpr, format=format, cache_dir=cache_dir,
-                     checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every or 0, resume=resume,
-                     resume_hint=resume_hint, keep_checkpoint=True, on_start=announce)
-        info = detector.training_info
-        _say(f"  data layout: {info['format']}")
-        _say(f"  {info['n_images']} training images of {len(info['classes'])} classes; base "
-             f"{info['base_seconds']} s, aligner {info['aligner_seconds']} s")
-        if detector.calibration and is_main():
-            _print_calibration(detector.calibration)
-        if is_main():
-            try:
-                detector.save(out, overwrite=overwrite)
-            except OSError as error:
-                kept = (f"the training checkpoint is kept in {printable(checkpoint_folder)}: once that is fixed, "
-                        f"finish with `{resume_hint or 'the same command'} --resume`"
-                        if (checkpoint_folder / STATE_TENSORS).is_file() else "nothing was kept: train again")
-                raise ValueError(f"could not write the run to {printable(out)} ({_os_error(error)}); {kept}") \
-                    from error
-        _say(f"saved run to {out}")
-        return detector
-
-
-def evaluate_and_report(detector, data: Path, json_path: Path | None, progress: bool = True,
-                        plots_dir: Path | None = None, samples=None, cache_dir="auto",
-                        report_dir: Path | None = None, pixel_resolution: str = "model") -> dict:
-    """Evaluate on the test split of `data` (or on `samples`), print the tables, write JSON and plots."""
-    from cada.data.duplicates import warn_duplicates
-    from cada.evaluate import (collect, format_decisions, format_per_class, format_per_product, format_table,
-                               results_table)
-    from cada.methods.training import is_main, world_size
-
-    if report_dir and world_size() > 1:
-        raise ValueError("--report shows every image's map, which stay with their process under torchrun: write "
-                         "the report from a single-process `cada evaluate`")
-    if samples is None:
-        samples = _samples(data, "test", quiet=not is_main())
-    trained_on = detector.training_info.get("data")
-    if trained_on and Path(trained_on).is_dir() and is_main():
-        try:
-            warn_duplicates(_samples(trained_on, "train", detector.training_info.get("format", "auto"), quiet=True),
-                            samples)
-        except (FileNotFoundError, ValueError):
-            pass  # the training data moved or changed layout: nothing to compare with
-    started = time.perf_counter()
-    outputs = collect(detector, samples, progress=progress, cache_dir=cache_dir, pixel_resolution=pixel_resolution)
-    aligners = ("none",) if detector.settings.align == "none" else ("none", detector.settings.align)
-    results = results_table(outputs, detector.settings.method, aligners, detector.thresholds,
-                            detector.training_info.get("class_score_stats"))
-    results["meta"] = {
-        "data": printable(data),
-        "n_test_images": len(outputs.samples),
-        "backbone": detector.settings.backbone,
-        "image_size": detector.settings.image_size,
-        "pixel_resolution": pixel_resolution,
-        "evaluate_seconds": round(time.perf_counter() - started, 1),
-    }
-    if world_size() > 1:
-        results["meta"]["processes"] = world_size()
-    if not is_main():  # every process computed the same results; rank 0 reports them
-        return results
-    print(format_table(results))
-    print("per class:")
-    print(format_per_class(results))
-    if detector.calibration:
-        print(f"at the stored threshold ({detector.calibration['how']}, {detector.calibration['source']}):")
-        print(format_decisions(results))
-    print("per product, at one pooled threshold (oracle: each product's training z-score, class names known):")
-    print(format_per_product(results))
-    figure = None
-    if plots_dir or report_dir:
-        from cada.report.plots import score_distributions
-
-        figure = score_distributions(outputs.base_scores, outputs.u, outputs.spread, outputs.labels,
-                                     outputs.class_names, (plots_dir or report_dir) / "score_distributions.png",
-                                     detector.settings.align)
-        print(f"wrote {figure}")
-    if report_dir:
-        from cada.report.html import write_report
-
-        print(f"wrote {write_report(report_dir, results, outputs, detector, figure)}")
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(json_path, results)
-        print(f"wrote {json_path}")
-    return results
-
-
-def _samples(root, split: str, format: str = "auto", quiet: bool = False):
-    from cada.data.layouts import find_samples
-
-    samples, chosen = find_samples(root, split, format)
-    if format == "auto" and not quiet:
-        print(f"data layout of {root}: {chosen}")
-    return samples
+def _settings_from_args(args) -> Settings:
+    return settings_from_options(vars(args))
 
 
 def _cache_dir(args):
@@ -245,7 +87,7 @@ def launch_processes(devices: int, argv: list[str]) -> int:
 
 
 def cmd_train(args) -> int:
-    from cada.methods.training import init_distributed, world_size
+    from cada.engine.distributed import init_distributed, world_size
 
     argv = list(getattr(args, "argv", None) or [])
     if args.devices is not None:
@@ -258,17 +100,10 @@ def cmd_train(args) -> int:
     init_distributed()
     command = " ".join(shlex.quote(a) for a in _without_devices(argv) if a != "--resume")
     hint = f"torchrun --nproc_per_node={world_size()} -m cada {command}" if world_size() > 1 else f"cada {command}"
-    train_and_save(_settings_from_args(args), Path(args.data), Path(args.out), args.weights, not args.quiet,
-                   args.holdout, args.fpr, args.format, _cache_dir(args), args.checkpoint_every, args.resume, hint,
-                   args.overwrite)
+    train(_settings_from_args(args), Path(args.data), Path(args.out), weights=args.weights, progress=not args.quiet,
+          holdout=args.holdout, fpr=args.fpr, format=args.format, cache_dir=_cache_dir(args),
+          checkpoint_every=args.checkpoint_every, resume=args.resume, resume_hint=hint, overwrite=args.overwrite)
     return 0
-
-
-def _print_calibration(calibration: dict) -> None:
-    how = (f"at false-positive rate {calibration['target_fpr']}" if calibration["how"] == "fpr"
-           else "F1-optimal on labelled validation images")
-    print(f"threshold {calibration['threshold']:.4f} (aligned score; base map {calibration['base_threshold']:.4f}) "
-          f"chosen {how} from {calibration['source']}")
 
 
 def cmd_calibrate(args) -> int:
@@ -281,7 +116,7 @@ def cmd_calibrate(args) -> int:
     previous = detector.calibration
     size = detector.settings.image_size
     if args.val:
-        samples = _samples(args.val, "test", args.format)
+        samples = find_split(args.val, "test", args.format)
         images, samples = load_all(samples, size, cache_dir=_cache_dir(args))
         detector.calibrate_f1(images, [s.label for s in samples], source=f"{len(samples)} labelled images of {args.val}")
     else:
@@ -289,7 +124,7 @@ def cmd_calibrate(args) -> int:
         images, samples = load_all(samples, size, cache_dir=_cache_dir(args))
         detector.calibrate(images, args.fpr, source=f"{len(samples)} normal images in {', '.join(args.normal)}")
     update_config(args.run, calibration=detector.calibration)  # the weights stay as they are
-    _print_calibration(detector.calibration)
+    print_calibration(detector.calibration)
     print(f"kept the {len(detector.calibration['normal_scores'])} normal calibration scores in the run: "
           "`cada predict --fpr F` decides at another false-positive rate without recalibrating")
     if previous:
@@ -314,7 +149,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from cada.methods.training import init_distributed, is_main
+    from cada.engine.distributed import init_distributed, is_main
     from cada.predict import load_model, predict_paths
 
     init_distributed()  # under torchrun: the images are shared out over the processes, rank 0 writes the results
@@ -345,8 +180,8 @@ def cmd_predict(args) -> int:
 def _check_predict_out(out: Path, model: Path, paths: list[str], overwrite: bool) -> None:
     """Before any scoring: OUT must not hold or overlap the inputs or the model, and earlier predictions there
     are replaced only with --overwrite (then their overlays and masks go, so old and new never mix)."""
+    from cada.engine.distributed import is_distributed, is_main
     from cada.export import sidecar_path
-    from cada.methods.training import is_distributed, is_main
 
     model_files = [model, sidecar_path(model)] if model.suffix == ".onnx" else run_files(model)
     check_output(out, "--out", "folder", inputs=paths, protected=model_files)
@@ -400,7 +235,7 @@ def cmd_serve(args) -> int:
 def cmd_evaluate(args) -> int:
     from cada.api import Detector
     from cada.data.folder import folder_samples
-    from cada.methods.training import init_distributed, is_main
+    from cada.engine.distributed import init_distributed, is_main
 
     init_distributed()  # under torchrun: the test set is sharded over the processes, results on rank 0
 
@@ -418,10 +253,10 @@ def cmd_evaluate(args) -> int:
     else:
         if not args.data:
             raise ValueError("give --data ROOT, or --format folder with --normal/--anomalous folders")
-        samples = _samples(args.data, "test", args.format, quiet=not is_main())
-    evaluate_and_report(detector, Path(args.data or args.anomalous[0]), Path(args.json) if args.json else None,
-                        not args.quiet, Path(args.plots) if args.plots else None, samples, _cache_dir(args),
-                        Path(args.report) if args.report else None, args.pixel_resolution)
+        samples = find_split(args.data, "test", args.format, quiet=not is_main())
+    evaluate(detector, Path(args.data or args.anomalous[0]), args.json, progress=not args.quiet, plots_dir=args.plots,
+             samples=samples, cache_dir=_cache_dir(args), report_dir=args.report,
+             pixel_resolution=args.pixel_resolution)
     return 0
 
 
@@ -437,16 +272,14 @@ def cmd_demo(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cada-demo-") as scratch:
         data = generate_dataset(Path(scratch) / "synthetic", seed=args.seed)
-        print(f"demo: synthetic data ({data}), preset cpu, RevDist + {preset('cpu').align}")
-        settings = preset("cpu")
-        settings.seed = args.seed
-        if args.iters is not None:
-            settings.base.iters, settings.base.epochs = args.iters, None
-        detector = train_and_save(settings, data, out / "run", progress=not args.quiet, overwrite=args.overwrite)
-        results = evaluate_and_report(detector, data, out / "results.json", progress=not args.quiet)
+        settings = make_settings("cpu", seed=args.seed, iters=args.iters)
+        print(f"demo: synthetic data ({data}), preset cpu, RevDist + {settings.align}")
+        detector = train(settings, data, out / "run", progress=not args.quiet, overwrite=args.overwrite)
+        results = evaluate(detector, data, out / "results.json", progress=not args.quiet)
     rows = {(r["align"], r["protocol"]): r for r in results["rows"]}
     base, aligned = rows[("none", "absolute-unified")], rows[(settings.align, "absolute-unified")]
-    print(f"absolute-unified I-AUROC: base {100 * base['i_auroc']:.1f} -> +{settings.align} {100 * aligned['i_auroc']:.1f}")
+    print(f"absolute-unified I-AUROC: base {100 * base['i_auroc']:.1f} -> "
+          f"+{settings.align} {100 * aligned['i_auroc']:.1f}")
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -456,8 +289,8 @@ def cmd_ablate(args) -> int:
     from cada.api import Detector
     out = Path(args.out)
     check_output(out / "ablation.json", "--out", "file", inputs=[args.data], overwrite=args.overwrite)
-    train_samples = _samples(args.data, "train", args.format)
-    test_samples = _samples(args.data, "test", args.format, quiet=True)
+    train_samples = find_split(args.data, "train", args.format)
+    test_samples = find_split(args.data, "test", args.format, quiet=True)
     settings = _settings_from_args(args)
     settings.align = "none"  # the base alone; every aligner is fitted afterwards on its cached outputs
     started = time.perf_counter()
@@ -466,8 +299,8 @@ def cmd_ablate(args) -> int:
         # The noisy base (--noise) must be trained exactly as the reused one was.
         settings = Settings.from_dict({**detector.settings.to_dict(), "align": "none"})
     else:
-        detector = train_and_save(settings, Path(args.data), out / "base", args.weights, progress=not args.quiet,
-                                  overwrite=args.overwrite)
+        detector = train(settings, Path(args.data), out / "base", weights=args.weights, progress=not args.quiet,
+                         overwrite=args.overwrite)
     base_seconds = time.perf_counter() - started
 
     def run_tables(ablation: Ablation, tables) -> dict:
@@ -542,7 +375,12 @@ def positive_float(text: str) -> float:
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
-    parser.add_argument("--method", choices=METHODS, default="revdist")
+    parser.add_argument("--method", choices=METHODS, help="base method (default: the --config file's, else revdist)")
+    parser.add_argument("--config", metavar="FILE", help="settings from a YAML or JSON file (partial or whole; a "
+                        "run's config.json is one), over the preset's; the options here override it")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="set any setting by its dotted name, last of all, e.g. --set base.lr=1e-3 --set "
+                             "patchcore.coreset_ratio=0.05 (repeatable; validated as the settings are)")
     parser.add_argument("--backbone", help="encoder name (default: the preset's)")
     parser.add_argument("--weights", help="local encoder weights file (.pth or .safetensors)")
     parser.add_argument("--image-size", type=int)
@@ -551,7 +389,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     length.add_argument("--epochs", type=positive_float, help="base training passes over the training images, "
                         "resolved to ceil(epochs x images / batch) iterations (default: the preset's)")
     parser.add_argument("--align-iters", type=positive_int, help="aligner training iterations (default: the preset's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="random seed (default: the config's, else 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing run in --out, once the new one is complete")
@@ -586,11 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--holdout", type=float, default=0.0,
                        help="hold out this fraction of each class's training images to calibrate the threshold")
     train.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate for --holdout calibration")
-    train.add_argument("--align", choices=ALIGNERS, default=Settings.align,
+    train.add_argument("--align", choices=ALIGNERS,
                        help="cada: the paper's (u, gamma) regressor; cada-sigma: (u, sigma); cada-score: gamma = the "
                             "image score; knn: the k nearest "
                             "training images give the z-score (and flag unfamiliar products); class-aware: CaDA-A, "
-                            "needs class names at test (a reference); classifier: CaDA-B; none: the base alone")
+                            "needs class names at test (a reference); classifier: CaDA-B; none: the base alone "
+                            f"(default: the config's, else {Settings.align})")
     train.add_argument("--checkpoint-every", type=int, default=200, metavar="K",
                        help="write a checkpoint to OUT/resume every K training steps (0: only when interrupted)")
     train.add_argument("--resume", action="store_true",
@@ -691,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input (and a file system that refuses) gets one clear line, not a traceback; real bugs still raise.
         if args.debug:
             raise
-        message = _os_error(error) if isinstance(error, OSError) else str(error)
+        message = os_error(error) if isinstance(error, OSError) else str(error)
         print(f"cada {args.command}: error: {printable(message)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:  # TrainingInterrupted says where its checkpoint is and how to resume

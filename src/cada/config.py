@@ -1,4 +1,9 @@
-"""Typed settings with the paper's defaults, and the `cpu` and `paper` presets."""
+"""Typed settings with the paper's defaults, and the `cpu` and `paper` presets.
+
+The generic blocks live here; each method's own options block is its registered options dataclass (see
+`cada.registry`), held in `Settings.method_blocks` and read and written under the method's name
+(`settings.patchcore`, "patchcore" in config.json). Every field is validated from its annotation and `RANGES`
+(a block's own ranges: its `RANGES` class attribute)."""
 
 from __future__ import annotations
 
@@ -7,9 +12,9 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import Any
 
-METHODS = ("revdist", "recontrast", "uniad", "patchcore", "draem", "cfa")
-ALIGNERS = ("none", "cada", "cada-sigma", "cada-score", "class-aware", "classifier", "knn", "knn-level")
+from cada.registry import ALIGNERS, METHODS
 
 
 @dataclass
@@ -45,13 +50,14 @@ class BaseTraining:
         """The optimiser steps for `n_images` training images and `processes` processes (each its own batch)."""
         if self.iters is not None:
             return self.iters
+        assert self.epochs is not None  # validate: exactly one of iters and epochs
         return max(1, self.min_iters, math.ceil(self.epochs * n_images / (self.batch_size * processes)))
 
     def passes(self, n_images: int, processes: int = 1) -> float:
         """How many passes over `n_images` training images the (resolved) schedule makes."""
         return self.iterations(n_images, processes) * self.batch_size * processes / n_images
 
-    def resolved(self, n_images: int, processes: int = 1) -> "BaseTraining":
+    def resolved(self, n_images: int, processes: int = 1) -> BaseTraining:
         """A copy with `iters` set to `iterations(n_images, processes)`: what the training loop runs."""
         return dataclasses.replace(self, iters=self.iterations(n_images, processes), epochs=None)
 
@@ -87,46 +93,6 @@ class AlignTraining:
 
 
 @dataclass
-class PatchCoreSettings:
-    """PatchCore (no gradient training): coreset, search memory and image-score re-weighting.
-
-    The memory bank is a greedy k-center coreset of `coreset_ratio` of all training patches (paper: 10%), picked
-    with distances between random projections to `projection_dim` dimensions (paper: 128). Selection runs on
-    consecutive blocks of about `coreset_block` patches streamed from the encoder, so the full features of the
-    training set are never held (see methods/patchcore.py). `search_gib` bounds one chunk of the query x bank
-    distance matrix in the nearest-neighbour search. `neighbours` is b of the paper's image-score re-weighting.
-    """
-
-    coreset_ratio: float = 0.1
-    projection_dim: int = 128
-    coreset_block: int = 16384
-    search_gib: float = 0.5
-    neighbours: int = 9
-
-
-@dataclass
-class DraemOptions:
-    """DRAEM's sub-network widths: the reference's are 128 (reconstructive) and 64 (discriminative)."""
-
-    reconstructive_width: int = 128
-    discriminative_width: int = 64
-
-
-@dataclass
-class CfaOptions:
-    """CFA (Lee et al. 2022, reference code): descriptor compression gamma_d, K nearest centroids attracted,
-    J hard negatives repelled, soft-boundary nu and margin alpha, initial radius r. (gamma_c = 1: one
-    centroid per stride-4 position, the reference's default; its k-means compression is not implemented.)"""
-
-    gamma_d: int = 1
-    k: int = 3
-    j: int = 3
-    nu: float = 1e-3
-    alpha: float = 0.1
-    radius: float = 1e-5
-
-
-@dataclass
 class Settings:
     method: str = "revdist"
     backbone: str = "wide_resnet50_2"
@@ -136,54 +102,83 @@ class Settings:
     align: str = "knn"
     base: BaseTraining = field(default_factory=BaseTraining)
     aligner: AlignTraining = field(default_factory=AlignTraining)
-    # Options of one method each, read only when that method is chosen (see method_options).
-    patchcore: PatchCoreSettings = field(default_factory=PatchCoreSettings)
-    draem: DraemOptions = field(default_factory=DraemOptions)
-    cfa: CfaOptions = field(default_factory=CfaOptions)
     smoothing_sigma: float = 4.0
     top_fraction: float = 0.01  # image score = mean of the top 1% pixels; 0 = the max pixel
     seed: int = 0
     # Encoder features of the training set are kept in memory (the encoder is frozen) when they fit.
     feature_cache_gib: float = 4.0
+    # The options block of every registered method that has one, by method name; read only when that method is
+    # chosen (see method_options). Reached as attributes: settings.patchcore.
+    method_blocks: dict[str, Any] = field(default_factory=lambda: _default_blocks(), repr=False)
+
+    def __getattr__(self, name: str):  # only called for names that are not ordinary attributes
+        blocks = self.__dict__.get("method_blocks")
+        if blocks is not None and name in blocks:
+            return blocks[name]
+        raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        blocks = self.__dict__.get("method_blocks")
+        if blocks is not None and name in blocks:
+            blocks[name] = value
+        else:
+            super().__setattr__(name, value)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain values, the method blocks under their names right after `aligner` (config.json's layout)."""
+        data: dict[str, Any] = {}
+        for item in dataclasses.fields(self):
+            if item.name == "method_blocks":
+                continue
+            value = getattr(self, item.name)
+            is_block = dataclasses.is_dataclass(value) and not isinstance(value, type)
+            data[item.name] = dataclasses.asdict(value) if is_block else value
+            if item.name == "aligner":
+                data.update({name: dataclasses.asdict(block) for name, block in self.method_blocks.items()})
+        return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Settings":
+    def from_dict(cls, data: dict) -> Settings:
         """Settings from `to_dict`'s output (a run's config.json), validated. Blocks absent from runs saved before
         they existed (e.g. `patchcore`) get their defaults; unknown names are refused, naming them."""
         return _from_dict(cls, data, "").validate()
 
     def method_options(self) -> dict:
         """Constructor options of the chosen method beyond (backbone, image_size): its own architecture/loss."""
-        own = {"patchcore": self.patchcore, "draem": self.draem, "cfa": self.cfa}.get(self.method)
+        own = self.method_blocks.get(self.method)
         return {} if own is None else dataclasses.asdict(own)
 
-    def validate(self) -> "Settings":
+    def validate(self) -> Settings:
         """Check every field's type and range (see RANGES); ValueError naming the field otherwise."""
         _check_fields(self, "")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.align not in ALIGNERS:
-            raise ValueError(f"unknown aligner {self.align!r}; choose one of {', '.join(ALIGNERS)}")
+        METHODS[self.method], ALIGNERS[self.align]  # noqa: B018 - "unknown method 'x'; choose one of ..."
+        for name, block in self.method_blocks.items():
+            options = METHODS[name].options if name in METHODS else None
+            if options is None or not isinstance(block, options):
+                raise ValueError(f"{name} must be a {getattr(options, '__name__', 'registered options')} block, "
+                                 f"got {block!r}")
+            _check_fields(block, name + ".")
         if self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32 in {RANGES['image_size']}, got {self.image_size}")
-        if self.align in TRAINED_ALIGNERS and self.aligner.iters < 1:
+        if ALIGNERS[self.align].extra.get("trained") and self.aligner.iters < 1:
+            untrained = [f"'{name}'" for name in ALIGNERS if not ALIGNERS[name].extra.get("trained")]
+            listed = ", ".join(untrained[:-1]) + " and " + untrained[-1] if len(untrained) > 1 else untrained[0]
             raise ValueError(f"aligner.iters must be at least 1: the {self.align} aligner is trained (only align "
-                             f"'none', 'class-aware', 'knn' and 'knn-level' train nothing), got {self.aligner.iters}")
+                             f"{listed} train nothing), got {self.aligner.iters}")
         if (self.base.iters is None) == (self.base.epochs is None):
             raise ValueError(f"base training needs exactly one of iters and epochs, got iters={self.base.iters}, "
                              f"epochs={self.base.epochs}")
         return self
 
 
-# Aligners with weights to train: they need aligner.iters >= 1.
-TRAINED_ALIGNERS = ("cada", "cada-sigma", "cada-score", "classifier")
+def _default_blocks() -> dict[str, Any]:
+    return {name: options() for name in METHODS if (options := METHODS[name].options) is not None}
+
 
 # Allowed values of the numeric settings, by dotted name; "[" and "]" include the bound, "(" and ")" exclude it.
 # Upper bounds are far beyond any sensible run and keep a typo (image_size 100000, hidden 1e7) from exhausting
-# memory. A numeric field not listed here is only checked for its type and for being finite.
+# memory. A numeric field not listed here (nor in its block's own RANGES) is only checked for its type and for
+# being finite.
 RANGES = {
     "image_size": "[64, 1024]",  # and a multiple of 32
     "smoothing_sigma": "[0, 16]",  # 0: no smoothing
@@ -212,19 +207,6 @@ RANGES = {
     "aligner.linears": "[1, 3]",
     "aligner.smooth_l1_alpha": "(0, 1000000]",
     "aligner.neighbours": "[2, 10000]",  # a mean and a spread of the neighbours' scores
-    "patchcore.coreset_ratio": "(0, 1]",
-    "patchcore.projection_dim": "[1, 4096]",
-    "patchcore.coreset_block": "[1, 16777216]",
-    "patchcore.search_gib": "(0, 1024]",
-    "patchcore.neighbours": "[1, 1000]",
-    "draem.reconstructive_width": "[1, 1024]",
-    "draem.discriminative_width": "[1, 1024]",
-    "cfa.gamma_d": "[1, 64]",
-    "cfa.k": "[1, 1000]",
-    "cfa.j": "[0, 1000]",
-    "cfa.nu": "(0, 1]",
-    "cfa.alpha": "[0, 1000000]",
-    "cfa.radius": "[0, 1000000]",
 }
 
 
@@ -277,14 +259,17 @@ def _numbers(value) -> list:
 def _check_fields(block, prefix: str) -> None:
     """Type (from the annotation) and range (from RANGES) of every field of a settings dataclass, recursively."""
     kinds = typing.get_type_hints(type(block))
+    own_ranges = getattr(type(block), "RANGES", {})
     for item in dataclasses.fields(block):
+        if item.name == "method_blocks":
+            continue  # checked by Settings.validate against the registry
         name, value, kind = prefix + item.name, getattr(block, item.name), kinds[item.name]
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             if not isinstance(value, kind):
                 raise ValueError(f"{name} must be a {kind.__name__} block, got {value!r}")
             _check_fields(value, name + ".")
             continue
-        interval = RANGES.get(name)
+        interval = RANGES.get(name) or own_ranges.get(item.name)
         if not _is(value, kind) or (interval and not all(_in_range(number, interval) for number in _numbers(value))):
             raise ValueError(f"{name} must be {_describe(kind)}{f' in {interval}' if interval else ''}, got {value!r}")
 
@@ -293,21 +278,31 @@ def _from_dict(cls, data, prefix: str):
     """A settings dataclass from a dict, nested blocks included; JSON lists become the tuples the fields hold."""
     if not isinstance(data, dict):
         raise ValueError(f"{prefix.rstrip('.') or 'settings'} must be a mapping of names to values, got {data!r}")
-    known = {item.name: item for item in dataclasses.fields(cls)}
-    unknown = set(data) - set(known)
+    known = {item.name: item for item in dataclasses.fields(cls) if item.name != "method_blocks"}
+    block_kinds = {}
+    if cls is Settings:  # the method blocks, by method name
+        block_kinds = {name: METHODS[name].options for name in METHODS if METHODS[name].options is not None}
+    unknown = set(data) - set(known) - set(block_kinds)
     if unknown:
         names = sorted(prefix + name for name in unknown)
-        raise ValueError(f"unknown settings {names}; known: {sorted(prefix + name for name in known)}")
-    kinds = typing.get_type_hints(cls)
-    values = {}
+        raise ValueError(f"unknown settings {names}; known: {sorted(prefix + name for name in {*known, *block_kinds})}")
+    kinds = {**typing.get_type_hints(cls), **block_kinds}
+    values: dict[str, Any] = {}
+    blocks = {}
     for name, value in data.items():
         kind = kinds[name]
         if dataclasses.is_dataclass(kind):
             value = _from_dict(kind, value, prefix + name + ".")
         elif typing.get_origin(kind) is tuple and isinstance(value, list):
             value = tuple(value)
-        values[name] = value
-    return cls(**values)
+        if name in block_kinds:
+            blocks[name] = value
+        else:
+            values[name] = value
+    made = cls(**values)
+    if blocks:
+        made.method_blocks.update(blocks)
+    return made
 
 
 def preset(name: str, method: str = "revdist") -> Settings:
@@ -316,50 +311,28 @@ def preset(name: str, method: str = "revdist") -> Settings:
     `paper`: the paper's schedule (Sec. 4.2; a GPU job): fixed iterations as the paper trains RevDist, ReContrast
     and UniAD on every data set, DRAEM's and CFA's reference epochs. `cpu`: EfficientNet-Lite0, batch 16, 8 passes
     over the training images and at least 400 iterations (DRAEM, CFA: 400 iterations of 8 / 4), sized for 2 CPU
-    cores; RevDist reads EfficientNet-Lite2. PatchCore trains no weights (its fit is one pass that ignores iters and lr); `paper` gives it
-    wide_resnet50_2 at 256 px, `cpu` Lite0.
+    cores; RevDist reads EfficientNet-Lite2. PatchCore trains no weights (its fit is one pass that ignores iters and
+    lr); `paper` gives it wide_resnet50_2 at 256 px, `cpu` Lite0.
+
+    A method's registered hooks say what is its own: "paper" (its schedule, the start of both presets), then under
+    `cpu` the common changes above and its "cpu" hook.
     """
     if name not in ("cpu", "paper"):
         raise ValueError(f"unknown preset {name!r}; choose 'cpu' or 'paper'")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    entry = METHODS[method]  # "unknown method ...; choose one of ..."
     settings = Settings(method=method)
-    if method == "recontrast":  # the reference's multi-class optimisation
-        settings.base = BaseTraining(eps=1e-10, amsgrad=True, encoder_lr=1e-5, lr_drop_at=0.8)
-    elif method == "uniad":  # paper Sec. 4.2; EfficientNet-B4 as in UniAD, regressor trained 20,000 iterations
-        settings.backbone, settings.image_size = "efficientnet_b4", 224
-        settings.base = BaseTraining(iters=50_000, batch_size=64, lr=3e-4, weight_decay=1e-4)
-        settings.aligner.iters = 20_000
-    elif method == "draem":
-        # DRAEM's own schedule (its train_DRAEM.py): Adam (AdamW without weight decay is Adam) lr 1e-4, batch 8,
-        # 700 epochs, every lr x0.2 at 80% and 90% (on MVTec AD's 3629 training images mixed: 317,538 steps).
-        # The wide_resnet50_2 encoder only feeds the aligner.
-        settings.base = BaseTraining(iters=None, epochs=700, batch_size=8, lr=1e-4, weight_decay=0.0,
-                                     lr_drop_at=[0.8, 0.9], lr_drop=0.2)
-    elif method == "cfa":
-        # CFA's reference: AdamW lr 1e-3, weight decay 5e-4, AMSGrad, batch 4, 30 epochs (on MVTec AD's 3629
-        # training images mixed: 27,218 steps), 256 px; gamma_c = gamma_d = 1, K = J = 3.
-        settings.base = BaseTraining(iters=None, epochs=30, batch_size=4, lr=1e-3, weight_decay=5e-4, amsgrad=True)
+    if "paper" in entry.presets:  # the method's own schedule
+        entry.presets["paper"](settings)
     if name == "cpu":
-        # Lite0 has B4's stage structure (strides 2-16), so UniAD keeps its shape and its 224 px input. RevDist
-        # takes Lite2: on 6 products mixed it lifted the per-product I-AUROC of each product below 95 for 28% more
-        # CPU time (README); the other methods keep Lite0, not measured with Lite2.
-        settings.backbone = "efficientnet_lite2" if method == "revdist" else "efficientnet_lite0"
+        # Lite0 has B4's stage structure (strides 2-16), so UniAD keeps its shape and its 224 px input (a method's
+        # "cpu" hook may choose another encoder: RevDist reads Lite2).
+        settings.backbone = "efficientnet_lite0"
         # 8 passes over the training images in steps of 16, at least 400 steps (RevDist Lite0 per product, README):
         # 20 passes did not beat 8.6 on 6 products mixed (747 images), and 20 passes = 107 steps on 85 images
         # fell short of 400 steps there. Mixes of up to 800 images get 400 steps, larger ones 8 passes.
         settings.base.iters, settings.base.epochs, settings.base.min_iters = None, 8, 400
         settings.base.batch_size = 16
         settings.aligner.iters = 1000
-        if method == "draem":
-            # Full-resolution sub-networks dominate: widths 16 / 8 (reference 128 / 64) and DRAEM's batch of 8.
-            # 400 iterations are ~0.1% of DRAEM's schedule, so the lr is raised to 1e-3 (drops kept at 80%, 90%).
-            settings.draem = DraemOptions(reconstructive_width=16, discriminative_width=8)
-            settings.base.batch_size, settings.base.lr = 8, 1e-3
-            settings.base.iters, settings.base.epochs = 400, None  # a fixed budget: passes are not measured here
-        if method == "cfa":
-            # The patch-to-centroid distances (4096 x 4096 per image at 256 px) dominate: CFA's own batch of 4,
-            # and a fixed 400 steps (passes are not measured for CFA).
-            settings.base.batch_size = 4
-            settings.base.iters, settings.base.epochs = 400, None
+        if "cpu" in entry.presets:  # the method's changes to the cpu preset
+            entry.presets["cpu"](settings)
     return settings

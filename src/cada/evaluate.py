@@ -23,17 +23,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from cada.align.class_aware import oracle_alignment
 from cada.data.dataset import iterate_batches, original_mask
 from cada.data.mvtec import Sample
-from cada.methods.training import batch_shard, is_distributed, is_main, world_size
-from cada.metrics import _check_pieces, _from_counts, _pieces, _sort_positives, binary_metrics, negative_counts, pixel_metrics
-from cada.align.class_aware import oracle_alignment
+from cada.engine.distributed import batch_shard, is_distributed, is_main, world_size
+from cada.metrics import HEADERS, METRICS, binary_metrics, distributed_pixel_metrics, pixel_metrics
 from cada.scoring import align
 from cada.threshold import decision_metrics, threshold_at_fpr
 
 PROTOCOLS = ("absolute-unified", "model-unified")
-METRICS = ("i_auroc", "i_ap", "i_f1max", "p_auroc", "p_ap", "p_f1max", "aupro")
-HEADERS = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
 THRESHOLDS = ("i_f1max_threshold", "p_f1max_threshold")  # score values, not percentages
 FPR_LIMIT = 0.3  # AUPRO integrates up to this false-positive rate
 DECISIONS = ("fpr", "recall", "precision", "f1")  # at the stored threshold, when the run has one
@@ -206,29 +204,6 @@ class DistributedEvalOutputs(EvalOutputs):
         rows = local[here]
         maps = _Rows(self.maps, rows, *((u[torch.from_numpy(here)], spread[torch.from_numpy(here)]) if aligned else ()))
         return distributed_pixel_metrics(maps, _Rows(self.masks, rows), fpr_limit)
-
-
-def distributed_pixel_metrics(maps, masks, fpr_limit: float = FPR_LIMIT, name: str = "pixel_metrics") -> dict:
-    """cada.metrics.pixel_metrics over the union of every process's `maps` and `masks` (each N_r x H x W,
-    N_r may be 0), exactly, without moving the normal pixels: see DistributedEvalOutputs."""
-    pos, region_size, neg, n_regions, n_nan, n_inf = _pieces(maps, masks, name, regions=True)
-    pieces = [None] * world_size()
-    dist.all_gather_object(pieces, (pos, region_size, n_regions, neg.size, n_nan, n_inf))
-    pos = np.concatenate([p[0] for p in pieces])
-    region_size = np.concatenate([p[1] for p in pieces])
-    n_regions, n_neg, n_nan, n_inf = (sum(p[i] for p in pieces) for i in range(2, 6))
-    _check_pieces(name, "pixels", pos.size, n_neg, n_nan, n_inf)
-    pos, weight = _sort_positives(pos, region_size, n_regions)
-    values = np.unique(pos)
-    counts = torch.from_numpy(np.stack(negative_counts(neg, values)).astype(np.int64))
-    dist.all_reduce(counts)  # every process's normal pixels below / at or below each distinct value
-    below, at_or_below = counts.numpy()
-
-    def lookup(block_values: np.ndarray):
-        where = np.searchsorted(values, block_values)
-        return below[where], at_or_below[where]
-
-    return _from_counts(pos, n_neg, lookup, weight, fpr_limit)
 
 
 def _safe(metric, scores, labels) -> dict | None:

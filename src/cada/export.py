@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cada.data.dataset import IMAGENET_MEAN, IMAGENET_STD, normalize
+from cada.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from cada.files import atomic_write
-from cada.scoring import align, image_score, smooth
+from cada.inference import infer_maps
+from cada.scoring import align, image_score
 from cada.threshold import check_threshold
 
 OPSET = 17
@@ -32,10 +33,7 @@ class ExportedDetector(nn.Module):
         self.sigma, self.top_fraction = detector.settings.smoothing_sigma, detector.settings.top_fraction
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        output = self.method(normalize(images))
-        maps = smooth(output.anomaly_map, self.sigma)
-        u, gamma = self.aligner.stats(output.align_features)
-        spread = self.aligner.spread(u, gamma)
+        maps, u, spread, _ = infer_maps(self.method, self.aligner, images, self.sigma)
         aligned_maps = align(maps, u, spread)
         return image_score(aligned_maps, self.top_fraction), aligned_maps
 

@@ -12,12 +12,19 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: the process's umask, for the permissions of the files written
+
+
+def os_error(error: OSError) -> str:
+    """'Permission denied: PATH' rather than '[Errno 13] Permission denied: 'PATH''; our own messages as they are."""
+    if error.strerror and error.filename:
+        return f"{error.strerror}: {printable(error.filename)}"
+    return str(error)
 
 
 def printable(text: str | Path) -> str:
@@ -35,9 +42,9 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], objec
     the path it is given) to a temporary file beside `path`, then rename it over `path`. On any error the temporary
     file is removed."""
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
-    temporary = Path(temporary)
+    temporary = Path(name)
     try:
         os.chmod(temporary, 0o666 & ~_UMASK)  # as a plainly created file (mkstemp makes it private)
         if callable(content):

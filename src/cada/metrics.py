@@ -12,7 +12,7 @@ order, and every floating-point sum over it, does not depend on where the pixels
 Then, for each *distinct* positive value v (multiplicity m), binary searches in the sorted negatives give
 #neg < v and #neg <= v (the second only where a negative equals v), and every metric follows in
 O(distinct positives * log n_neg). Those two counts are all the metrics read of the negatives, so they can
-also be summed over pieces held by several processes (cada.evaluate.distributed_pixel_metrics):
+also be summed over pieces held by several processes (`distributed_pixel_metrics`):
 
 * AUROC (Mann-Whitney U): every positive at v beats the negatives strictly below v and ties with the
   ones equal to v, so U = sum m * (#neg < v + #neg == v / 2) and AUROC = U / (n_pos * n_neg).
@@ -36,7 +36,15 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["auroc", "average_precision", "f1_max", "aupro", "binary_metrics", "pixel_metrics"]
+__all__ = ["HEADERS", "METRICS", "METRIC_HEADERS", "auroc", "average_precision", "f1_max", "aupro", "binary_metrics",
+           "distributed_pixel_metrics", "pixel_metrics"]
+
+# The one table of a results row's metrics: JSON key -> column header. The JSON of `cada evaluate`, its text
+# tables, the HTML report and the ablation tables all read it.
+METRIC_HEADERS = {"i_auroc": "I-AUROC", "i_ap": "I-AP", "i_f1max": "I-F1max", "p_auroc": "P-AUROC", "p_ap": "P-AP",
+                  "p_f1max": "P-F1max", "aupro": "AUPRO"}
+METRICS = tuple(METRIC_HEADERS)
+HEADERS = tuple(METRIC_HEADERS.values())
 
 _CHUNK = 1 << 22  # elements read at a time, so per-chunk temporaries stay at a few tens of MB
 _BLOCK = 1 << 18  # sorted positives walked at a time, for the same reason
@@ -83,7 +91,9 @@ def _pieces(scores, labels, name: str, regions: bool = False):
     for c in chunks:  # a first, cheap pass: the size of the one copy
         y = read_labels(c)
         n_pos, size = n_pos + np.count_nonzero(y), size + y.size
-    neg, pos, region_ids = None, [], []
+    neg = None
+    pieces: list[np.ndarray] = []  # the positives of each chunk
+    region_pieces: list[np.ndarray] = []
     filled = n_regions = n_nan = n_inf = 0
     for c in chunks:
         y, s = read_labels(c), read(scores, c)
@@ -93,21 +103,21 @@ def _pieces(scores, labels, name: str, regions: bool = False):
         n_inf += np.count_nonzero(np.isinf(s))
         if neg is None:
             neg = np.empty(size - n_pos, s.dtype)
-        pos.append(s[y])
+        pieces.append(s[y])
         part = s[~y]
         neg[filled:filled + part.size] = part
         filled += part.size
         if regions:
             components, count = ndimage.label(y, _REGION_STRUCTURE)
-            region_ids.append(components[y] + (n_regions - 1))  # ids 0..n_regions-1 over all images
+            region_pieces.append(components[y] + (n_regions - 1))  # ids 0..n_regions-1 over all images
             n_regions += count
     if neg is None:
         neg = np.empty(0, np.float32)
-    pos = np.concatenate(pos) if pos else np.empty(0, neg.dtype)
+    pos = np.concatenate(pieces) if pieces else np.empty(0, neg.dtype)
     neg.sort()  # in place: the one sorted full-size copy
     region_size = None
     if regions:
-        region_ids = np.concatenate(region_ids) if region_ids else np.empty(0, np.int64)
+        region_ids = np.concatenate(region_pieces) if region_pieces else np.empty(0, np.int64)
         region_size = np.bincount(region_ids, minlength=n_regions)[region_ids]
     return pos, region_size, neg, n_regions, n_nan, n_inf
 
@@ -274,3 +284,30 @@ def aupro(maps, masks, fpr_limit: float = 0.3) -> float:
     masks have no region (or no normal pixel). See ``pixel_metrics`` for the inputs.
     """
     return pixel_metrics(maps, masks, fpr_limit, "aupro")["aupro"]
+
+
+def distributed_pixel_metrics(maps, masks, fpr_limit: float = 0.3, name: str = "pixel_metrics") -> dict:
+    """`pixel_metrics` over the union of every process's `maps` and `masks` (each N_r x H x W, N_r may be 0;
+    torch.distributed initialised), exactly, without moving the normal pixels: each process keeps its sorted
+    normal scores and only the counts below each distinct positive value are summed (see the module docstring)."""
+    import torch
+    import torch.distributed as dist
+
+    pos, region_size, neg, n_regions, n_nan, n_inf = _pieces(maps, masks, name, regions=True)
+    pieces: list = [None] * dist.get_world_size()
+    dist.all_gather_object(pieces, (pos, region_size, n_regions, neg.size, n_nan, n_inf))
+    pos = np.concatenate([p[0] for p in pieces])
+    region_size = np.concatenate([p[1] for p in pieces])
+    n_regions, n_neg, n_nan, n_inf = (sum(p[i] for p in pieces) for i in range(2, 6))
+    _check_pieces(name, "pixels", pos.size, n_neg, n_nan, n_inf)
+    pos, weight = _sort_positives(pos, region_size, n_regions)
+    values = np.unique(pos)
+    counts = torch.from_numpy(np.stack(negative_counts(neg, values)).astype(np.int64))
+    dist.all_reduce(counts)  # every process's normal pixels below / at or below each distinct value
+    below, at_or_below = counts.numpy()
+
+    def lookup(block_values: np.ndarray):
+        where = np.searchsorted(values, block_values)
+        return below[where], at_or_below[where]
+
+    return _from_counts(pos, n_neg, lookup, weight, fpr_limit)

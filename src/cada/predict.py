@@ -15,9 +15,9 @@ import io
 import json
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from cada.data.dataset import BadImageError, image_size_of, iterate_batches, rgb_array
 from cada.data.folder import image_files
 from cada.data.mvtec import Sample
+from cada.engine.distributed import batch_shard, is_main, world_size
 from cada.files import atomic_write, printable
-from cada.methods.training import batch_shard, is_main, world_size
 from cada.operating_point import choose_threshold, without_scores
 
 # Overlays colour aligned maps on one fixed scale for every image: 0 is the predicted normal mean of the

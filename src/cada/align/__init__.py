@@ -1,4 +1,7 @@
-"""Aligners: per-image normal-score statistics (u, gamma) that put every class on one score scale."""
+"""Aligners: per-image normal-score statistics (u, gamma) that put every class on one score scale.
+
+Each aligner registers itself (`@ALIGNERS.register(name, trained=...)`, see `cada.registry`); `trained` aligners
+have weights to train and need aligner.iters >= 1. Importing this package imports no base method."""
 
 from __future__ import annotations
 
@@ -6,19 +9,13 @@ from cada.align.base import MAX, MEAN, SCORE, STD, Aligner, NoAlign
 from cada.align.cada import CADA, CADAScore, CADASigma
 from cada.align.class_aware import ClassAware, ClassifierAligner
 from cada.align.knn import KNNAligner, KNNLevel
-
-ALIGNER_CLASSES = {cls.name: cls for cls in (CADA, CADASigma, CADAScore, ClassAware, ClassifierAligner,
-                                             KNNAligner, KNNLevel)}
+from cada.registry import ALIGNERS
 
 
 def create_aligner(name: str, channels: int, settings) -> Aligner:
-    """`settings` is the AlignTraining block (head structure and training)."""
-    if name == "none":
-        return NoAlign()
-    if name not in ALIGNER_CLASSES:
-        raise ValueError(f"unknown aligner {name!r}; available: none, {', '.join(ALIGNER_CLASSES)}")
-    return ALIGNER_CLASSES[name](channels, settings)
+    """The aligner `name` for align features of `channels` channels; `settings` is the AlignTraining block."""
+    return ALIGNERS[name].cls(channels, settings)
 
 
-__all__ = ["Aligner", "CADA", "CADAScore", "CADASigma", "ClassAware", "ClassifierAligner", "KNNAligner", "KNNLevel", "NoAlign",
-           "create_aligner", "MEAN", "MAX", "STD", "SCORE"]
+__all__ = ["ALIGNERS", "Aligner", "CADA", "CADAScore", "CADASigma", "ClassAware", "ClassifierAligner", "KNNAligner",
+           "KNNLevel", "NoAlign", "create_aligner", "MEAN", "MAX", "STD", "SCORE"]

@@ -1,13 +1,14 @@
-"""What every aligner provides (see DESIGN.md, "Aligner"), and the head they share."""
+"""What every aligner provides (see docs/architecture.md, "Aligner"), and the head they share."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from cada.methods.training import DrawSampler, lr_factor, train_loop
+from cada.engine import DrawSampler, Trainer, lr_factor
+from cada.registry import ALIGNERS
 from cada.scoring import image_score, smooth
 
 # Columns of the per-image statistics that aligners learn from: mean, max and std of the raw map, and the image
@@ -45,8 +46,10 @@ class Aligner(nn.Module):
         self.register_buffer("min_spread", torch.tensor(1e-6))
 
     def fit(self, features: torch.Tensor, image_stats: torch.Tensor, settings, generator: torch.Generator,
-            class_names: list[str] | None = None, progress: bool = True) -> list[float]:
-        """features: N x C x h x w of normal training images; image_stats: N x 4 (`map_statistics`) of each map."""
+            class_names: list[str] | None = None, progress: bool = True, trainer: Trainer | None = None
+            ) -> list[float]:
+        """features: N x C x h x w of normal training images; image_stats: N x 4 (`map_statistics`) of each map.
+        `trainer` carries the run's checkpoints (default: none, progress bars per `progress`)."""
         raise NotImplementedError
 
     def stats(self, features: torch.Tensor, class_names: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,12 +76,15 @@ class Aligner(nn.Module):
         pass
 
 
+@ALIGNERS.register("none")
 class NoAlign(Aligner):
     """The base map as it is: u = 0, gamma = 1."""
 
-    name = "none"
+    def __init__(self, channels: int = 0, settings=None):  # the common signature; nothing to build
+        super().__init__()
 
-    def fit(self, features, image_stats, settings, generator, class_names=None, progress=True) -> list[float]:
+    def fit(self, features, image_stats, settings, generator, class_names=None, progress=True, trainer=None
+            ) -> list[float]:
         return []
 
     def stats(self, features, class_names=None):
@@ -119,18 +125,18 @@ def make_head(channels: int, outputs: int, settings) -> Head:
 
 
 def train_head(head: Head, features: torch.Tensor, loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-               settings, generator: torch.Generator, description: str, progress: bool) -> list[float]:
+               settings, generator: torch.Generator, description: str, trainer: Trainer) -> list[float]:
     """SGD on random batches of cached features (paper: lr 5e-2, momentum 0.9, wd 1e-4, batch 16).
 
     `loss_of(outputs, batch_indices)` gives the loss of one batch. The loop is the base methods' one
-    (cada.methods.training.train_loop): DDP and sharded batches under torch.distributed, checkpoints to resume.
+    (`Trainer.loop`): DDP and sharded batches under torch.distributed, checkpoints to resume.
     """
     factor = lr_factor(settings)
     optimizer = torch.optim.SGD(head.parameters(), lr=settings.lr * factor, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
     head.train()
-    losses = train_loop(description, settings.iters, optimizer, generator, progress,
-                        lambda iteration, batch: loss_of(head(features[batch]), batch),
-                        DrawSampler(len(features), settings.batch_size), settings, module=head)
+    losses = trainer.loop(description, settings.iters, optimizer, generator,
+                          lambda iteration, batch: loss_of(head(features[batch]), batch),
+                          DrawSampler(len(features), settings.batch_size), settings, module=head)
     head.eval()
     return losses

@@ -12,17 +12,20 @@ import torch
 import torch.nn.functional as F
 
 from cada.align.base import MAX, MEAN, SCORE, STD, Aligner, make_head, train_head
+from cada.engine import Trainer
+from cada.registry import ALIGNERS
 
 
+@ALIGNERS.register("cada", trained=True)
 class CADA(Aligner):
-    name = "cada"
     targets = (MEAN, MAX)
 
     def __init__(self, channels: int, settings):
         super().__init__()
         self.head = make_head(channels, 2, settings)
 
-    def fit(self, features, image_stats, settings, generator, class_names=None, progress=True) -> list[float]:
+    def fit(self, features, image_stats, settings, generator, class_names=None, progress=True, trainer=None
+            ) -> list[float]:
         self.set_min_spread(image_stats)
         targets = image_stats[:, list(self.targets)]
         with torch.no_grad():  # start from the mean statistics so SGD does not spend its first steps getting there
@@ -32,7 +35,8 @@ class CADA(Aligner):
             loss = F.smooth_l1_loss(outputs, targets[batch], beta=settings.smooth_l1_alpha, reduction="none")
             return loss.sum(dim=1).mean()
 
-        return train_head(self.head, features, loss_of, settings, generator, f"{self.name} regressor", progress)
+        return train_head(self.head, features, loss_of, settings, generator, f"{self.name} regressor",
+                          trainer or Trainer(progress=progress))
 
     def stats(self, features, class_names=None):
         u, second = self.head(features).unbind(dim=1)
@@ -42,20 +46,20 @@ class CADA(Aligner):
         return second
 
 
+@ALIGNERS.register("cada-sigma", trained=True)
 class CADASigma(CADA):
     """The (u, sigma) variant: regress mean and standard deviation, gamma = u + 3 sigma."""
 
-    name = "cada-sigma"
     targets = (MEAN, STD)
 
     def gamma(self, u, second):
         return u + 3 * second
 
 
+@ALIGNERS.register("cada-score", trained=True)
 class CADAScore(CADA):
     """Not in the paper: gamma's target is the image score (top fraction of the smoothed map, the value the
     threshold sees) instead of the raw map's max, so every product's typical normal image scores 1 after
     alignment, however spiky its maps are (with the max, the aligned normal score is top / max, per product)."""
 
-    name = "cada-score"
     targets = (MEAN, SCORE)

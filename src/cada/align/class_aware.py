@@ -12,12 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from cada.align.base import MAX, MEAN, Aligner, make_head, train_head, zscore_alignment
+from cada.engine import Trainer
+from cada.registry import ALIGNERS
 
 
+@ALIGNERS.register("class-aware")
 class ClassAware(Aligner):
     """CaDA-A: (u_c, gamma_c) of the image's given class."""
 
-    name = "class-aware"
     needs_class_names = True
 
     def __init__(self, channels: int, settings):
@@ -32,7 +34,8 @@ class ClassAware(Aligner):
         self.class_u = torch.zeros(len(class_names))
         self.class_gamma = torch.zeros(len(class_names))
 
-    def fit(self, features, image_stats, settings, generator, class_names=None, progress=True) -> list[float]:
+    def fit(self, features, image_stats, settings, generator, class_names=None, progress=True, trainer=None
+            ) -> list[float]:
         if class_names is None:
             raise ValueError(f"{self.name} alignment needs the class name of every training image")
         self._set_classes(sorted(set(class_names)))
@@ -42,9 +45,9 @@ class ClassAware(Aligner):
             self.class_u[index] = image_stats[labels == index, MEAN].mean()
             self.class_gamma[index] = image_stats[labels == index, MAX].mean()
         self.set_min_spread(image_stats)
-        return self._fit_classifier(features, labels, settings, generator, progress)
+        return self._fit_classifier(features, labels, settings, generator, trainer or Trainer(progress=progress))
 
-    def _fit_classifier(self, features, labels, settings, generator, progress) -> list[float]:
+    def _fit_classifier(self, features, labels, settings, generator, trainer) -> list[float]:
         return []
 
     def class_indices(self, features, class_names) -> torch.Tensor:
@@ -69,21 +72,21 @@ class ClassAware(Aligner):
         self._set_classes(state["class_names"])
 
 
+@ALIGNERS.register("classifier", trained=True)
 class ClassifierAligner(ClassAware):
     """CaDA-B: a classifier picks the class, whose (u_c, gamma_c) then align the map."""
 
-    name = "classifier"
     needs_class_names = False
 
     def _set_classes(self, class_names):
         super()._set_classes(class_names)
         self.head = make_head(self.channels, len(class_names), self.settings)
 
-    def _fit_classifier(self, features, labels, settings, generator, progress) -> list[float]:
+    def _fit_classifier(self, features, labels, settings, generator, trainer) -> list[float]:
         def loss_of(outputs, batch):  # the paper's Eq. 2
             return F.cross_entropy(outputs, labels[batch])
 
-        return train_head(self.head, features, loss_of, settings, generator, "class classifier", progress)
+        return train_head(self.head, features, loss_of, settings, generator, "class classifier", trainer)
 
     def class_indices(self, features, class_names=None):
         return self.head(features).argmax(dim=1)  # an unseen class still maps to its nearest known class

@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from cada.align.base import MEAN, SCORE, ZSCORE_WIDTH, Aligner, zscore_alignment
+from cada.registry import ALIGNERS
 
 REFERENCE_QUANTILE = 0.99  # of the leave-one-out nearest distances in training: the "familiar" level
 QUERY_CHUNK = 256  # test images compared with the whole training set at once
 
 
+@ALIGNERS.register("knn")
 class KNNAligner(Aligner):
-    name = "knn"
-
     def __init__(self, channels: int, settings):
         super().__init__()
         self.neighbours = settings.neighbours
@@ -63,7 +63,8 @@ class KNNAligner(Aligner):
         std = scores.std(dim=1) if scores.shape[1] > 1 else torch.zeros_like(scores[:, 0])
         return scores.mean(dim=1), std
 
-    def fit(self, features, image_stats, settings, generator, class_names=None, progress=True) -> list[float]:
+    def fit(self, features, image_stats, settings, generator, class_names=None, progress=True, trainer=None
+            ) -> list[float]:
         if len(features) < 2:
             raise ValueError("the knn aligner needs at least two training images")
         self.neighbours = settings.neighbours
@@ -96,12 +97,11 @@ class KNNAligner(Aligner):
         self._allocate(state["n_train"], len(self.centre))
 
 
+@ALIGNERS.register("knn-level")
 class KNNLevel(KNNAligner):
     """The k nearest training images give u = their mean raw-map mean and gamma = their mean image score: the
     typical normal image scores 1, as with `knn`, but the scale is the level above the map's floor, not the spread
     of the scores (the issue's second-best oracle, (map mean, mean image score))."""
-
-    name = "knn-level"
 
     def stats(self, features, class_names=None):
         _, indices = self.neighbours_of(self.descriptor(features))

@@ -31,7 +31,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cada"
 
 
-def open_cache(cache_dir: str | Path | None) -> "ImageCache | None":
+def open_cache(cache_dir: str | Path | None) -> ImageCache | None:
     """'auto' -> the default folder; None -> no cache; else that folder."""
     if cache_dir is None:
         return None

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -263,7 +264,7 @@ def iterate_batches(
         collate_fn=_collate,
     )
     for batch in loader:
-        for index, message in batch["errors"]:
+        for _index, message in batch["errors"]:
             if strict:
                 raise BadImageError(message)
             warnings.warn(f"skipped: {message}")

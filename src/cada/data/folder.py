@@ -7,8 +7,8 @@ folder is not mistaken for images); unlabeled inputs for prediction are searched
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from cada.data.mvtec import IMAGE_SUFFIXES, MASK_SUFFIX, NORMAL, Sample, is_image_file, list_images, mask_index
 

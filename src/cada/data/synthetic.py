@@ -425,5 +425,5 @@ def generate_dataset(
     jobs = [(name, split, k) for name in names for split, count in counts.items() for k in range(count)]
     # every image has its own seed, so threads cannot change the output; numpy and PNG encoding release the GIL
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        list(pool.map(lambda job: _write_image(root, *job, int(image_size), int(seed)), jobs))
+        list(pool.map(lambda job: _write_image(root, job[0], job[1], job[2], int(image_size), int(seed)), jobs))
     return root

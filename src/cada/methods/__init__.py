@@ -1,4 +1,8 @@
-"""Base anomaly-detection methods, one module each."""
+"""Base anomaly-detection methods, one module each.
+
+Each method registers itself (`@METHODS.register(name, options=..., presets=...)`, see `cada.registry`) with its
+options dataclass (the `Settings` block of its name) and its preset hooks. The import order below is the order
+the methods are listed in."""
 
 from __future__ import annotations
 
@@ -7,20 +11,16 @@ from cada.methods.cfa import CFA
 from cada.methods.draem import DRAEM
 from cada.methods.patchcore import PatchCore
 from cada.methods.recontrast import ReContrast
-from cada.methods.revdist import RevDist
+from cada.methods.revdist import RevDist  # noqa: I001 - registration order
 from cada.methods.uniad import UniAD
-
-METHOD_CLASSES: dict[str, type[BaseMethod]] = {"revdist": RevDist, "recontrast": ReContrast, "uniad": UniAD,
-                                               "patchcore": PatchCore, "draem": DRAEM, "cfa": CFA}
+from cada.registry import METHODS
 
 
 def create_method(name: str, backbone: str, image_size: int, pretrained: bool = True,
                   weights_path: str | None = None, **options) -> BaseMethod:
-    """The method `name`; `options` are its own constructor options (Settings.method_options())."""
-    if name not in METHOD_CLASSES:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(METHOD_CLASSES)}")
-    return METHOD_CLASSES[name](backbone, image_size, pretrained=pretrained, weights_path=weights_path, **options)
+    """The method `name`; `options` are the fields of its options block (Settings.method_options())."""
+    return METHODS[name].cls(backbone, image_size, pretrained=pretrained, weights_path=weights_path, **options)
 
 
-__all__ = ["BaseMethod", "CFA", "DRAEM", "METHOD_CLASSES", "MethodOutput", "PatchCore", "ReContrast", "RevDist",
-           "UniAD", "create_method"]
+__all__ = ["BaseMethod", "CFA", "DRAEM", "METHODS", "MethodOutput", "PatchCore", "ReContrast", "RevDist", "UniAD",
+           "create_method"]

@@ -1,4 +1,4 @@
-"""What every base method provides (see DESIGN.md, "Base method")."""
+"""What every base method provides (see docs/architecture.md, "Base method"), and the training template."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from cada.engine import Trainer, make_optimizer
+from cada.engine.loop import LossOf
+
 
 class MethodOutput(NamedTuple):
     anomaly_map: torch.Tensor  # B x H x W at input resolution, unsmoothed, larger = more anomalous
@@ -14,14 +17,35 @@ class MethodOutput(NamedTuple):
 
 
 class BaseMethod(nn.Module):
-    """A base anomaly detector. `score_scale` is the smooth-L1 alpha that fits its map's scale."""
+    """A base anomaly detector. `score_scale` is the smooth-L1 alpha that fits its map's scale.
+
+    A method is built as `Method(backbone, image_size, pretrained=..., weights_path=..., **options)`, `options`
+    being its registered options block (see `cada.methods.register`). It supplies `objective` (what to optimise
+    and the loss of a batch); `fit` runs it in the engine's loop. A method without gradient training (PatchCore)
+    overrides `fit` itself.
+    """
 
     name: str = ""
     score_scale: float = 0.1
     align_channels: int  # channels of `align_features`, so an aligner can be built before training
 
-    def fit(self, images: torch.Tensor, settings, generator: torch.Generator, progress: bool = True) -> list[float]:
-        """Train on normal uint8 images (N x 3 x S x S); returns the loss per iteration (empty: no gradient training)."""
+    def fit(self, images: torch.Tensor, settings, generator: torch.Generator, progress: bool = True,
+            cache_gib: float = 4.0, trainer: Trainer | None = None) -> list[float]:
+        """Train on normal uint8 images (N x 3 x S x S) with the base-training `settings` (a resolved BaseTraining);
+        returns the loss per iteration (empty: no gradient training). Frozen features are kept in memory when they
+        fit in `cache_gib`. `trainer` carries the run's checkpoints (default: none, progress bars per `progress`)."""
+        trainer = trainer or Trainer(progress=progress)
+        groups, loss_of = self.objective(images, settings, generator, cache_gib, trainer)
+        optimizer = make_optimizer(groups, settings)
+        self.train()
+        losses = trainer.run(self.name, len(images), settings, optimizer, generator, loss_of, module=self)
+        self.eval()
+        return losses
+
+    def objective(self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float,
+                  trainer: Trainer) -> tuple[list[dict], LossOf]:
+        """(optimiser parameter groups, loss of a batch): a group without "lr" gets settings.lr; the loss is
+        `loss_of(iteration, batch_indices)` over `images`, drawing any randomness from `generator`."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> MethodOutput:

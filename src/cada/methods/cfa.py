@@ -19,13 +19,19 @@ frozen encoder's last stage (stride 16), as for DRAEM (CFA has no bottleneck of 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cada.backbones import create_encoder
+from cada.config import BaseTraining
+from cada.engine import FeatureSource, Trainer
+from cada.engine.loop import LossOf
 from cada.methods.base import BaseMethod, MethodOutput
-from cada.methods.training import FeatureSource, make_optimizer, run_training
+from cada.registry import METHODS
 
 DISTANCE_CHUNK = 4  # images per chunk of the (patches x centroids) distance matrix: 64 MiB each at 256 px
 
@@ -45,8 +51,37 @@ class CoordConv(nn.Module):
         return self.conv(torch.cat([x, coords], dim=1))
 
 
+@dataclass
+class CfaOptions:
+    """CFA (Lee et al. 2022, reference code): descriptor compression gamma_d, K nearest centroids attracted,
+    J hard negatives repelled, soft-boundary nu and margin alpha, initial radius r. (gamma_c = 1: one
+    centroid per stride-4 position, the reference's default; its k-means compression is not implemented.)"""
+
+    gamma_d: int = 1
+    k: int = 3
+    j: int = 3
+    nu: float = 1e-3
+    alpha: float = 0.1
+    radius: float = 1e-5
+    RANGES: ClassVar[dict[str, str]] = {"gamma_d": "[1, 64]", "k": "[1, 1000]", "j": "[0, 1000]", "nu": "(0, 1]",
+                                        "alpha": "[0, 1000000]", "radius": "[0, 1000000]"}
+
+
+def _paper(settings) -> None:
+    # CFA's reference: AdamW lr 1e-3, weight decay 5e-4, AMSGrad, batch 4, 30 epochs (on MVTec AD's 3629
+    # training images mixed: 27,218 steps), 256 px; gamma_c = gamma_d = 1, K = J = 3.
+    settings.base = BaseTraining(iters=None, epochs=30, batch_size=4, lr=1e-3, weight_decay=5e-4, amsgrad=True)
+
+
+def _cpu(settings) -> None:
+    # The patch-to-centroid distances (4096 x 4096 per image at 256 px) dominate: CFA's own batch of 4,
+    # and a fixed 400 steps (passes are not measured for CFA).
+    settings.base.batch_size = 4
+    settings.base.iters, settings.base.epochs = 400, None
+
+
+@METHODS.register("cfa", options=CfaOptions, presets={"paper": _paper, "cpu": _cpu})
 class CFA(BaseMethod):
-    name = "cfa"
     # The map is a Euclidean distance in descriptor space. Measured with efficientnet_lite0 (176-d descriptors) on
     # the synthetic data at 64 px: normal images' per-image mean ~4 and max ~7 after 30 iterations, ~2 and ~3 after
     # 300 (the attraction keeps pulling them in), a pasted defect ~6-8: targets of order 1, between RevDist's
@@ -122,19 +157,15 @@ class CFA(BaseMethod):
             total += self.describe(features[batch]).flatten(2).sum(dim=0)
         self.centroids.copy_(total / n_images)
 
-    def fit(self, images: torch.Tensor, settings, generator: torch.Generator, progress: bool = True,
-            cache_gib: float = 4.0) -> list[float]:
+    def objective(self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float,
+                  trainer: Trainer) -> tuple[list[dict], LossOf]:
         """Initialise the memory bank, then train the descriptor (and r) with the soft-boundary loss."""
-        features = FeatureSource(self.encoder, images, settings.batch_size, cache_gib)
+        features = FeatureSource(self.encoder, images, settings.batch_size, cache_gib, trainer.stop_point)
         self.eval()
         self.initialise_centroids(features, len(images), settings.batch_size)
-        optimizer = make_optimizer([{"params": [*self.descriptor.parameters(), self.radius]}], settings)
 
         def loss_of(iteration: int, batch: torch.Tensor) -> torch.Tensor:
             descriptors = self.describe(features[batch]).flatten(2).transpose(1, 2)
             return self.soft_boundary_loss(descriptors)
 
-        self.train()
-        losses = run_training(self.name, len(images), settings, optimizer, generator, progress, loss_of, module=self)
-        self.eval()
-        return losses
+        return [{"params": [*self.descriptor.parameters(), self.radius]}], loss_of

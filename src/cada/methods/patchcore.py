@@ -41,18 +41,41 @@ only affects the threshold.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cada.backbones import create_encoder
-from cada.config import PatchCoreSettings
 from cada.data.dataset import normalize
+from cada.engine import Trainer
 from cada.methods.base import BaseMethod, MethodOutput
-from cada.methods.training import stop_point
+from cada.registry import METHODS
 
 FLOAT_BYTES = 4
+
+
+@dataclass
+class PatchCoreSettings:
+    """PatchCore (no gradient training): coreset, search memory and image-score re-weighting.
+
+    The memory bank is a greedy k-center coreset of `coreset_ratio` of all training patches (paper: 10%), picked
+    with distances between random projections to `projection_dim` dimensions (paper: 128). Selection runs on
+    consecutive blocks of about `coreset_block` patches streamed from the encoder, so the full features of the
+    training set are never held (see methods/patchcore.py). `search_gib` bounds one chunk of the query x bank
+    distance matrix in the nearest-neighbour search. `neighbours` is b of the paper's image-score re-weighting.
+    """
+
+    coreset_ratio: float = 0.1
+    projection_dim: int = 128
+    coreset_block: int = 16384
+    search_gib: float = 0.5
+    neighbours: int = 9
+    RANGES: ClassVar[dict[str, str]] = {"coreset_ratio": "(0, 1]", "projection_dim": "[1, 4096]",
+                                        "coreset_block": "[1, 16777216]", "search_gib": "(0, 1024]",
+                                        "neighbours": "[1, 1000]"}
 
 
 def squared_distances(queries: torch.Tensor, keys: torch.Tensor, keys_sq: torch.Tensor | None = None) -> torch.Tensor:
@@ -122,8 +145,8 @@ def greedy_coreset(points: torch.Tensor, k: int, start: int = 0) -> torch.Tensor
     return selected
 
 
+@METHODS.register("patchcore", options=PatchCoreSettings)
 class PatchCore(BaseMethod):
-    name = "patchcore"
     # Smooth-L1 alpha for the aligner (paper: 0.1 for RevDist's cosine distances in [0, 1], 10 for UniAD's L2
     # reconstruction errors of EfficientNet features). Patch scores are L2 distances between encoder features
     # too, on UniAD's scale: with ImageNet EfficientNet-Lite0 at 256 px on the synthetic classes, normal maps
@@ -212,13 +235,14 @@ class PatchCore(BaseMethod):
     # -- fit -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def fit(self, images: torch.Tensor, settings, generator: torch.Generator, progress: bool = True,
-            cache_gib: float = 4.0) -> list[float]:
+            cache_gib: float = 4.0, trainer: Trainer | None = None) -> list[float]:
         """Build the memory bank from normal uint8 images (N x 3 x S x S) in one streamed pass.
 
         `settings` is the base-training settings: only `batch_size` (encoder batch) is read; PatchCore has
         no iterations and no learning rate. `cache_gib` is accepted for the common signature and unused
         (nothing is cached). Returns [] (no loss). See the module docstring for the blockwise coreset.
         """
+        trainer = trainer or Trainer(progress=progress)
         options = self.options
         self.eval()
         projection = torch.randn(self.embedding_dim, options.projection_dim, generator=generator)
@@ -237,12 +261,12 @@ class PatchCore(BaseMethod):
             kept += counts[-1]
         bank = torch.empty(kept, self.embedding_dim)
         filled = 0
-        for start, count in tqdm(list(zip(starts, counts)), desc="patchcore coreset", disable=not progress,
+        for start, count in tqdm(list(zip(starts, counts)), desc="patchcore coreset", disable=not trainer.progress,
                                  leave=False):
             block = images[start : start + block_images]
             pieces = []
             for i in range(0, len(block), batch_size):
-                stop_point("building the PatchCore memory bank")
+                trainer.stop_point("building the PatchCore memory bank")
                 pieces.append(self.patch_embedding(*self.local_features(normalize(block[i : i + batch_size])))
                               .reshape(-1, self.embedding_dim))
             features = torch.cat(pieces)

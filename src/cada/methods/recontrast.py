@@ -21,10 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from cada.backbones import create_encoder
+from cada.config import BaseTraining
 from cada.data.dataset import normalize
+from cada.engine import FeatureSource, Trainer
+from cada.engine.loop import LossOf
 from cada.methods.base import BaseMethod, MethodOutput
 from cada.methods.revdist import OneClassBottleneck, ReverseDecoder, cosine_distance_map
-from cada.methods.training import FeatureSource, make_optimizer, run_training
+from cada.registry import METHODS
 
 # Hard mining: the threshold mean + alpha * std of the per-position distance; alpha ramps linearly from
 # ALPHA_START to ALPHA_END over the first RAMP_FRACTION of the iterations (all positions count at first).
@@ -61,8 +64,12 @@ def hard_mined_cosine_loss(targets: list[torch.Tensor], rebuilt: list[torch.Tens
     return loss
 
 
+def _paper(settings) -> None:  # the reference's multi-class optimisation
+    settings.base = BaseTraining(eps=1e-10, amsgrad=True, encoder_lr=1e-5, lr_drop_at=0.8)
+
+
+@METHODS.register("recontrast", presets={"paper": _paper})
 class ReContrast(BaseMethod):
-    name = "recontrast"
     score_scale = 0.1
 
     def __init__(self, backbone: str, image_size: int, pretrained: bool = True, weights_path: str | None = None):
@@ -94,21 +101,17 @@ class ReContrast(BaseMethod):
         targets, rebuilt, embedding = self.pairs(x)
         return MethodOutput(cosine_distance_map(targets, rebuilt, x.shape[-1]), embedding)
 
-    def fit(self, images: torch.Tensor, settings, generator: torch.Generator, progress: bool = True,
-            cache_gib: float = 4.0) -> list[float]:
+    def objective(self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float,
+                  trainer: Trainer) -> tuple[list[dict], LossOf]:
         """Train bottleneck, decoder and heads (settings.lr) and the trainable encoder (settings.encoder_lr)."""
-        frozen = FeatureSource(self.encoder, images, settings.batch_size, cache_gib)
+        frozen = FeatureSource(self.encoder, images, settings.batch_size, cache_gib, trainer.stop_point)
         reconstruction = [*self.bottleneck.parameters(), *self.decoder.parameters(), *self.heads.parameters()]
-        optimizer = make_optimizer([{"params": reconstruction},
-                                    {"params": list(self.trainable_encoder.parameters()), "lr": settings.encoder_lr}],
-                                   settings)
+        groups = [{"params": reconstruction},
+                  {"params": list(self.trainable_encoder.parameters()), "lr": settings.encoder_lr}]
 
         def loss_of(iteration: int, batch: torch.Tensor) -> torch.Tensor:
             targets, rebuilt, _ = self.pairs(normalize(images[batch]), frozen[batch])
             alpha = hard_mining_alpha(iteration, settings.iters)
             return hard_mined_cosine_loss(targets, rebuilt, alpha) / 2  # the two halves (3 scales each) averaged
 
-        self.train()
-        losses = run_training(self.name, len(images), settings, optimizer, generator, progress, loss_of, module=self)
-        self.eval()
-        return losses
+        return groups, loss_of

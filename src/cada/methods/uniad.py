@@ -15,8 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cada.backbones import create_encoder
+from cada.config import BaseTraining
+from cada.engine import FeatureSource, Trainer, shard_of, world_size
+from cada.engine.loop import LossOf
 from cada.methods.base import BaseMethod, MethodOutput
-from cada.methods.training import FeatureSource, make_optimizer, run_training, shard_of, world_size
+from cada.registry import METHODS
 
 NEIGHBOURHOOD = 7
 JITTER_SCALE = 20.0  # noise std per token = JITTER_SCALE * ||token|| / channels (UniAD's feature jitter)
@@ -117,8 +120,14 @@ def fitting_window(grid: int, window: int = NEIGHBOURHOOD) -> int:
     return min(window, grid - 1 if grid % 2 == 0 else grid - 2)
 
 
+def _paper(settings) -> None:  # paper Sec. 4.2; EfficientNet-B4 as in UniAD, regressor trained 20,000 iterations
+    settings.backbone, settings.image_size = "efficientnet_b4", 224
+    settings.base = BaseTraining(iters=50_000, batch_size=64, lr=3e-4, weight_decay=1e-4)
+    settings.aligner.iters = 20_000
+
+
+@METHODS.register("uniad", presets={"paper": _paper})
 class UniAD(BaseMethod):
-    name = "uniad"
     score_scale = 10.0  # the paper's smooth-L1 alpha for UniAD: its L2 distances are on a larger scale
 
     def __init__(self, backbone: str, image_size: int, pretrained: bool = True, weights_path: str | None = None):
@@ -145,11 +154,11 @@ class UniAD(BaseMethod):
         anomaly_map = F.interpolate(distance, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return MethodOutput(anomaly_map.squeeze(1), features)
 
-    def fit(self, images: torch.Tensor, settings, generator: torch.Generator, progress: bool = True,
-            cache_gib: float = 4.0) -> list[float]:
+    def objective(self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float,
+                  trainer: Trainer) -> tuple[list[dict], LossOf]:
         """Train the transformer to rebuild clean features from jittered ones (MSE); the encoder stays frozen."""
-        features = FeatureSource(lambda x: [self.features(x)], images, settings.batch_size, cache_gib)
-        optimizer = make_optimizer([{"params": list(self.transformer.parameters())}], settings)
+        features = FeatureSource(lambda x: [self.features(x)], images, settings.batch_size, cache_gib,
+                                 trainer.stop_point)
 
         def loss_of(iteration: int, batch: torch.Tensor) -> torch.Tensor:
             clean = features[batch][0]
@@ -160,7 +169,4 @@ class UniAD(BaseMethod):
             scale = clean.norm(dim=1, keepdim=True) / clean.shape[1] * JITTER_SCALE
             return F.mse_loss(self.reconstruct(clean + noise * scale), clean)
 
-        self.train()
-        losses = run_training(self.name, len(images), settings, optimizer, generator, progress, loss_of, module=self)
-        self.eval()
-        return losses
+        return [{"params": list(self.transformer.parameters())}], loss_of

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from cada.data.dataset import load_image
-from cada.evaluate import DECISIONS, HEADERS, METRICS, EvalOutputs, image_scores
+from cada.evaluate import DECISIONS, EvalOutputs, image_scores
 from cada.files import atomic_write
+from cada.metrics import HEADERS, METRICS
 from cada.predict import HEATMAP_MAX, overlay
 from cada.scoring import align
 
