@@ -41,8 +41,10 @@ def main() -> None:
         found, layout = find_samples(args.data, split)
         samples += found
     n_masks = sum(s.mask_path is not None for s in samples)
-    print(f"{args.data} ({layout}): {len(samples)} images, {n_masks} masks, {args.size}x{args.size}, "
-          f"{args.workers} loader worker(s)")
+    print(
+        f"{args.data} ({layout}): {len(samples)} images, {n_masks} masks, {args.size}x{args.size}, "
+        f"{args.workers} loader worker(s)"
+    )
 
     plain = min(load_everything(samples, args.size, args.workers, None)[0] for _ in range(args.repeats))
     cold, warm, entry_bytes = [], [], 0
@@ -58,8 +60,10 @@ def main() -> None:
     print(f"no cache : {plain:7.2f} s  ({rate(plain):7.0f} images/s)")
     print(f"cold     : {cold_s:7.2f} s  ({rate(cold_s):7.0f} images/s)  decode + write")
     print(f"warm     : {warm_s:7.2f} s  ({rate(warm_s):7.0f} images/s)  hash + read")
-    print(f"speed-up warm vs cold: {cold_s / warm_s:.1f}x, warm vs no cache: {plain / warm_s:.1f}x; "
-          f"cache size {entry_bytes / 2**20:.0f} MiB")
+    print(
+        f"speed-up warm vs cold: {cold_s / warm_s:.1f}x, warm vs no cache: {plain / warm_s:.1f}x; "
+        f"cache size {entry_bytes / 2**20:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

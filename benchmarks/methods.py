@@ -38,7 +38,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--backbone", help="encoder for every method (default: each preset's)")
     parser.add_argument("--align", help="aligner (default: the preset's)")
-    parser.add_argument("--iters", type=positive_int, help="base training iterations for every method (default: the preset's)")
+    parser.add_argument(
+        "--iters", type=positive_int, help="base training iterations for every method (default: the preset's)"
+    )
     parser.add_argument("--align-iters", type=positive_int, help="CADA regressor iterations (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -66,7 +68,9 @@ def main() -> None:
             "base_iters": info["base_iters"],
             "base_seconds": info["base_seconds"],
             # PatchCore has no iterations: its base time is one pass building the memory bank.
-            "base_seconds_per_iter": None if method == "patchcore" else round(info["base_seconds"] / info["base_iters"], 3),
+            "base_seconds_per_iter": None
+            if method == "patchcore"
+            else round(info["base_seconds"] / info["base_iters"], 3),
             "aligner_seconds": info["aligner_seconds"],
             "evaluate_seconds": results["meta"]["evaluate_seconds"],
             "total_seconds": round(time.perf_counter() - started, 1),
@@ -83,17 +87,24 @@ def main() -> None:
     for method, run in runs.items():
         scores = [run["base_i_auroc"].get(p) for p in products]
         known = [s for s in scores if s is not None]
-        print(f"{method:<12} " + " ".join("           -" if s is None else f"{100 * s:12.1f}" for s in scores)
-              + f" {100 * sum(known) / len(known):6.1f}")
-    print("\ntime (s)        base  per iter  aligner  evaluate   total  total CPU  (iters, image size, batch, "
-          "encoder); base includes encoding the training images once")
+        print(
+            f"{method:<12} "
+            + " ".join("           -" if s is None else f"{100 * s:12.1f}" for s in scores)
+            + f" {100 * sum(known) / len(known):6.1f}"
+        )
+    print(
+        "\ntime (s)        base  per iter  aligner  evaluate   total  total CPU  (iters, image size, batch, "
+        "encoder); base includes encoding the training images once"
+    )
     for method, run in runs.items():
         base = run["settings"]["base"]
         per_iter = "-" if run["base_seconds_per_iter"] is None else f"{run['base_seconds_per_iter']:.2f}"
-        print(f"{method:<12} {run['base_seconds']:7.0f} {per_iter:>9} "
-              f"{run['aligner_seconds']:8.0f} {run['evaluate_seconds']:9.0f} {run['total_seconds']:7.0f} "
-              f"{run['total_cpu_seconds']:10.0f}  ({run['base_iters']}, {run['settings']['image_size']} px, "
-              f"{base['batch_size']}, {run['settings']['backbone']})")
+        print(
+            f"{method:<12} {run['base_seconds']:7.0f} {per_iter:>9} "
+            f"{run['aligner_seconds']:8.0f} {run['evaluate_seconds']:9.0f} {run['total_seconds']:7.0f} "
+            f"{run['total_cpu_seconds']:10.0f}  ({run['base_iters']}, {run['settings']['image_size']} px, "
+            f"{base['batch_size']}, {run['settings']['backbone']})"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "methods.json", {"data": str(args.data), "preset": args.preset, "rows": rows, "runs": runs})
     print(f"wrote {args.out / 'methods.json'}")

@@ -87,11 +87,17 @@ def measure(n_images: int, backbone: str, threads: int, image_size: int, encoder
         model(normalize(test))
     infer_seconds = (time.perf_counter() - started) / len(test)
     bank = model.memory_bank
-    return {"n_images": n_images, "fit_seconds": round(fit_seconds, 1), "rss_before_fit_gib": round(before, 2),
-            "peak_rss_gib": round(peak, 2), "bank_rows": len(bank), "bank_channels": bank.shape[1],
-            "bank_gib": round(bank.numel() * bank.element_size() / 2**30, 2),
-            "infer_seconds_per_image": round(infer_seconds, 2),
-            "peak_rss_after_infer_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    return {
+        "n_images": n_images,
+        "fit_seconds": round(fit_seconds, 1),
+        "rss_before_fit_gib": round(before, 2),
+        "peak_rss_gib": round(peak, 2),
+        "bank_rows": len(bank),
+        "bank_channels": bank.shape[1],
+        "bank_gib": round(bank.numel() * bank.element_size() / 2**30, 2),
+        "infer_seconds_per_image": round(infer_seconds, 2),
+        "peak_rss_after_infer_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+    }
 
 
 def main() -> None:
@@ -100,39 +106,69 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backbone", default="wide_resnet50_2")
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--encoder", choices=("real", "stub"), default="real",
-                        help="stub: random features of the encoder's shapes (memory and coreset without its time)")
+    parser.add_argument(
+        "--encoder",
+        choices=("real", "stub"),
+        default="real",
+        help="stub: random features of the encoder's shapes (memory and coreset without its time)",
+    )
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)  # one size, in its own process
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.backbone, args.threads, args.image_size, args.encoder)), flush=True)
         return
     encoder = "random weights" if args.encoder == "real" else "STUB: random features of its shapes, no encoding time"
-    print(f"PatchCore fit, {args.backbone} ({encoder}), {args.image_size}x{args.image_size}, "
-          f"{args.threads} threads, preset paper (coreset 10%, projection 128, blocks of 16384 patches)")
-    print(f"{'images':>7} {'fit s':>8} {'s/img':>6} {'RSS before':>10} {'peak RSS':>9} {'bank rows':>10} "
-          f"{'bank GiB':>8} {'search s/img':>12}")
+    print(
+        f"PatchCore fit, {args.backbone} ({encoder}), {args.image_size}x{args.image_size}, "
+        f"{args.threads} threads, preset paper (coreset 10%, projection 128, blocks of 16384 patches)"
+    )
+    print(
+        f"{'images':>7} {'fit s':>8} {'s/img':>6} {'RSS before':>10} {'peak RSS':>9} {'bank rows':>10} "
+        f"{'bank GiB':>8} {'search s/img':>12}"
+    )
     rows = []
     for n_images in args.sizes:
-        child = subprocess.run([sys.executable, __file__, "--child", str(n_images), "--threads", str(args.threads),
-                                "--backbone", args.backbone, "--image-size", str(args.image_size),
-                                "--encoder", args.encoder],
-                               check=True, capture_output=True, text=True)
+        child = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                str(n_images),
+                "--threads",
+                str(args.threads),
+                "--backbone",
+                args.backbone,
+                "--image-size",
+                str(args.image_size),
+                "--encoder",
+                args.encoder,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         row = json.loads(child.stdout.strip().splitlines()[-1])
         rows.append(row)
-        print(f"{n_images:>7} {row['fit_seconds']:>8.1f} {row['fit_seconds'] / n_images:>6.3f} "
-              f"{row['rss_before_fit_gib']:>9.2f}G {row['peak_rss_gib']:>8.2f}G {row['bank_rows']:>10} "
-              f"{row['bank_gib']:>8.2f} {row['infer_seconds_per_image']:>12.2f}", flush=True)
+        print(
+            f"{n_images:>7} {row['fit_seconds']:>8.1f} {row['fit_seconds'] / n_images:>6.3f} "
+            f"{row['rss_before_fit_gib']:>9.2f}G {row['peak_rss_gib']:>8.2f}G {row['bank_rows']:>10} "
+            f"{row['bank_gib']:>8.2f} {row['infer_seconds_per_image']:>12.2f}",
+            flush=True,
+        )
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
         per_k = 1000 * (last["peak_rss_gib"] - first["peak_rss_gib"]) / (last["n_images"] - first["n_images"])
         images_per_k = 1000 * 3 * args.image_size**2 / 2**30
         bank_per_k = 1000 * (last["bank_gib"] - first["bank_gib"]) / (last["n_images"] - first["n_images"])
-        print(f"growth: peak RSS +{per_k:.2f} GiB per 1,000 training images (of which the uint8 images "
-              f"{images_per_k:.2f} GiB and the memory bank {bank_per_k:.2f} GiB); linear in N, no N^2 term")
+        print(
+            f"growth: peak RSS +{per_k:.2f} GiB per 1,000 training images (of which the uint8 images "
+            f"{images_per_k:.2f} GiB and the memory bank {bank_per_k:.2f} GiB); linear in N, no N^2 term"
+        )
     if rows and rows[-1]["n_images"] >= 8659:
         verdict = "under" if rows[-1]["peak_rss_gib"] < 16 else "OVER"
-        print(f"VisA-sized fit ({rows[-1]['n_images']} images): peak {rows[-1]['peak_rss_gib']:.2f} GiB, {verdict} 16 GiB")
+        print(
+            f"VisA-sized fit ({rows[-1]['n_images']} images): peak {rows[-1]['peak_rss_gib']:.2f} GiB, {verdict} 16 GiB"
+        )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def blob_masks(n_maps: int, rng: np.random.Generator) -> np.ndarray:
             u = dx * np.cos(angle) + dy * np.sin(angle)
             v = -dx * np.sin(angle) + dy * np.cos(angle)
             radius = 1 + wobble * np.sin(lobes * np.arctan2(v, u) + phase)
-            masks[image, top:bottom, left:right] |= (u / a) ** 2 + (v / b) ** 2 <= radius ** 2
+            masks[image, top:bottom, left:right] |= (u / a) ** 2 + (v / b) ** 2 <= radius**2
     return masks
 
 
@@ -78,16 +78,18 @@ def child(which: str, n_maps: int):
     t0 = time.perf_counter()
     if which == "cada":
         res = pixel_metrics(maps, masks)
-        figures = (f"auroc={res['auroc']:.12f} ap={res['ap']:.12f} f1max={res['f1max']:.6f} "
-                   f"aupro={res['aupro']:.6f}")
+        figures = f"auroc={res['auroc']:.12f} ap={res['ap']:.12f} f1max={res['f1max']:.6f} aupro={res['aupro']:.6f}"
     else:
         y, s = masks.ravel(), maps.ravel()
         figures = f"auroc={skm.roc_auc_score(y, s):.12f} ap={skm.average_precision_score(y, s):.12f}"
     dt = time.perf_counter() - t0
     peak = _peak_gib()
     note = "" if exact_peak else " (peak includes data generation)"
-    print(f"{which:8s} {n_maps} maps, {masks.size:,} px, {masks.mean():.2%} anomalous  {dt:6.1f} s  "
-          f"peak RSS {peak:5.2f} GiB (data {rss0:.2f}, +{peak - rss0:.2f}){note}  {figures}", flush=True)
+    print(
+        f"{which:8s} {n_maps} maps, {masks.size:,} px, {masks.mean():.2%} anomalous  {dt:6.1f} s  "
+        f"peak RSS {peak:5.2f} GiB (data {rss0:.2f}, +{peak - rss0:.2f}){note}  {figures}",
+        flush=True,
+    )
 
 
 def main():

@@ -36,10 +36,15 @@ def memory_mib(pid: int) -> dict[str, float]:
 
 def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, dict]:
     boundary = uuid.uuid4().hex
-    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n\r\n".encode()
-             + data + b"\r\n" for name, data in files]
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n\r\n'.encode()
+        + data
+        + b"\r\n"
+        for name, data in files
+    ]
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), {
-        "Content-Type": f"multipart/form-data; boundary={boundary}"}
+        "Content-Type": f"multipart/form-data; boundary={boundary}"
+    }
 
 
 def send(url: str, number: int, images: list[tuple[str, bytes]]) -> str | None:
@@ -81,8 +86,12 @@ def main() -> int:
     with socket.socket() as probe:  # a free port (the server binds it a moment later)
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "cada", "serve", args.model, "--port", str(port), "--quiet"],
-                              stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cada", "serve", args.model, "--port", str(port), "--quiet"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         print(server.stdout.readline().strip()[:200])
@@ -103,10 +112,14 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(timeout=60)
-    print(f"{args.requests} requests ({args.clients} clients after {warm} warm-up), {len(failures)} failed, "
-          f"{seconds:.1f} s for the last {args.requests - warm}")
-    print(f"server memory: RSS {early['VmRSS']} MiB after {warm} requests, {end['VmRSS']} MiB at the end; "
-          f"peak {end['VmHWM']} MiB")
+    print(
+        f"{args.requests} requests ({args.clients} clients after {warm} warm-up), {len(failures)} failed, "
+        f"{seconds:.1f} s for the last {args.requests - warm}"
+    )
+    print(
+        f"server memory: RSS {early['VmRSS']} MiB after {warm} requests, {end['VmRSS']} MiB at the end; "
+        f"peak {end['VmHWM']} MiB"
+    )
     for failure in failures[:10]:
         print(f"  {failure}")
     return 1 if failures else 0

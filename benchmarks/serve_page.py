@@ -48,9 +48,22 @@ class DevTools:
             os.dup2(self._child_ends[1], 4)
 
         self.process = subprocess.Popen(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
-             "--window-size=1280,1000", f"--user-data-dir={profile}", "--no-first-run", "about:blank"],
-            preexec_fn=child_pipes, close_fds=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                browser,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--remote-debugging-pipe",
+                "--window-size=1280,1000",
+                f"--user-data-dir={profile}",
+                "--no-first-run",
+                "about:blank",
+            ],
+            preexec_fn=child_pipes,
+            close_fds=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         for fd in self._child_ends:
             os.close(fd)
         self._write, self._read = to_browser_write, os.fdopen(from_browser_read, "rb")
@@ -93,8 +106,9 @@ def main() -> int:
     parser.add_argument("model", help="run folder or .onnx file")
     parser.add_argument("images", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=Path("serve_page.png"), help="the screenshot (PNG)")
-    parser.add_argument("--chromium", help="the browser's executable (default: the first of "
-                                           f"{', '.join(BROWSERS)} on PATH)")
+    parser.add_argument(
+        "--chromium", help=f"the browser's executable (default: the first of {', '.join(BROWSERS)} on PATH)"
+    )
     args = parser.parse_args()
     browser = args.chromium or next((found for name in BROWSERS if (found := shutil.which(name))), None)
     if browser is None:
@@ -107,31 +121,47 @@ def main() -> int:
     server = make_server(load_model(args.model), str(args.model), "127.0.0.1", 0, quiet=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/"
-    files = ", ".join(f"new File([Uint8Array.from(atob({json.dumps(base64.b64encode(path.read_bytes()).decode())}), "
-                      f"c => c.charCodeAt(0))], {json.dumps(path.name)}, {{type: 'image/png'}})" for path in args.images)
+    files = ", ".join(
+        f"new File([Uint8Array.from(atob({json.dumps(base64.b64encode(path.read_bytes()).decode())}), "
+        f"c => c.charCodeAt(0))], {json.dumps(path.name)}, {{type: 'image/png'}})"
+        for path in args.images
+    )
     with tempfile.TemporaryDirectory() as profile:
         tools = DevTools(browser, profile)
         try:
             target = tools.call("Target.createTarget", {"url": url})["targetId"]
             session = tools.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
             for _ in range(100):  # the page has loaded and read /info
-                state = tools.call("Runtime.evaluate", {"expression": "document.getElementById('info').textContent"},
-                                   session)["result"].get("value", "")
+                state = tools.call(
+                    "Runtime.evaluate", {"expression": "document.getElementById('info').textContent"}, session
+                )["result"].get("value", "")
                 if state and not state.startswith("loading"):
                     break
                 time.sleep(0.1)
             print(f"page header: {state}")
-            tools.call("Runtime.evaluate", {"expression": f"send([{files}])", "awaitPromise": True}, session,
-                       timeout=300)
-            shown = tools.call("Runtime.evaluate", {"expression": "Array.from(document.querySelectorAll('.card'))"
-                               ".map(c => c.innerText.replace(/\\s+/g, ' ')).join('\\n')"}, session)["result"]["value"]
-            status = tools.call("Runtime.evaluate", {"expression": "document.getElementById('status').textContent"},
-                                session)["result"]["value"]
+            tools.call(
+                "Runtime.evaluate", {"expression": f"send([{files}])", "awaitPromise": True}, session, timeout=300
+            )
+            shown = tools.call(
+                "Runtime.evaluate",
+                {
+                    "expression": "Array.from(document.querySelectorAll('.card'))"
+                    ".map(c => c.innerText.replace(/\\s+/g, ' ')).join('\\n')"
+                },
+                session,
+            )["result"]["value"]
+            status = tools.call(
+                "Runtime.evaluate", {"expression": "document.getElementById('status').textContent"}, session
+            )["result"]["value"]
             print(f"page status: {status}\n{shown}")
-            height = tools.call("Runtime.evaluate", {"expression": "document.body.scrollHeight"},
-                                session)["result"]["value"]
-            tools.call("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": min(int(height) + 40, 4000),
-                                                               "deviceScaleFactor": 1, "mobile": False}, session)
+            height = tools.call("Runtime.evaluate", {"expression": "document.body.scrollHeight"}, session)["result"][
+                "value"
+            ]
+            tools.call(
+                "Emulation.setDeviceMetricsOverride",
+                {"width": 1280, "height": min(int(height) + 40, 4000), "deviceScaleFactor": 1, "mobile": False},
+                session,
+            )
             shot = tools.call("Page.captureScreenshot", {"format": "png"}, session)["data"]
         finally:
             tools.close()

@@ -58,8 +58,11 @@ def measure(backbone: str, threads: int, batches: int) -> None:
         optimizer.step()
     training = 16 * steps / (time.perf_counter() - started)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"{backbone:<20} inference {inference:6.1f} img/s   training step {training:6.1f} img/s   "
-          f"encoding (once per training image) {encoding:6.1f} img/s   peak RSS {peak:5.2f} GiB", flush=True)
+    print(
+        f"{backbone:<20} inference {inference:6.1f} img/s   training step {training:6.1f} img/s   "
+        f"encoding (once per training image) {encoding:6.1f} img/s   peak RSS {peak:5.2f} GiB",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -73,8 +76,19 @@ def main() -> None:
         return
     print(f"batch 16, 256x256, {args.threads} threads")
     for backbone in BACKBONES:
-        subprocess.run([sys.executable, __file__, "--backbone", backbone, "--threads", str(args.threads),
-                        "--batches", str(args.batches)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--backbone",
+                backbone,
+                "--threads",
+                str(args.threads),
+                "--batches",
+                str(args.batches),
+            ],
+            check=True,
+        )
 
 
 if __name__ == "__main__":

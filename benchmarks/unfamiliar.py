@@ -42,19 +42,24 @@ def main() -> None:
 
     def distances(samples) -> torch.Tensor:
         images = load_all(samples, size)[0]
-        return torch.cat([detector.aligner.nearest_distance(detector.infer(batch).align_features)
-                          for batch in images.split(16)])
+        return torch.cat(
+            [detector.aligner.nearest_distance(detector.infer(batch).align_features) for batch in images.split(16)]
+        )
 
-    sets = {f"{args.data.name}: held-out normals": held_out,
-            f"{args.data.name}: test normals": [s for s in find_split(args.data, "test", quiet=True) if s.label == 0]}
+    sets = {
+        f"{args.data.name}: held-out normals": held_out,
+        f"{args.data.name}: test normals": [s for s in find_split(args.data, "test", quiet=True) if s.label == 0],
+    }
     other = find_split(args.other, "test", quiet=True)
     for product in sorted({s.class_name for s in other}):
         sets[f"{product} (never trained on): all test images"] = [s for s in other if s.class_name == product]
     print(f"knn on {len(train)} training images; unfamiliar beyond distance {reference:.3f}")
     for name, samples in sets.items():
         found = distances(samples)
-        print(f"{name:<50} n={len(found):4d}  median distance {found.median():.3f}  "
-              f"flagged {100 * (found > reference).float().mean():5.1f}%")
+        print(
+            f"{name:<50} n={len(found):4d}  median distance {found.median():.3f}  "
+            f"flagged {100 * (found > reference).float().mean():5.1f}%"
+        )
 
 
 if __name__ == "__main__":

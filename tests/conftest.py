@@ -11,8 +11,9 @@ def tiny_data(tmp_path_factory):
     """4 synthetic classes at 64 px: enough for a few training steps and every metric."""
     from cada.data.synthetic import generate_dataset
 
-    return generate_dataset(tmp_path_factory.mktemp("synthetic"), n_train=6, n_test_good=3, n_test_defect=4,
-                            image_size=64, seed=0)
+    return generate_dataset(
+        tmp_path_factory.mktemp("synthetic"), n_train=6, n_test_good=3, n_test_defect=4, image_size=64, seed=0
+    )
 
 
 @pytest.fixture(scope="session")

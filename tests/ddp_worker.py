@@ -24,8 +24,18 @@ for method, align in (("revdist", "cada"), ("recontrast", "classifier")):
     detector = train(settings, data, out / method, progress=False, checkpoint_every=2)
     state = {key: value.contiguous() for key, value in detector._modules().state_dict().items()}
     save_file(state, str(out / f"{method}-rank{rank()}.safetensors"))
-code = main(["evaluate", str(out / "revdist"), "--data", str(data), "--json", str(out / "distributed.json"),
-             "--quiet"])
-code = code or main(["predict", str(out / "revdist"), str(data), "--out", str(out / "predicted-distributed"),
-                     "--batch-size", "8", "--overlays", "--quiet"])
+code = main(["evaluate", str(out / "revdist"), "--data", str(data), "--json", str(out / "distributed.json"), "--quiet"])
+code = code or main(
+    [
+        "predict",
+        str(out / "revdist"),
+        str(data),
+        "--out",
+        str(out / "predicted-distributed"),
+        "--batch-size",
+        "8",
+        "--overlays",
+        "--quiet",
+    ]
+)
 sys.exit(code)

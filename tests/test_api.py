@@ -118,8 +118,9 @@ def test_epochs_are_passes_over_the_images_actually_trained_on(tiny_data, tiny_s
     monkeypatch.setattr(Trainer, "loop", counting_loop)
     settings = tiny_settings()
     settings.base.iters, settings.base.epochs, settings.base.min_iters = None, 1.5, 0  # no floor of 400 steps
-    detector = Detector(settings).fit(tiny_data, progress=False, holdout=0.34, fpr=0.5,
-                                      on_start=lambda n, iters: announced.append((n, iters)))
+    detector = Detector(settings).fit(
+        tiny_data, progress=False, holdout=0.34, fpr=0.5, on_start=lambda n, iters: announced.append((n, iters))
+    )
     # 16 images kept out of 24 (the held-out ones are not trained on): ceil(1.5 x 16 / 4) = 6 steps
     assert announced == [(16, 6)] and steps == [6]
     info = detector.training_info

@@ -44,14 +44,21 @@ def test_lite0_shapes(lite0, size):
     assert lite0.name == "efficientnet_lite0"
     assert lite0.channels == (24, 40, 112) and lite0.strides == (4, 8, 16)
     feats = lite0(torch.randn(2, 3, size, size))
-    assert [tuple(f.shape) for f in feats] == [(2, c, size // s, size // s) for c, s in zip(lite0.channels, lite0.strides)]
+    assert [tuple(f.shape) for f in feats] == [
+        (2, c, size // s, size // s) for c, s in zip(lite0.channels, lite0.strides)
+    ]
     assert all(torch.isfinite(f).all() for f in feats)
 
 
 def test_lite0_uniad_stages():
     enc = create_encoder("efficientnet_lite0", pretrained=False, stages="uniad")
     assert enc.channels == (16, 24, 40, 112) and enc.strides == (2, 4, 8, 16)
-    assert [f.shape[1:] for f in enc(torch.randn(1, 3, 64, 64))] == [(16, 32, 32), (24, 16, 16), (40, 8, 8), (112, 4, 4)]
+    assert [f.shape[1:] for f in enc(torch.randn(1, 3, 64, 64))] == [
+        (16, 32, 32),
+        (24, 16, 16),
+        (40, 8, 8),
+        (112, 4, 4),
+    ]
 
 
 def test_channels_last_gives_same_features(lite0):
@@ -68,7 +75,9 @@ def test_lite0_weights_loaded_by_position(lite0):
     # The stem and a block deep inside (_blocks.10 = stage 4, block 2 for lite0: blocks per stage 1,2,2,3,3,...).
     torch.testing.assert_close(lite0.stem[0].weight, sd["_conv_stem.weight"], rtol=0, atol=0)
     torch.testing.assert_close(lite0.stem[1].running_var, sd["_bn0.running_var"], rtol=0, atol=0)
-    torch.testing.assert_close(lite0.stages[4][2].conv_pwl.weight, sd["_blocks.10._project_conv.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        lite0.stages[4][2].conv_pwl.weight, sd["_blocks.10._project_conv.weight"], rtol=0, atol=0
+    )
     assert len(lite0.stages) == 5  # blocks 5, 6, the head and the classifier are not kept
 
 
@@ -159,7 +168,9 @@ def test_lite0_weights_path_formats(tmp_path, lite0):
 
     # timm key names, as .safetensors
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    sd = {k: v.contiguous() for k, v in efficientnet_state_dict("efficientnet_lite0", model).items()}  # the .pth has strided views
+    sd = {
+        k: v.contiguous() for k, v in efficientnet_state_dict("efficientnet_lite0", model).items()
+    }  # the .pth has strided views
     save_file(sd, str(tmp_path / "timm.safetensors"))
     enc = create_encoder("efficientnet_lite0", weights_path=str(tmp_path / "timm.safetensors"))
     for a, b in zip(enc.state_dict().values(), lite0.state_dict().values()):
@@ -185,7 +196,12 @@ def empty_caches(tmp_path, monkeypatch):
 def test_b4_uniad_stages_random_init():
     enc = create_encoder("efficientnet_b4", pretrained=False, stages="uniad")
     assert enc.channels == (24, 32, 56, 160) and enc.strides == (2, 4, 8, 16)  # UniAD's 272 channels
-    assert [f.shape[1:] for f in enc(torch.randn(1, 3, 64, 64))] == [(24, 32, 32), (32, 16, 16), (56, 8, 8), (160, 4, 4)]
+    assert [f.shape[1:] for f in enc(torch.randn(1, 3, 64, 64))] == [
+        (24, 32, 32),
+        (32, 16, 16),
+        (56, 8, 8),
+        (160, 4, 4),
+    ]
     assert enc.in_scale is None  # B4's TF weights take ImageNet normalisation, unlike Lite's [-1, 1]
 
 
@@ -239,8 +255,9 @@ def test_missing_lite_package(monkeypatch):
 
 # ImageNet classes a bottle seen from above may get: beer, pill, pop, water and wine bottle, bottle cap.
 BOTTLE_CLASSES = {440, 455, 720, 737, 898, 907}
-REAL_BOTTLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "realmix", "bottle", "train",
-                           "good", "000.png")
+REAL_BOTTLE = os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "data", "realmix", "bottle", "train", "good", "000.png"
+)
 
 
 @pytest.mark.parametrize("n", [0, 1, 2])

@@ -55,8 +55,8 @@ def test_nearest_distances_match_the_full_distance_matrix_with_gradients():
     chosen = model.nearest_squared_distances(descriptors, 4)
     full = torch.cdist(descriptors, model.centroids.t().unsqueeze(0)).pow(2).topk(4, largest=False).values
     assert torch.allclose(chosen, full, rtol=1e-4, atol=1e-3)
-    grad, = torch.autograd.grad(chosen.sum(), descriptors)
-    grad_full, = torch.autograd.grad(full.sum(), descriptors)
+    (grad,) = torch.autograd.grad(chosen.sum(), descriptors)
+    (grad_full,) = torch.autograd.grad(full.sum(), descriptors)
     assert torch.allclose(grad, grad_full, rtol=1e-3, atol=1e-3)
 
 
@@ -106,7 +106,26 @@ def test_detector_save_load_round_trips_bit_exactly(tiny_data, images, tmp_path)
 
 def test_cli_trains_cfa(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--method", "cfa", "--data", str(tiny_data), "--out", str(run), "--image-size", "64",
-                 "--iters", "1", "--align-iters", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "cfa",
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(run),
+                "--image-size",
+                "64",
+                "--iters",
+                "1",
+                "--align-iters",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "training cfa" in capsys.readouterr().out
     assert Detector.load(run).settings.method == "cfa"

@@ -12,8 +12,19 @@ DEFAULT_ALIGN = Settings().align
 
 def test_train_then_evaluate_writes_the_documented_json(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
-    args = ["--data", str(tiny_data), "--out", str(run), "--image-size", "64", "--iters", "3", "--align-iters", "5",
-            "--quiet"]
+    args = [
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(run),
+        "--image-size",
+        "64",
+        "--iters",
+        "3",
+        "--align-iters",
+        "5",
+        "--quiet",
+    ]
     assert main(["train", *args]) == 0
     assert main(["evaluate", str(run), "--data", str(tiny_data), "--json", str(tmp_path / "r.json"), "--quiet"]) == 0
     printed = capsys.readouterr().out
@@ -33,8 +44,25 @@ def test_epochs_option_resolves_to_iterations_said_in_the_first_line(tiny_data, 
     from cada.api import Detector
 
     run = tmp_path / "run"
-    assert main(["train", "--data", str(tiny_data), "--out", str(run), "--image-size", "64", "--epochs", "2",
-                 "--align-iters", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(run),
+                "--image-size",
+                "64",
+                "--epochs",
+                "2",
+                "--align-iters",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("training revdist") and "3 iters of batch 16 = 2.0 passes over 24 images" in first
     detector = Detector.load(run)
@@ -48,8 +76,24 @@ def test_epochs_option_resolves_to_iterations_said_in_the_first_line(tiny_data, 
 
 
 def test_synth_writes_the_mvtec_layout(tmp_path):
-    assert main(["synth", "--out", str(tmp_path / "s"), "--n-train", "2", "--n-test-good", "1", "--n-test-defect", "1",
-                 "--image-size", "64"]) == 0
+    assert (
+        main(
+            [
+                "synth",
+                "--out",
+                str(tmp_path / "s"),
+                "--n-train",
+                "2",
+                "--n-test-good",
+                "1",
+                "--n-test-defect",
+                "1",
+                "--image-size",
+                "64",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "s" / "weave" / "train" / "good").is_dir()
 
 
@@ -67,8 +111,27 @@ def test_unknown_choice_is_refused_by_the_parser(tmp_path):
 
 def test_ablate_trains_the_base_once_and_prints_the_three_tables(tiny_data, tmp_path, capsys):
     out = tmp_path / "ablation"
-    assert main(["ablate", "--data", str(tiny_data), "--out", str(out), "--image-size", "64", "--iters", "2",
-                 "--align-iters", "3", "--noise", "0.5", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "ablate",
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(out),
+                "--image-size",
+                "64",
+                "--iters",
+                "2",
+                "--align-iters",
+                "3",
+                "--noise",
+                "0.5",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     for title in ("Table 3", "Table 4", "Table 5", "noisy training set"):
         assert title in printed
@@ -81,8 +144,25 @@ def test_ablate_trains_the_base_once_and_prints_the_three_tables(tiny_data, tmp_
 
 def test_evaluate_plots_the_score_distributions(tiny_data, tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--data", str(tiny_data), "--out", str(run), "--image-size", "64", "--iters", "2",
-                 "--align-iters", "3", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(run),
+                "--image-size",
+                "64",
+                "--iters",
+                "2",
+                "--align-iters",
+                "3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert main(["evaluate", str(run), "--data", str(tiny_data), "--plots", str(tmp_path / "plots"), "--quiet"]) == 0
     figure = tmp_path / "plots" / "score_distributions.png"
     assert figure.stat().st_size > 10_000 and figure.read_bytes()[:4] == b"\x89PNG"

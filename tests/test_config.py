@@ -19,7 +19,8 @@ def test_epochs_resolve_to_enough_steps_for_every_image():
 def test_cpu_preset_encoders():
     assert preset("cpu").backbone == "efficientnet_lite2"  # RevDist, the default method
     assert {preset("cpu", m).backbone for m in ("recontrast", "uniad", "patchcore", "draem", "cfa")} == {
-        "efficientnet_lite0"}
+        "efficientnet_lite0"
+    }
 
 
 def test_cpu_preset_scales_large_mixes_and_keeps_small_ones_at_400_steps():
@@ -37,10 +38,15 @@ def test_learning_rate_drops_need_the_resolved_schedule():
     assert schedule.resolved(40).lr_milestones() == [80]
 
 
-@pytest.mark.parametrize("iters, epochs, message", [
-    (None, None, "exactly one of iters and epochs"), (400, 20, "exactly one of iters and epochs"),
-    (None, 0, r"base.epochs must be .* in \(0, "), (None, -1.5, r"base.epochs must be .* in \(0, "),
-])
+@pytest.mark.parametrize(
+    "iters, epochs, message",
+    [
+        (None, None, "exactly one of iters and epochs"),
+        (400, 20, "exactly one of iters and epochs"),
+        (None, 0, r"base.epochs must be .* in \(0, "),
+        (None, -1.5, r"base.epochs must be .* in \(0, "),
+    ],
+)
 def test_schedule_is_validated(iters, epochs, message):
     settings = Settings()
     settings.base.iters, settings.base.epochs = iters, epochs

@@ -16,8 +16,25 @@ from helpers import stop_after_steps
 
 
 def _train_args(data, out, *extra):
-    return ["train", "--data", str(data), "--out", str(out), "--image-size", "64", "--iters", "4",
-            "--align", "cada", "--align-iters", "5", "--quiet", "--checkpoint-every", "3", *extra]  # a trained aligner
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--image-size",
+        "64",
+        "--iters",
+        "4",
+        "--align",
+        "cada",
+        "--align-iters",
+        "5",
+        "--quiet",
+        "--checkpoint-every",
+        "3",
+        *extra,
+    ]  # a trained aligner
 
 
 def _assert_same_tensors(first: dict, second: dict) -> None:
@@ -67,10 +84,21 @@ def test_two_gloo_processes_train_identical_weights_and_evaluate_exactly(tiny_da
     ReContrast); distributed evaluation of the saved run equals the single-process evaluation exactly."""
     assert dist.is_available() and dist.is_gloo_available(), "torch.distributed with gloo is required"
     worker = Path(__file__).with_name("ddp_worker.py")
-    environment = {**os.environ, "OMP_NUM_THREADS": "1",
-                   "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
-               str(tiny_data), str(tmp_path)]
+    environment = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(worker),
+        str(tiny_data),
+        str(tmp_path),
+    ]
     finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-5000:]
     assert "DistributedDataParallel over 2 processes (gloo); batch 2 per process, effective batch 4" in finished.stdout
@@ -85,10 +113,26 @@ def test_two_gloo_processes_train_identical_weights_and_evaluate_exactly(tiny_da
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each worker: CPU kernels split their sums by thread count, which moves the last bit
     try:
-        assert main(["evaluate", str(tmp_path / "revdist"), "--data", str(tiny_data), "--json", str(single),
-                     "--quiet"]) == 0
-        assert main(["predict", str(tmp_path / "revdist"), str(tiny_data), "--out", str(tmp_path / "predicted"),
-                     "--batch-size", "8", "--overlays", "--quiet"]) == 0
+        assert (
+            main(["evaluate", str(tmp_path / "revdist"), "--data", str(tiny_data), "--json", str(single), "--quiet"])
+            == 0
+        )
+        assert (
+            main(
+                [
+                    "predict",
+                    str(tmp_path / "revdist"),
+                    str(tiny_data),
+                    "--out",
+                    str(tmp_path / "predicted"),
+                    "--batch-size",
+                    "8",
+                    "--overlays",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     one, two = (json.loads(path.read_text()) for path in (single, tmp_path / "distributed.json"))
@@ -96,9 +140,13 @@ def test_two_gloo_processes_train_identical_weights_and_evaluate_exactly(tiny_da
     assert two["rows"] == one["rows"]
     assert two["per_class"] == one["per_class"]
     assert all(row["aupro"] is not None and row["p_auroc"] is not None for row in one["rows"])
-    predicted = [json.loads((tmp_path / name / "predictions.json").read_text())
-                 for name in ("predicted", "predicted-distributed")]
+    predicted = [
+        json.loads((tmp_path / name / "predictions.json").read_text())
+        for name in ("predicted", "predicted-distributed")
+    ]
     assert predicted[0]["n_images"] > 28 and predicted[1]["predictions"] == predicted[0]["predictions"]
-    overlays = [sorted(p.name for p in (tmp_path / name / "overlays").iterdir())
-                for name in ("predicted", "predicted-distributed")]
+    overlays = [
+        sorted(p.name for p in (tmp_path / name / "overlays").iterdir())
+        for name in ("predicted", "predicted-distributed")
+    ]
     assert overlays[0] == overlays[1] and len(overlays[0]) == predicted[0]["n_images"]

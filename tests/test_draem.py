@@ -142,7 +142,26 @@ def test_detector_save_load_round_trips_bit_exactly(tiny_data, images, tmp_path)
 
 def test_cli_trains_draem(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--method", "draem", "--data", str(tiny_data), "--out", str(run), "--image-size", "64",
-                 "--iters", "1", "--align-iters", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "draem",
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(run),
+                "--image-size",
+                "64",
+                "--iters",
+                "1",
+                "--align-iters",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "training draem" in capsys.readouterr().out
     assert Detector.load(run).settings.method == "draem"

@@ -31,7 +31,9 @@ def _outputs(offsets, per_class=40, size=8, seed=0):
     scores = maps.flatten(1).amax(dim=1).numpy()
     n = len(samples)
     u = np.repeat(np.asarray(offsets, np.float32), per_class)
-    return EvalOutputs(samples, maps, torch.tensor(np.stack(masks)), np.ones(n, bool), scores, u, np.ones(n, np.float32))
+    return EvalOutputs(
+        samples, maps, torch.tensor(np.stack(masks)), np.ones(n, bool), scores, u, np.ones(n, np.float32)
+    )
 
 
 def test_absolute_unified_suffers_from_class_offsets_and_alignment_fixes_it():
@@ -84,8 +86,15 @@ def test_model_unified_is_the_mean_of_per_class_figures():
 def test_class_without_anomalous_images_gives_none_not_a_crash():
     outputs = _outputs([0.0, 0.3])
     keep = [i for i, s in enumerate(outputs.samples) if not (s.class_name == "class1" and s.label == 1)]
-    outputs = EvalOutputs([outputs.samples[i] for i in keep], outputs.maps[keep], outputs.masks[keep],
-                          outputs.has_mask[keep], outputs.base_scores[keep], outputs.u[keep], outputs.spread[keep])
+    outputs = EvalOutputs(
+        [outputs.samples[i] for i in keep],
+        outputs.maps[keep],
+        outputs.masks[keep],
+        outputs.has_mask[keep],
+        outputs.base_scores[keep],
+        outputs.u[keep],
+        outputs.spread[keep],
+    )
     results = results_table(outputs, "revdist", ("none",))
     assert results["per_class"]["none"]["class1"]["i_auroc"] is None
     model_unified = [r for r in results["rows"] if r["protocol"] == "model-unified"][0]
@@ -178,7 +187,9 @@ def test_original_resolution_upsamples_maps_to_each_masks_size(tiny_data, tiny_d
     for image_map, sample, (height, width) in zip(maps, outputs.samples, outputs.original_sizes):
         big = F.interpolate(image_map[None, None], size=(int(height), int(width)), mode="bilinear", align_corners=False)
         big_maps.append(big.ravel().numpy())
-        mask = np.zeros((height, width), bool) if sample.mask_path is None else np.array(Image.open(sample.mask_path)) > 0
+        mask = (
+            np.zeros((height, width), bool) if sample.mask_path is None else np.array(Image.open(sample.mask_path)) > 0
+        )
         big_masks.append(mask.ravel())
     pooled = results["rows"][2]  # cada, absolute-unified
     assert pooled["align"] == "cada" and pooled["protocol"] == "absolute-unified"

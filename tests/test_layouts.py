@@ -49,6 +49,7 @@ def _images(seed=0):
     rng = np.random.default_rng(seed)
     data = {}
     for name in CLASSES:
+
         def image():
             return rng.integers(0, 200, (24, 32, 3), dtype=np.uint8)
 
@@ -59,8 +60,11 @@ def _images(seed=0):
             mask[top : top + 8, left : left + 8] = rng.integers(1, 4)  # VisA-style region numbers, not 255
             pixels[mask > 0] = 255
             anomalous.append((stem, pixels, mask))
-        data[name] = {"train": [(f"tr{i}", image()) for i in range(3)],
-                      "good": [(f"te{i}", image()) for i in range(2)], "bad": anomalous}
+        data[name] = {
+            "train": [(f"tr{i}", image()) for i in range(3)],
+            "good": [(f"te{i}", image()) for i in range(2)],
+            "bad": anomalous,
+        }
     return data
 
 
@@ -118,8 +122,11 @@ def write_btad(root, data):
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory):
     data, base = _images(), tmp_path_factory.mktemp("layouts")
-    return {"mvtec": write_mvtec(base / "mvtec", data), "visa": write_visa(base / "visa", data),
-            "btad": write_btad(base / "btad", data)}
+    return {
+        "mvtec": write_mvtec(base / "mvtec", data),
+        "visa": write_visa(base / "visa", data),
+        "btad": write_btad(base / "btad", data),
+    }
 
 
 def _content(samples):
@@ -129,7 +136,10 @@ def _content(samples):
         for row, index in enumerate(batch["index"].tolist()):
             sample = samples[index]
             loaded[(sample.class_name, sample.label, sample.path.stem)] = (
-                batch["image"][row], batch["mask"][row], bool(batch["has_mask"][row]))
+                batch["image"][row],
+                batch["mask"][row],
+                bool(batch["has_mask"][row]),
+            )
     return loaded
 
 
@@ -158,8 +168,13 @@ class _StubDetector:
     def infer(self, images, class_names=None):
         maps = images.float().mean(dim=1) / 255
         n = len(images)
-        return SimpleNamespace(maps=maps, base_scores=maps.flatten(1).amax(dim=1), u=torch.zeros(n),
-                               spread=torch.ones(n), align_features=torch.zeros(n, 1, 1, 1))
+        return SimpleNamespace(
+            maps=maps,
+            base_scores=maps.flatten(1).amax(dim=1),
+            u=torch.zeros(n),
+            spread=torch.ones(n),
+            align_features=torch.zeros(n, 1, 1, 1),
+        )
 
 
 def test_evaluation_numbers_are_the_same_in_every_layout(trees):
@@ -345,8 +360,25 @@ def test_cada_evaluate_gives_the_same_numbers_on_every_layout(trees, tmp_path, c
     from cada.cli import main
 
     run = tmp_path / "run"
-    assert main(["train", "--data", str(trees["mvtec"]), "--out", str(run), "--image-size", "64", "--iters", "2",
-                 "--align-iters", "3", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(trees["mvtec"]),
+                "--out",
+                str(run),
+                "--image-size",
+                "64",
+                "--iters",
+                "2",
+                "--align-iters",
+                "3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     rows = {}
     for layout, root in trees.items():
         out = tmp_path / f"{layout}.json"

@@ -16,8 +16,10 @@ from helpers import assert_save_load_bit_exact, square_means, tiny_preset
 DEFECT_ITERS = {"revdist": 60, "recontrast": 60, "uniad": 60, "cfa": 30}
 DEFAULT_DEFECT_ITERS = 30
 # Methods whose map cannot show a defect after a short training, and why.
-NO_SHORT_DEFECT = {"draem": "its segmentation network needs thousands of steps before its map leaves ~0 "
-                            "(measured: not after 60); its losses are tested in test_draem.py"}
+NO_SHORT_DEFECT = {
+    "draem": "its segmentation network needs thousands of steps before its map leaves ~0 "
+    "(measured: not after 60); its losses are tested in test_draem.py"
+}
 
 
 def tiny(name: str, iters: int = 2):
@@ -77,8 +79,9 @@ def test_the_same_seed_trains_the_same_weights_and_output_shapes(name, images):
     runs = []
     for _ in range(2):
         model = build(name)
-        losses = model.fit(images, tiny(name).base.resolved(len(images)), torch.Generator().manual_seed(0),
-                           progress=False)
+        losses = model.fit(
+            images, tiny(name).base.resolved(len(images)), torch.Generator().manual_seed(0), progress=False
+        )
         runs.append((losses, model.state_dict()))
     (losses, state), (losses_again, state_again) = runs
     assert losses == losses_again

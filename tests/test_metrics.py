@@ -351,7 +351,8 @@ def test_pixel_metrics_reads_lazy_maps():
 
     maps, masks = _pixel_data(0)
     assert pixel_metrics(Doubled(), masks.astype(np.uint8)) == pixel_metrics(maps, masks) | {
-        "f1max_threshold": 2 * pixel_metrics(maps, masks)["f1max_threshold"]}
+        "f1max_threshold": 2 * pixel_metrics(maps, masks)["f1max_threshold"]
+    }
 
 
 def test_pixel_metrics_degenerate_inputs():

@@ -56,8 +56,10 @@ def test_chunk_follows_the_memory_budget():
     assert chunk_rows(10**9, 1e-6) == 1  # never zero
     # the default chunk of the search obeys the budget: 40 queries, 40 x 100 floats per chunk -> 3 chunks of 300
     queries, bank = torch.randn(40, 8), torch.randn(300, 8)
-    assert torch.equal(nearest_neighbours(queries, bank, budget_gib=40 * 100 * 4 / 2**30)[1],
-                       nearest_neighbours(queries, bank, chunk=300)[1])
+    assert torch.equal(
+        nearest_neighbours(queries, bank, budget_gib=40 * 100 * 4 / 2**30)[1],
+        nearest_neighbours(queries, bank, chunk=300)[1],
+    )
 
 
 def test_greedy_coreset_adds_the_farthest_point_each_step():
@@ -158,15 +160,22 @@ def test_presets_settings_and_validation():
     paper, cpu = preset("paper", "patchcore"), preset("cpu", "patchcore")
     assert (paper.method, paper.backbone, paper.image_size) == ("patchcore", "wide_resnet50_2", 256)
     assert (cpu.backbone, cpu.image_size) == ("efficientnet_lite0", 256)
-    assert cpu.patchcore == PatchCoreSettings(coreset_ratio=0.1, projection_dim=128, coreset_block=16384,
-                                              search_gib=0.5, neighbours=9)
+    assert cpu.patchcore == PatchCoreSettings(
+        coreset_ratio=0.1, projection_dim=128, coreset_block=16384, search_gib=0.5, neighbours=9
+    )
     cpu.patchcore.coreset_ratio = 0.05
     assert Settings.from_dict(cpu.to_dict()) == cpu
     old = paper.to_dict()
     del old["patchcore"]  # a run saved before PatchCore existed
     assert Settings.from_dict(old).patchcore == PatchCoreSettings()
-    for field, value in [("coreset_ratio", 0.0), ("coreset_ratio", 1.5), ("projection_dim", 0), ("neighbours", 0),
-                         ("search_gib", 0), ("coreset_block", 0)]:
+    for field, value in [
+        ("coreset_ratio", 0.0),
+        ("coreset_ratio", 1.5),
+        ("projection_dim", 0),
+        ("neighbours", 0),
+        ("search_gib", 0),
+        ("coreset_block", 0),
+    ]:
         bad = preset("cpu", "patchcore")
         setattr(bad.patchcore, field, value)
         with pytest.raises(ValueError, match="patchcore"):
@@ -188,8 +197,25 @@ def test_detector_save_load_round_trips_bit_exactly(tiny_data, images, tmp_path)
 
 def test_command_line_trains_and_evaluates_patchcore(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--data", str(tiny_data), "--out", str(run), "--method", "patchcore", "--image-size", "64",
-                 "--align-iters", "5", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(run),
+                "--method",
+                "patchcore",
+                "--image-size",
+                "64",
+                "--align-iters",
+                "5",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert main(["evaluate", str(run), "--data", str(tiny_data), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "training patchcore" in printed and "absolute-unified" in printed

@@ -94,8 +94,27 @@ def plugins(tmp_path, monkeypatch):
 
 def test_a_method_and_an_aligner_from_files_train_and_evaluate(plugins, tiny_data, tmp_path, capsys):
     run, results = tmp_path / "run", tmp_path / "results.json"
-    assert main(["train", "--data", str(tiny_data), "--out", str(run), "--method", "tinyplug", "--align",
-                 "median-level", "--backbone", "efficientnet_lite0", "--image-size", "64", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(run),
+                "--method",
+                "tinyplug",
+                "--align",
+                "median-level",
+                "--backbone",
+                "efficientnet_lite0",
+                "--image-size",
+                "64",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("training tinyplug (efficientnet_lite0, 64px, 2 iters of batch 4")
     config = json.loads((run / "config.json").read_text())
     assert config["settings"]["tinyplug"] == {"width": 8}  # its options block, under its name
@@ -121,6 +140,7 @@ def test_a_missing_plugin_file_and_a_taken_name_are_refused(tmp_path, monkeypatc
     monkeypatch.delenv(registry.PLUGINS_ENV)
 
     with pytest.raises(ValueError, match="the method name 'revdist' is taken"):
+
         @registry.METHODS.register("revdist")
         class Another:
             pass

@@ -22,8 +22,25 @@ DEFAULT_ALIGN = Settings().align  # what `cada train` aligns with unless told
 @pytest.fixture(scope="module")
 def calibrated_run(tiny_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["train", "--data", str(tiny_data), "--out", str(run), "--image-size", "64", "--iters", "3",
-                 "--align-iters", "5", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(run),
+                "--image-size",
+                "64",
+                "--iters",
+                "3",
+                "--align-iters",
+                "5",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     normal = [str(tiny_data / name / "train" / "good") for name in ("weave", "marble", "washer", "circuit")]
     assert main(["calibrate", str(run), "--normal", *normal, "--fpr", "0.1"]) == 0
     return run
@@ -43,8 +60,9 @@ def test_predict_writes_csv_json_overlays_and_masks_and_skips_bad_files(calibrat
         (images / f"img {i}.png").write_bytes(path.read_bytes())  # no class names, no layout
     (images / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out"
-    assert main(["predict", str(calibrated_run), str(images), "--out", str(out), "--overlays", "--masks",
-                 "--quiet"]) == 0
+    assert (
+        main(["predict", str(calibrated_run), str(images), "--out", str(out), "--overlays", "--masks", "--quiet"]) == 0
+    )
     with open(out / "predictions.csv") as handle:
         rows = list(csv.DictReader(handle))
     extra = {"nearest_distance", "unfamiliar"} if DEFAULT_ALIGN == "knn" else set()  # knn's unfamiliar signal
@@ -89,8 +107,10 @@ def test_predictions_carry_u_and_spread_that_give_the_aligned_score(calibrated_r
     rows = json.loads((out / "predictions.json").read_text())["predictions"]
     images, samples = load_all([s for s in mvtec_samples(tiny_data, "test") if s.class_name == "washer"], 64)
     result = Detector.load(calibrated_run).infer(images)
-    base = {str(sample.path): values for sample, values in
-            zip(samples, zip(result.base_scores.tolist(), result.u.tolist(), result.spread.tolist()))}
+    base = {
+        str(sample.path): values
+        for sample, values in zip(samples, zip(result.base_scores.tolist(), result.u.tolist(), result.spread.tolist()))
+    }
     assert len(rows) == len(base) > 0
     for row in rows:
         base_score, u, spread = base[row["path"]]
@@ -99,8 +119,10 @@ def test_predictions_carry_u_and_spread_that_give_the_aligned_score(calibrated_r
 
 
 def test_evaluate_reports_decisions_at_the_stored_threshold(calibrated_run, tiny_data, tmp_path, capsys):
-    assert main(["evaluate", str(calibrated_run), "--data", str(tiny_data), "--json", str(tmp_path / "r.json"),
-                 "--quiet"]) == 0
+    assert (
+        main(["evaluate", str(calibrated_run), "--data", str(tiny_data), "--json", str(tmp_path / "r.json"), "--quiet"])
+        == 0
+    )
     assert "at the stored threshold" in capsys.readouterr().out
     results = json.loads((tmp_path / "r.json").read_text())
     for row in results["rows"]:
@@ -111,8 +133,10 @@ def test_evaluate_reports_decisions_at_the_stored_threshold(calibrated_run, tiny
 
 
 def test_evaluate_shows_the_oracle_and_each_product_at_one_threshold(calibrated_run, tiny_data, tmp_path, capsys):
-    assert main(["evaluate", str(calibrated_run), "--data", str(tiny_data), "--json", str(tmp_path / "r.json"),
-                 "--quiet"]) == 0
+    assert (
+        main(["evaluate", str(calibrated_run), "--data", str(tiny_data), "--json", str(tmp_path / "r.json"), "--quiet"])
+        == 0
+    )
     printed = capsys.readouterr().out
     results = json.loads((tmp_path / "r.json").read_text())
     oracle = {row["protocol"]: row for row in results["oracle"]}
@@ -135,14 +159,40 @@ def test_evaluate_shows_the_oracle_and_each_product_at_one_threshold(calibrated_
 
 def test_knn_run_reports_and_flags_unfamiliar_images(tiny_data, tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--data", str(tiny_data), "--out", str(run), "--image-size", "64", "--iters", "3",
-                 "--align", "knn", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(run),
+                "--image-size",
+                "64",
+                "--iters",
+                "3",
+                "--align",
+                "knn",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "out"
     assert main(["predict", str(run), str(tiny_data / "washer" / "test"), "--out", str(out), "--quiet"]) == 0
     with open(out / "predictions.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert set(rows[0]) == {"path", "score", "anomalous", "width", "height", "u", "spread", "nearest_distance",
-                            "unfamiliar"}
+    assert set(rows[0]) == {
+        "path",
+        "score",
+        "anomalous",
+        "width",
+        "height",
+        "u",
+        "spread",
+        "nearest_distance",
+        "unfamiliar",
+    }
     report = json.loads((out / "predictions.json").read_text())
     reference = report["unfamiliar_reference_distance"]
     assert reference > 0 and report["n_unfamiliar"] == sum(int(r["unfamiliar"]) for r in rows)
@@ -199,8 +249,10 @@ def test_predict_fpr_needs_stored_calibration_scores(tiny_data, calibrated_run, 
     assert main(["predict", str(run), folder, "--out", str(tmp_path / "b"), "--fpr", "0.05", "--quiet"]) == 2
     assert "has no calibration" in capsys.readouterr().err
     # The stored threshold still works; --threshold needs no calibration at all.
-    assert main(["predict", str(run), folder, "--out", str(tmp_path / "c"), "--threshold", "1.5", "--masks",
-                 "--quiet"]) == 0
+    assert (
+        main(["predict", str(run), folder, "--out", str(tmp_path / "c"), "--threshold", "1.5", "--masks", "--quiet"])
+        == 0
+    )
     assert json.loads((tmp_path / "c" / "predictions.json").read_text())["threshold"] == 1.5
     with pytest.raises(SystemExit) as exit_info:  # argparse: one or the other
         main(["predict", str(run), folder, "--out", str(tmp_path / "d"), "--fpr", "0.1", "--threshold", "1"])
@@ -212,13 +264,17 @@ def test_predict_fpr_needs_stored_calibration_scores(tiny_data, calibrated_run, 
 def test_exported_model_changes_the_operating_point_too(calibrated_run, tiny_data, tmp_path):
     assert main(["export", str(calibrated_run), "--out", str(tmp_path / "model.onnx")]) == 0
     folder = str(tiny_data / "washer" / "test")
-    assert main(["predict", str(tmp_path / "model.onnx"), folder, "--out", str(tmp_path / "a"), "--fpr", "0.5",
-                 "--quiet"]) == 0
-    assert main(["predict", str(calibrated_run), folder, "--out", str(tmp_path / "b"), "--fpr", "0.5",
-                 "--quiet"]) == 0
+    assert (
+        main(["predict", str(tmp_path / "model.onnx"), folder, "--out", str(tmp_path / "a"), "--fpr", "0.5", "--quiet"])
+        == 0
+    )
+    assert main(["predict", str(calibrated_run), folder, "--out", str(tmp_path / "b"), "--fpr", "0.5", "--quiet"]) == 0
     a, b = (json.loads((tmp_path / name / "predictions.json").read_text()) for name in ("a", "b"))
-    assert a["threshold"] == b["threshold"] < json.loads((calibrated_run / "config.json").read_text())[
-        "calibration"]["threshold"]
+    assert (
+        a["threshold"]
+        == b["threshold"]
+        < json.loads((calibrated_run / "config.json").read_text())["calibration"]["threshold"]
+    )
     assert [r["anomalous"] for r in a["predictions"]] == [r["anomalous"] for r in b["predictions"]]
 
 
@@ -227,8 +283,9 @@ def test_upsampled_strips_match_torch_bilinear():
 
     small = torch.rand(16, 12, generator=torch.Generator().manual_seed(0)) * 3 - 1
     for height, width in ((16, 12), (37, 100), (600, 5), (3, 2)):
-        expected = torch.nn.functional.interpolate(small[None, None], size=(height, width), mode="bilinear",
-                                                   align_corners=False)[0, 0].numpy()
+        expected = torch.nn.functional.interpolate(
+            small[None, None], size=(height, width), mode="bilinear", align_corners=False
+        )[0, 0].numpy()
         strips = list(upsampled_strips(small, height, width, rows=7))
         assert [start for start, _ in strips] == list(range(0, height, 7))
         assert np.allclose(np.concatenate([strip for _, strip in strips]), expected, atol=1e-5)
@@ -246,8 +303,21 @@ def test_overlays_and_masks_at_each_images_own_size(calibrated_run, tiny_data, t
     threshold = float(detector.predict(str(images / "wide.png")).maps.median())
     options = ["--overlays", "--masks", "--quiet", f"--threshold={threshold!r}"]
     assert main(["predict", str(calibrated_run), str(images), "--out", str(tmp_path / "full"), *options]) == 0
-    assert main(["predict", str(calibrated_run), str(images), "--out", str(tmp_path / "small"), "--output-size",
-                 "model", *options]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(calibrated_run),
+                str(images),
+                "--out",
+                str(tmp_path / "small"),
+                "--output-size",
+                "model",
+                *options,
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "full" / "predictions.json").read_text())
     assert report["output_size"] == "original" and report["threshold"] == threshold
     for row in report["predictions"]:
@@ -259,8 +329,9 @@ def test_overlays_and_masks_at_each_images_own_size(calibrated_run, tiny_data, t
         assert Image.open(tmp_path / "small" / "overlays" / f"{name}.png").size == (64, 64)
         # The mask is the model's map upsampled bilinearly to the image's size, then thresholded.
         aligned_map = detector.predict(row["path"]).maps
-        expected = torch.nn.functional.interpolate(aligned_map[None], size=sizes[name][::-1], mode="bilinear",
-                                                   align_corners=False)[0, 0].numpy()
+        expected = torch.nn.functional.interpolate(
+            aligned_map[None], size=sizes[name][::-1], mode="bilinear", align_corners=False
+        )[0, 0].numpy()
         decided = np.abs(expected - threshold) > 1e-4  # pixels not on the threshold within rounding
         assert np.array_equal((mask == 255)[decided], (expected >= threshold)[decided])
         if name == "wide":

@@ -29,21 +29,51 @@ CLASSES = ("weave", "marble", "washer", "circuit")
 def run(tiny_data, tmp_path_factory):
     """A trained run calibrated at FPR 0.1 on the training images of every class (the calibration images)."""
     folder = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["train", "--data", str(tiny_data), "--out", str(folder), "--image-size", "64", "--iters", "2",
-                 "--align-iters", "3", "--quiet"]) == 0
-    assert main(["calibrate", str(folder), "--normal", *(str(tiny_data / c / "train" / "good") for c in CLASSES),
-                 "--fpr", "0.1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(folder),
+                "--image-size",
+                "64",
+                "--iters",
+                "2",
+                "--align-iters",
+                "3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "calibrate",
+                str(folder),
+                "--normal",
+                *(str(tiny_data / c / "train" / "good") for c in CLASSES),
+                "--fpr",
+                "0.1",
+            ]
+        )
+        == 0
+    )
     return folder
 
 
 def png_claiming(path, width: int, height: int):
     """A few-byte PNG whose header claims width x height pixels: a decompression bomb, without its payload."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -51,13 +81,16 @@ def skipped_messages(samples, size=64, **options):
     """(indices of the images read, the 'skipped: ...' warnings) of iterate_batches without a cache."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        read = [i for batch in iterate_batches(samples, size, cache_dir=None, **options) for i in batch["index"].tolist()]
+        read = [
+            i for batch in iterate_batches(samples, size, cache_dir=None, **options) for i in batch["index"].tolist()
+        ]
     return read, [str(w.message) for w in caught if str(w.message).startswith("skipped:")]
 
 
 # -- item 4: decompression bombs -------------------------------------------------------------------------------------
-def test_decompression_bomb_is_skipped_with_its_path_and_the_good_images_are_scored(tiny_data, tmp_path, run,
-                                                                                    monkeypatch, capsys):
+def test_decompression_bomb_is_skipped_with_its_path_and_the_good_images_are_scored(
+    tiny_data, tmp_path, run, monkeypatch, capsys
+):
     bomb = png_claiming(tmp_path / "bomb.png", 60000, 60000)
     good = sorted((tiny_data / "washer" / "test" / "good").glob("*.png"))
     samples = [Sample(good[0], 0, ""), Sample(bomb, 0, ""), Sample(good[1], 0, "")]
@@ -139,16 +172,20 @@ def test_settings_are_checked_from_python_and_from_the_cli(tiny_data, tmp_path, 
     for preset_name in ("cpu", "paper"):  # every shipped preset passes its own checks
         for method in ("revdist", "recontrast", "uniad", "patchcore", "draem", "cfa"):
             assert Settings.from_dict(json.loads(json.dumps(preset(preset_name, method).to_dict()))) == preset(
-                preset_name, method)
+                preset_name, method
+            )
 
 
-@pytest.mark.parametrize("dotted, value, message", [
-    ("settings.smoothing_sigma", -4, "smoothing_sigma must be a finite number"),
-    ("settings.aligner.hidden", 1e7, "aligner.hidden must be an integer"),
-    ("calibration.threshold", float("nan"), "calibration.threshold must be a finite number, got nan"),
-    ("calibration.threshold", "0.5", "calibration.threshold must be a finite number, got '0.5'"),
-    ("calibration.base_threshold", None, "calibration.base_threshold must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "dotted, value, message",
+    [
+        ("settings.smoothing_sigma", -4, "smoothing_sigma must be a finite number"),
+        ("settings.aligner.hidden", 1e7, "aligner.hidden must be an integer"),
+        ("calibration.threshold", float("nan"), "calibration.threshold must be a finite number, got nan"),
+        ("calibration.threshold", "0.5", "calibration.threshold must be a finite number, got '0.5'"),
+        ("calibration.base_threshold", None, "calibration.base_threshold must be a finite number"),
+    ],
+)
 def test_a_run_with_a_bad_config_is_refused_on_load(run, tmp_path, capsys, dotted, value, message):
     folder = tmp_path / "run"
     folder.mkdir()
@@ -191,12 +228,15 @@ def test_16_and_32_bit_images_keep_their_contrast_or_are_refused(tmp_path):
 
 
 # -- item 7: zero iterations -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("command", [
-    ["train", "--data", "missing", "--out", "o", "--iters", "0"],
-    ["train", "--data", "missing", "--out", "o", "--align-iters", "0"],
-    ["ablate", "--data", "missing", "--out", "o", "--align-iters", "0"],
-    ["demo", "--out", "o", "--iters", "0"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "--data", "missing", "--out", "o", "--iters", "0"],
+        ["train", "--data", "missing", "--out", "o", "--align-iters", "0"],
+        ["ablate", "--data", "missing", "--out", "o", "--align-iters", "0"],
+        ["demo", "--out", "o", "--iters", "0"],
+    ],
+)
 def test_zero_iterations_are_an_error_not_the_preset(command, capsys):
     with pytest.raises(SystemExit) as stopped:
         main(command)
@@ -220,9 +260,13 @@ def test_an_aligner_that_trains_needs_iterations():
 # -- item 8: the Python API ------------------------------------------------------------------------------------------
 def test_an_unfitted_detector_refuses_to_predict_calibrate_infer_or_save(tiny_settings, images, tmp_path):
     detector = Detector(tiny_settings(), pretrained=False)
-    for call in (lambda: detector.predict(images[:2]), lambda: detector.infer(images[:2]),
-                 lambda: detector.calibrate(images[:2]), lambda: detector.calibrate_f1(images[:2], [0, 1]),
-                 lambda: detector.save(tmp_path / "run")):
+    for call in (
+        lambda: detector.predict(images[:2]),
+        lambda: detector.infer(images[:2]),
+        lambda: detector.calibrate(images[:2]),
+        lambda: detector.calibrate_f1(images[:2], [0, 1]),
+        lambda: detector.save(tmp_path / "run"),
+    ):
         with pytest.raises(NotFittedError, match="not fitted yet"):
             call()
     assert issubclass(NotFittedError, ValueError) and issubclass(NotFittedError, AttributeError)
@@ -293,6 +337,7 @@ def test_visa_split_file_cannot_name_paths_outside_the_data(tmp_path, listed):
     (root / "split_csv" / "1cls.csv").write_text(
         "object,split,label,image,mask\n"
         "bottle,train,normal,bottle/Data/Images/Normal/0.JPG,\n"
-        f"bottle,train,normal,{listed},\n")
+        f"bottle,train,normal,{listed},\n"
+    )
     with pytest.raises(ValueError, match=f"line 3: image path '{listed}' leaves the data folder"):
         visa_samples(root, "train")

@@ -22,8 +22,21 @@ from helpers import stop_after_steps
 
 
 def _train_args(data, out, *extra):
-    return ["train", "--data", str(data), "--out", str(out), "--image-size", "64", "--iters", "2",
-            "--align-iters", "3", "--quiet", *extra]
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--image-size",
+        "64",
+        "--iters",
+        "2",
+        "--align-iters",
+        "3",
+        "--quiet",
+        *extra,
+    ]
 
 
 def _one_line(capsys) -> str:
@@ -66,6 +79,7 @@ def _files(folder) -> dict:
 
 # -- 1: run folders are never overwritten by accident; one writer; outputs never on the run's own files -----------
 
+
 def test_1_an_existing_run_is_replaced_only_with_overwrite_and_by_one_writer(tiny_data, run_copy, tmp_path, capsys):
     before = _files(run_copy)
     assert main(_train_args(tiny_data, run_copy)) == 2
@@ -94,8 +108,10 @@ def test_1_an_existing_run_is_replaced_only_with_overwrite_and_by_one_writer(tin
     assert "taking over the lock" in capsys.readouterr().err
     assert not lock.exists()
     config = json.loads((run_copy / "config.json").read_text())
-    assert config["calibration"] is None and sorted(p.name for p in run_copy.iterdir()) == ["config.json",
-                                                                                             "model.safetensors"]
+    assert config["calibration"] is None and sorted(p.name for p in run_copy.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
     assert not list(tmp_path.glob(".run.*"))  # no staging folder left beside it
 
     # An unfinished training is continued with --resume, not silently restarted.
@@ -106,8 +122,20 @@ def test_1_an_existing_run_is_replaced_only_with_overwrite_and_by_one_writer(tin
 
     # Outputs never land on the run's own files.
     weights = (run_copy / "model.safetensors").read_bytes()
-    assert main(["evaluate", str(run_copy), "--data", str(tiny_data), "--json", str(run_copy / "model.safetensors"),
-                 "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                str(run_copy),
+                "--data",
+                str(tiny_data),
+                "--json",
+                str(run_copy / "model.safetensors"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "would overwrite" in _one_line(capsys)
     assert (run_copy / "model.safetensors").read_bytes() == weights
 
@@ -115,8 +143,10 @@ def test_1_an_existing_run_is_replaced_only_with_overwrite_and_by_one_writer(tin
 def test_1_calibrate_says_which_threshold_it_replaced_and_demo_needs_overwrite(tiny_data, run_copy, tmp_path, capsys):
     old = json.loads((run_copy / "config.json").read_text())["calibration"]["threshold"]
     weights = (run_copy / "model.safetensors").read_bytes()
-    assert main(["calibrate", str(run_copy), "--normal", str(tiny_data / "washer" / "train" / "good"),
-                 "--fpr", "0.2"]) == 0
+    assert (
+        main(["calibrate", str(run_copy), "--normal", str(tiny_data / "washer" / "train" / "good"), "--fpr", "0.2"])
+        == 0
+    )
     assert f"replaced the previous threshold {old:.4f}" in capsys.readouterr().out
     assert (run_copy / "model.safetensors").read_bytes() == weights  # only the config changes
 
@@ -128,6 +158,7 @@ def test_1_calibrate_says_which_threshold_it_replaced_and_demo_needs_overwrite(t
 
 
 # -- 2: the run is written whole before its checkpoint goes; a failed save keeps the checkpoint ------------------
+
 
 def test_2_a_failed_save_keeps_the_checkpoint_and_the_old_run(tiny_data, run_copy, tmp_path, monkeypatch, capsys):
     import cada.checkpoint
@@ -157,6 +188,7 @@ def test_2_a_failed_save_keeps_the_checkpoint_and_the_old_run(tiny_data, run_cop
 
 # -- 3: --resume compares the training data, not only their count ------------------------------------------------
 
+
 def test_3_resume_refuses_other_data_of_the_same_count(tiny_data, tmp_path, monkeypatch, capsys):
     import numpy as np
     from PIL import Image
@@ -178,6 +210,7 @@ def test_3_resume_refuses_other_data_of_the_same_count(tiny_data, tmp_path, monk
 
 # -- 9: names that are not UTF-8 are written escaped, every output file atomically --------------------------------
 
+
 def test_9_a_file_name_that_is_not_utf8_breaks_no_output(trained_run, line_images, tmp_path, capsys):
     bad_name = os.fsdecode(b"caf\xe9.png")  # Latin-1, not UTF-8
     try:
@@ -195,16 +228,34 @@ def test_9_a_file_name_that_is_not_utf8_breaks_no_output(trained_run, line_image
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
     report = tmp_path / "report"
-    assert main(["evaluate", str(trained_run), "--format", "folder", "--normal", str(line_images), "--anomalous",
-                 str(line_images), "--report", str(report), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(trained_run),
+                "--format",
+                "folder",
+                "--normal",
+                str(line_images),
+                "--anomalous",
+                str(line_images),
+                "--report",
+                str(report),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     page = (report / "report.html").read_text(encoding="utf-8")
     assert page.endswith("</html>") and "caf\\xe9.png" in page
 
 
 # -- 10: predict never writes into its inputs, and old and new predictions never mix -------------------------------
 
+
 def test_10_predict_refuses_its_own_inputs_and_replaces_earlier_predictions_only_with_overwrite(
-        trained_run, line_images, tmp_path, capsys):
+    trained_run, line_images, tmp_path, capsys
+):
     out = tmp_path / "out"
     (out / "overlays").mkdir(parents=True)
     for path in line_images.iterdir():
@@ -228,6 +279,7 @@ def test_10_predict_refuses_its_own_inputs_and_replaces_earlier_predictions_only
 
 # -- 11: one line and exit code 2 instead of tracebacks; outputs checked before the evaluation -------------------
 
+
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
 def test_11_a_damaged_weights_file_gets_one_line(run_copy, line_images, tmp_path, damage, capsys):
     weights = run_copy / "model.safetensors"
@@ -238,7 +290,8 @@ def test_11_a_damaged_weights_file_gets_one_line(run_copy, line_images, tmp_path
 
 
 def test_11_bad_output_places_and_a_garbage_onnx_get_one_line_before_any_work(
-        trained_run, tiny_data, line_images, tmp_path, monkeypatch, capsys):
+    trained_run, tiny_data, line_images, tmp_path, monkeypatch, capsys
+):
     import cada.evaluate
 
     def no_evaluation(*args, **kwargs):
@@ -281,7 +334,8 @@ def test_11_bad_output_places_and_a_garbage_onnx_get_one_line_before_any_work(
 
 
 def test_1_earlier_outputs_of_evaluate_and_export_are_replaced_only_with_overwrite(
-        trained_run, tiny_data, tmp_path, monkeypatch, capsys):
+    trained_run, tiny_data, tmp_path, monkeypatch, capsys
+):
     import cada.evaluate
 
     def no_evaluation(*args, **kwargs):
@@ -317,13 +371,18 @@ def _unwritable_system_folder() -> Path:
 
 # -- 13: a signal stops the long passes outside the step loop within a batch ----------------------------------------
 
-@pytest.mark.parametrize("method, module, phase, resumable", [
-    ("revdist", "cada.engine.features", "encoding the training images", False),
-    ("patchcore", "cada.methods.patchcore", "building the PatchCore memory bank", False),
-    ("patchcore", "cada.api", "computing the maps of the training images", True),
-])
-def test_13_sigterm_stops_a_long_pass_within_a_batch(tiny_data, tmp_path, monkeypatch, capsys, method, module,
-                                                     phase, resumable):
+
+@pytest.mark.parametrize(
+    "method, module, phase, resumable",
+    [
+        ("revdist", "cada.engine.features", "encoding the training images", False),
+        ("patchcore", "cada.methods.patchcore", "building the PatchCore memory bank", False),
+        ("patchcore", "cada.api", "computing the maps of the training images", True),
+    ],
+)
+def test_13_sigterm_stops_a_long_pass_within_a_batch(
+    tiny_data, tmp_path, monkeypatch, capsys, method, module, phase, resumable
+):
     """SIGTERM arrives during the first batch of the pass (sent from inside it): the pass stops before the next
     batch (the tiny training set has two batches of 16) instead of running to its end."""
     import importlib

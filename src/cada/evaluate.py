@@ -82,8 +82,9 @@ class EvalOutputs:
             return self.original_sizes.prod(axis=1)
         return np.full(len(self.samples), self.masks[0].numel())
 
-    def pixel_metrics(self, index: np.ndarray, u: torch.Tensor, spread: torch.Tensor, aligned: bool,
-                      fpr_limit: float) -> dict:
+    def pixel_metrics(
+        self, index: np.ndarray, u: torch.Tensor, spread: torch.Tensor, aligned: bool, fpr_limit: float
+    ) -> dict:
         """Pixel metrics of the images at `index` (all with masks); maps aligned by (u, spread) if `aligned`."""
         alignment = (u, spread) if aligned else ()
         if self.at_original_resolution:
@@ -92,9 +93,15 @@ class EvalOutputs:
         return pixel_metrics(_Rows(self.maps, index, *alignment), _Rows(self.masks, index), fpr_limit)
 
 
-def collect(detector, samples: list[Sample], batch_size: int = 16, progress: bool = True,
-            keep_features: bool = False, cache_dir: str | Path | None = "auto",
-            pixel_resolution: str = "model") -> EvalOutputs:
+def collect(
+    detector,
+    samples: list[Sample],
+    batch_size: int = 16,
+    progress: bool = True,
+    keep_features: bool = False,
+    cache_dir: str | Path | None = "auto",
+    pixel_resolution: str = "model",
+) -> EvalOutputs:
     """Run the detector over the test samples once; base and aligned results both come from this pass.
 
     Class names reach the detector only for the class-aware reference aligner (CaDA-A), which needs them.
@@ -108,8 +115,10 @@ def collect(detector, samples: list[Sample], batch_size: int = 16, progress: boo
         raise ValueError(f"pixel_resolution must be one of {PIXEL_RESOLUTIONS}, got {pixel_resolution!r}")
     distributed = is_distributed() and world_size() > 1
     if distributed and (keep_features or pixel_resolution != "model"):
-        raise ValueError("keeping the alignment features (ablations) and pixel metrics at the original resolution "
-                         "need a single-process evaluation")
+        raise ValueError(
+            "keeping the alignment features (ablations) and pixel metrics at the original resolution "
+            "need a single-process evaluation"
+        )
     positions = batch_shard(len(samples), batch_size) if distributed else list(range(len(samples)))
     mine = [samples[i] for i in positions]
     kept, maps, masks, has_mask, scores, u, spread, features = [], [], [], [], [], [], [], []
@@ -131,13 +140,17 @@ def collect(detector, samples: list[Sample], batch_size: int = 16, progress: boo
             spread.append(result.spread)
             bar.update(len(local) * world_size())
     if distributed:
-        outputs = DistributedEvalOutputs.gather(samples, kept, maps, masks, has_mask, scores, u, spread,
-                                                detector.settings.image_size)
+        outputs = DistributedEvalOutputs.gather(
+            samples, kept, maps, masks, has_mask, scores, u, spread, detector.settings.image_size
+        )
     else:
         if not kept:
             raise ValueError("no test image could be read")
         outputs = EvalOutputs(
-            [samples[i] for i in kept], torch.cat(maps), torch.cat(masks), torch.cat(has_mask).numpy(),
+            [samples[i] for i in kept],
+            torch.cat(maps),
+            torch.cat(masks),
+            torch.cat(has_mask).numpy(),
             *(torch.cat(values).numpy() for values in (scores, u, spread)),
             torch.cat(features) if keep_features else None,
         )
@@ -178,8 +191,10 @@ class DistributedEvalOutputs(EvalOutputs):
             "positions": np.asarray(kept, dtype=np.int64),
             "has_mask": torch.cat(has_mask).numpy() if has_mask else np.empty(0, bool),
             "anomalous": local_masks.flatten(1).sum(1).numpy(),
-            **{key: torch.cat(values).numpy() if values else np.empty(0, np.float32)
-               for key, values in (("scores", scores), ("u", u), ("spread", spread))},
+            **{
+                key: torch.cat(values).numpy() if values else np.empty(0, np.float32)
+                for key, values in (("scores", scores), ("u", u), ("spread", spread))
+            },
         }
         pieces = [None] * world_size()
         dist.all_gather_object(pieces, mine)
@@ -188,8 +203,16 @@ class DistributedEvalOutputs(EvalOutputs):
             raise ValueError("no test image could be read")
         order = np.argsort(positions, kind="stable")
         joined = {key: np.concatenate([p[key] for p in pieces])[order] for key in mine}
-        outputs = cls([samples[i] for i in joined["positions"]], local_maps, local_masks, joined["has_mask"],
-                      joined["scores"], joined["u"], joined["spread"], None)
+        outputs = cls(
+            [samples[i] for i in joined["positions"]],
+            local_maps,
+            local_masks,
+            joined["has_mask"],
+            joined["scores"],
+            joined["u"],
+            joined["spread"],
+            None,
+        )
         outputs.__dict__["anomalous_pixels"] = joined["anomalous"]  # the cached_property, from the gathered counts
         where = {int(position): row for row, position in enumerate(joined["positions"])}
         outputs.local_rows = np.full(len(positions), -1, dtype=np.int64)
@@ -197,8 +220,9 @@ class DistributedEvalOutputs(EvalOutputs):
         outputs.__dict__["pixels"] = np.full(len(positions), image_size * image_size)  # no local mask needed
         return outputs
 
-    def pixel_metrics(self, index: np.ndarray, u: torch.Tensor, spread: torch.Tensor, aligned: bool,
-                      fpr_limit: float) -> dict:
+    def pixel_metrics(
+        self, index: np.ndarray, u: torch.Tensor, spread: torch.Tensor, aligned: bool, fpr_limit: float
+    ) -> dict:
         local = self.local_rows[index]
         here = local >= 0
         rows = local[here]
@@ -262,8 +286,13 @@ class _OriginalMasks:
 
 def image_scores(outputs: EvalOutputs, index: np.ndarray, aligned: bool) -> np.ndarray:
     scores = outputs.base_scores[index]
-    return align(torch.from_numpy(scores), torch.from_numpy(outputs.u[index]),
-                 torch.from_numpy(outputs.spread[index])).numpy() if aligned else scores
+    return (
+        align(
+            torch.from_numpy(scores), torch.from_numpy(outputs.u[index]), torch.from_numpy(outputs.spread[index])
+        ).numpy()
+        if aligned
+        else scores
+    )
 
 
 def subset_metrics(outputs: EvalOutputs, index: np.ndarray, aligned: bool, fpr_limit: float = FPR_LIMIT) -> dict:
@@ -272,15 +301,21 @@ def subset_metrics(outputs: EvalOutputs, index: np.ndarray, aligned: bool, fpr_l
     row = dict.fromkeys(METRICS + THRESHOLDS)
     image = _safe(binary_metrics, image_scores(outputs, index, aligned), outputs.labels[index])
     if image:
-        row.update(i_auroc=image["auroc"], i_ap=image["ap"], i_f1max=image["f1max"],
-                   i_f1max_threshold=image["f1max_threshold"])
+        row.update(
+            i_auroc=image["auroc"], i_ap=image["ap"], i_f1max=image["f1max"], i_f1max_threshold=image["f1max_threshold"]
+        )
     keep = outputs.has_mask[index]
     pixel_index = index[keep]
     n_anomalous = int(outputs.anomalous_pixels[pixel_index].sum())
     if 0 < n_anomalous < int(outputs.pixels[pixel_index].sum()):  # both kinds of pixel present
         pixel = outputs.pixel_metrics(pixel_index, u[keep], spread[keep], aligned, fpr_limit)
-        row.update(p_auroc=pixel["auroc"], p_ap=pixel["ap"], p_f1max=pixel["f1max"], aupro=pixel["aupro"],
-                   p_f1max_threshold=pixel["f1max_threshold"])
+        row.update(
+            p_auroc=pixel["auroc"],
+            p_ap=pixel["ap"],
+            p_f1max=pixel["f1max"],
+            aupro=pixel["aupro"],
+            p_f1max_threshold=pixel["f1max_threshold"],
+        )
     return row
 
 
@@ -289,8 +324,9 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def threshold_metrics(outputs: EvalOutputs, aligned: bool, threshold: float, classes: list[str]
-                      ) -> tuple[dict, dict, dict[str, dict]]:
+def threshold_metrics(
+    outputs: EvalOutputs, aligned: bool, threshold: float, classes: list[str]
+) -> tuple[dict, dict, dict[str, dict]]:
     """Decisions at one stored threshold: (pooled, mean over classes, per class) FPR, recall, precision, F1.
 
     Both summary rows also get the threshold and the spread of per-class false-positive rates: with one
@@ -305,14 +341,22 @@ def threshold_metrics(outputs: EvalOutputs, aligned: bool, threshold: float, cla
         per_class[name] = decision_metrics(image_scores(outputs, index, aligned), labels[index], threshold)
     averaged = {key: _mean([per_class[name][key] for name in classes]) for key in DECISIONS}
     class_fprs = [m["fpr"] for m in per_class.values() if m["fpr"] is not None]
-    spread = {"threshold": threshold,
-              "class_fpr_min": min(class_fprs, default=None), "class_fpr_max": max(class_fprs, default=None),
-              "class_fpr_std": float(np.std(class_fprs)) if class_fprs else None}
+    spread = {
+        "threshold": threshold,
+        "class_fpr_min": min(class_fprs, default=None),
+        "class_fpr_max": max(class_fprs, default=None),
+        "class_fpr_std": float(np.std(class_fprs)) if class_fprs else None,
+    }
     return {**pooled, **spread}, {**averaged, **spread}, per_class
 
 
-def results_table(outputs: EvalOutputs, method: str, aligners: tuple[str, ...],
-                  thresholds: dict[str, float] | None = None, class_score_stats: dict | None = None) -> dict:
+def results_table(
+    outputs: EvalOutputs,
+    method: str,
+    aligners: tuple[str, ...],
+    thresholds: dict[str, float] | None = None,
+    class_score_stats: dict | None = None,
+) -> dict:
     """{"rows": [...], "per_class": {align: {class: metrics}}, "per_product": ...} for the base ("none") and each
     aligner.
 
@@ -335,7 +379,8 @@ def results_table(outputs: EvalOutputs, method: str, aligners: tuple[str, ...],
         averaged.update(dict.fromkeys(THRESHOLDS))  # no single threshold: each class has its own
         if thresholds and align_name in thresholds:
             pooled_decisions, averaged_decisions, class_decisions = threshold_metrics(
-                outputs, aligned, thresholds[align_name], classes)
+                outputs, aligned, thresholds[align_name], classes
+            )
             pooled.update(pooled_decisions)
             averaged.update(averaged_decisions)
             for name in classes:
@@ -347,10 +392,14 @@ def results_table(outputs: EvalOutputs, method: str, aligners: tuple[str, ...],
     oracle = oracle_scores(outputs, class_score_stats)
     if oracle is not None:
         scores[ORACLE] = oracle
-        results["oracle"] = [{"method": method, "align": ORACLE, "protocol": protocol, **metrics} for protocol, metrics
-                             in zip(PROTOCOLS, image_only_metrics(oracle, outputs.labels, class_names))]
-    results["per_product"] = {name: per_product_decisions(values, outputs.labels, class_names,
-                                                          (thresholds or {}).get(name)) for name, values in scores.items()}
+        results["oracle"] = [
+            {"method": method, "align": ORACLE, "protocol": protocol, **metrics}
+            for protocol, metrics in zip(PROTOCOLS, image_only_metrics(oracle, outputs.labels, class_names))
+        ]
+    results["per_product"] = {
+        name: per_product_decisions(values, outputs.labels, class_names, (thresholds or {}).get(name))
+        for name, values in scores.items()
+    }
     return results
 
 
@@ -376,8 +425,9 @@ def image_only_metrics(scores: np.ndarray, labels: np.ndarray, class_names: np.n
     return rows[0], rows[1]
 
 
-def per_product_decisions(scores: np.ndarray, labels: np.ndarray, class_names: np.ndarray,
-                          threshold: float | None) -> dict:
+def per_product_decisions(
+    scores: np.ndarray, labels: np.ndarray, class_names: np.ndarray, threshold: float | None
+) -> dict:
     """Each product's I-AUROC, median normal score, and FPR and recall at ONE pooled threshold: the calibrated one
     when given, else the threshold at REFERENCE_FPR of the pooled test normals (an after-the-fact reference).
 
@@ -389,21 +439,31 @@ def per_product_decisions(scores: np.ndarray, labels: np.ndarray, class_names: n
     """
     source = "calibrated"
     if threshold is None:
-        threshold, source = threshold_at_fpr(scores[labels == 0], REFERENCE_FPR), f"{REFERENCE_FPR:.0%} FPR on test normals"
+        threshold, source = (
+            threshold_at_fpr(scores[labels == 0], REFERENCE_FPR),
+            f"{REFERENCE_FPR:.0%} FPR on test normals",
+        )
     products, weighted, anomalies = {}, 0.0, 0
     for name in sorted(set(class_names)):
         index = class_names == name
         normal = scores[index & (labels == 0)]
         decisions = decision_metrics(scores[index], labels[index], threshold)
         ranking = _safe(binary_metrics, scores[index], labels[index])
-        products[name] = {"i_auroc": ranking["auroc"] if ranking else None,
-                          "median_normal_score": float(np.median(normal)) if normal.size else None,
-                          "fpr": decisions["fpr"], "recall": decisions["recall"]}
+        products[name] = {
+            "i_auroc": ranking["auroc"] if ranking else None,
+            "median_normal_score": float(np.median(normal)) if normal.size else None,
+            "fpr": decisions["fpr"],
+            "recall": decisions["recall"],
+        }
         if ranking:
             count = int((labels[index] == 1).sum())
             weighted, anomalies = weighted + count * ranking["auroc"], anomalies + count
-    return {"threshold": float(threshold), "threshold_source": source,
-            "normals_aligned_i_auroc": weighted / anomalies if anomalies else None, "products": products}
+    return {
+        "threshold": float(threshold),
+        "threshold_source": source,
+        "normals_aligned_i_auroc": weighted / anomalies if anomalies else None,
+        "products": products,
+    }
 
 
 def format_per_product(results: dict) -> str:
@@ -411,12 +471,16 @@ def format_per_product(results: dict) -> str:
     lines = []
     for name, block in results.get("per_product", {}).items():
         reference = block["normals_aligned_i_auroc"]
-        lines.append(f"  {name} (threshold {block['threshold']:.4g}, {block['threshold_source']}; pooled I-AUROC with "
-                     f"every product's normals aligned: {'-' if reference is None else f'{100 * reference:.1f}'}):")
+        lines.append(
+            f"  {name} (threshold {block['threshold']:.4g}, {block['threshold_source']}; pooled I-AUROC with "
+            f"every product's normals aligned: {'-' if reference is None else f'{100 * reference:.1f}'}):"
+        )
         for product, values in block["products"].items():
             median = "-" if values["median_normal_score"] is None else f"{values['median_normal_score']:.3g}"
-            rates = " ".join(f"{key}={'-' if values[key] is None else f'{100 * values[key]:.1f}'}"
-                             for key in ("i_auroc", "fpr", "recall"))
+            rates = " ".join(
+                f"{key}={'-' if values[key] is None else f'{100 * values[key]:.1f}'}"
+                for key in ("i_auroc", "fpr", "recall")
+            )
             lines.append(f"    {product:<16} median normal {median:>8}  {rates}")
     return "\n".join(lines)
 
@@ -424,9 +488,11 @@ def format_per_product(results: dict) -> str:
 def format_table(results: dict) -> str:
     """The rows (and the oracle's, when present) as an aligned text table, metrics in percent."""
     header = ["method", "align", "protocol", *HEADERS]
-    lines = [[row["method"], row["align"], row["protocol"]] + [
-        "-" if row.get(key) is None or math.isnan(row[key]) else f"{100 * row[key]:.1f}" for key in METRICS
-    ] for row in results["rows"] + results.get("oracle", [])]
+    lines = [
+        [row["method"], row["align"], row["protocol"]]
+        + ["-" if row.get(key) is None or math.isnan(row[key]) else f"{100 * row[key]:.1f}" for key in METRICS]
+        for row in results["rows"] + results.get("oracle", [])
+    ]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines)]
     render = lambda cells: "  ".join(  # noqa: E731 - a one-line formatter
         str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
@@ -441,9 +507,11 @@ def format_decisions(results: dict) -> str:
     for row in results["rows"]:
         if row.get("fpr") is None and row.get("recall") is None:
             continue
-        lines.append(f"{row['align']:<11} {row['protocol']:<17} {percent(row['fpr']):>6} {percent(row['recall']):>7} "
-                     f"{percent(row['precision']):>6} {percent(row['f1']):>6}  "
-                     f"{percent(row['class_fpr_min'])}-{percent(row['class_fpr_max'])} (std {percent(row['class_fpr_std'])})")
+        lines.append(
+            f"{row['align']:<11} {row['protocol']:<17} {percent(row['fpr']):>6} {percent(row['recall']):>7} "
+            f"{percent(row['precision']):>6} {percent(row['f1']):>6}  "
+            f"{percent(row['class_fpr_min'])}-{percent(row['class_fpr_max'])} (std {percent(row['class_fpr_std'])})"
+        )
     return "\n".join(lines)
 
 

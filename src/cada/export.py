@@ -53,16 +53,32 @@ def export_onnx(detector, out: str | Path, batch_size: int = 1) -> Path:
     example = torch.zeros(batch_size, 3, size, size, dtype=torch.uint8)
     with warnings.catch_warnings():  # the tracer notes Python numbers fixed at export time: sizes, as intended
         warnings.simplefilter("ignore")
-        atomic_write(out, lambda temporary: torch.onnx.export(
-            module, (example,), str(temporary), input_names=["image"], output_names=["score", "aligned_map"],
-            dynamic_axes={"image": {0: "batch"}, "score": {0: "batch"}, "aligned_map": {0: "batch"}},
-            opset_version=OPSET, dynamo=False,
-        ))
+        atomic_write(
+            out,
+            lambda temporary: torch.onnx.export(
+                module,
+                (example,),
+                str(temporary),
+                input_names=["image"],
+                output_names=["score", "aligned_map"],
+                dynamic_axes={"image": {0: "batch"}, "score": {0: "batch"}, "aligned_map": {0: "batch"}},
+                opset_version=OPSET,
+                dynamo=False,
+            ),
+        )
     sidecar = {
-        "format": "cada-onnx", "input": "image", "outputs": ["score", "aligned_map"],
-        "preprocessing": {"image_size": size, "resize": "bilinear", "channels": "RGB", "dtype": "uint8",
-                          "normalisation_inside_graph": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}},
-        "threshold": detector.threshold, "calibration": detector.calibration,
+        "format": "cada-onnx",
+        "input": "image",
+        "outputs": ["score", "aligned_map"],
+        "preprocessing": {
+            "image_size": size,
+            "resize": "bilinear",
+            "channels": "RGB",
+            "dtype": "uint8",
+            "normalisation_inside_graph": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+        },
+        "threshold": detector.threshold,
+        "calibration": detector.calibration,
         "decision": "anomalous when score >= threshold",
         "settings": detector.settings.to_dict(),
     }
@@ -83,13 +99,17 @@ def onnx_scorer(onnx_path: str | Path):
         sidecar = json.loads(sidecar_file.read_text())
         image_size, threshold = sidecar["preprocessing"]["image_size"], sidecar["threshold"]
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{sidecar_file} is not the JSON file `cada export` writes beside {onnx_path} "
-                         f"({type(error).__name__}: {error})") from None
+        raise ValueError(
+            f"{sidecar_file} is not the JSON file `cada export` writes beside {onnx_path} "
+            f"({type(error).__name__}: {error})"
+        ) from None
     try:
         session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     except (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf) as error:
-        raise ValueError(f"{onnx_path} is not a model onnxruntime can load (damaged, or not an ONNX file?): "
-                         f"{str(error).strip().splitlines()[0]}") from None
+        raise ValueError(
+            f"{onnx_path} is not a model onnxruntime can load (damaged, or not an ONNX file?): "
+            f"{str(error).strip().splitlines()[0]}"
+        ) from None
 
     def score(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores, maps = session.run(None, {"image": np.ascontiguousarray(images.numpy())})

@@ -86,12 +86,19 @@ def _writable(folder: Path, option: str, target: Path) -> None:
     try:
         tempfile.TemporaryFile(dir=existing).close()  # the one reliable test (os.access ignores read-only mounts)
     except OSError as error:
-        raise ValueError(f"{option} {printable(target)}: cannot write in {printable(existing)} "
-                         f"({error.strerror or error})") from None
+        raise ValueError(
+            f"{option} {printable(target)}: cannot write in {printable(existing)} ({error.strerror or error})"
+        ) from None
 
 
-def check_output(path: str | Path, option: str, kind: str = "file", inputs: Iterable[str | Path] = (),
-                 protected: Iterable[str | Path] = (), overwrite: bool = True) -> Path:
+def check_output(
+    path: str | Path,
+    option: str,
+    kind: str = "file",
+    inputs: Iterable[str | Path] = (),
+    protected: Iterable[str | Path] = (),
+    overwrite: bool = True,
+) -> Path:
     """Refuse, before any work, an output path that cada could not write or that would overwrite what it reads.
 
     `kind` is "file" or "folder"; `inputs` are the paths the command reads (data folders, image files): an
@@ -109,15 +116,19 @@ def check_output(path: str | Path, option: str, kind: str = "file", inputs: Iter
         source = Path(source).resolve()
         if _inside(resolved, source) or (kind == "folder" and _inside(source, resolved)):
             relation = "is" if resolved == source else "lies inside" if _inside(resolved, source) else "contains"
-            raise ValueError(f"{option} {printable(path)} {relation} the input {printable(source)}: "
-                             "cada never writes where it reads; choose another place")
+            raise ValueError(
+                f"{option} {printable(path)} {relation} the input {printable(source)}: "
+                "cada never writes where it reads; choose another place"
+            )
     for kept in protected:
         kept = Path(kept).resolve()
         if resolved == kept or (kind == "folder" and _inside(kept, resolved)) or _inside(resolved, kept):
             raise ValueError(f"{option} {printable(path)} would overwrite {printable(kept)}: choose another place")
     if not overwrite and (path.is_file() or (path.is_dir() and any(path.iterdir()))):
-        raise ValueError(f"{option} {printable(path)} {'exists' if kind == 'file' else 'is not empty'}: choose "
-                         "another place, or add --overwrite to replace it")
+        raise ValueError(
+            f"{option} {printable(path)} {'exists' if kind == 'file' else 'is not empty'}: choose "
+            "another place, or add --overwrite to replace it"
+        )
     _writable(path if kind == "folder" else path.parent, option, path)
     return path
 
@@ -163,12 +174,16 @@ def folder_lock(folder: str | Path) -> Iterator[Path]:
             except (OSError, ValueError):
                 owner = 0
             if owner and owner != os.getpid() and _alive(owner):
-                raise ValueError(f"{printable(folder)} is being written by another cada process (pid {owner}): wait "
-                                 f"for it to finish, or remove {printable(path)} if no such process runs") from None
+                raise ValueError(
+                    f"{printable(folder)} is being written by another cada process (pid {owner}): wait "
+                    f"for it to finish, or remove {printable(path)} if no such process runs"
+                ) from None
             if attempt:
                 raise ValueError(f"cannot take the lock {printable(path)}: remove it if no cada process runs") from None
-            print(f"note: taking over the lock {printable(path)} left by process {owner or '?'}, which no longer "
-                  "runs", file=sys.stderr)
+            print(
+                f"note: taking over the lock {printable(path)} left by process {owner or '?'}, which no longer runs",
+                file=sys.stderr,
+            )
             path.unlink(missing_ok=True)
     os.write(handle, f"{os.getpid()}\n".encode())
     os.close(handle)

@@ -8,8 +8,9 @@ from cada.data.dataset import normalize
 from cada.scoring import smooth
 
 
-def infer_maps(method, aligner, images: torch.Tensor, smoothing_sigma: float, class_names: list[str] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def infer_maps(
+    method, aligner, images: torch.Tensor, smoothing_sigma: float, class_names: list[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """uint8 images B x 3 x S x S -> (smoothed base maps B x S x S, u B, spread = gamma - u kept from zero B, the
     align features the aligner read). `class_names` only for the class-aware reference aligner."""
     output = method(normalize(images))

@@ -36,13 +36,30 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["HEADERS", "METRICS", "METRIC_HEADERS", "auroc", "average_precision", "f1_max", "aupro", "binary_metrics",
-           "distributed_pixel_metrics", "pixel_metrics"]
+__all__ = [
+    "HEADERS",
+    "METRICS",
+    "METRIC_HEADERS",
+    "auroc",
+    "average_precision",
+    "f1_max",
+    "aupro",
+    "binary_metrics",
+    "distributed_pixel_metrics",
+    "pixel_metrics",
+]
 
 # The one table of a results row's metrics: JSON key -> column header. The JSON of `cada evaluate`, its text
 # tables, the HTML report and the ablation tables all read it.
-METRIC_HEADERS = {"i_auroc": "I-AUROC", "i_ap": "I-AP", "i_f1max": "I-F1max", "p_auroc": "P-AUROC", "p_ap": "P-AP",
-                  "p_f1max": "P-F1max", "aupro": "AUPRO"}
+METRIC_HEADERS = {
+    "i_auroc": "I-AUROC",
+    "i_ap": "I-AP",
+    "i_f1max": "I-F1max",
+    "p_auroc": "P-AUROC",
+    "p_ap": "P-AP",
+    "p_f1max": "P-F1max",
+    "aupro": "AUPRO",
+}
 METRICS = tuple(METRIC_HEADERS)
 HEADERS = tuple(METRIC_HEADERS.values())
 
@@ -105,7 +122,7 @@ def _pieces(scores, labels, name: str, regions: bool = False):
             neg = np.empty(size - n_pos, s.dtype)
         pieces.append(s[y])
         part = s[~y]
-        neg[filled:filled + part.size] = part
+        neg[filled : filled + part.size] = part
         filled += part.size
         if regions:
             components, count = ndimage.label(y, _REGION_STRUCTURE)
@@ -199,12 +216,10 @@ def _from_counts(pos: np.ndarray, n_neg: int, counts, pro_weight=None, fpr_limit
             # The ramp of a positive at v runs from #neg > v to #neg >= v, then PRO stays up to the limit.
             start, end = (n_neg - neg_at_or_below).astype(float), fp.astype(float)
             reached = np.clip(limit, start, end)
-            ramp = np.divide((reached - start) ** 2, 2 * (end - start), out=np.zeros_like(start),
-                             where=end > start)
+            ramp = np.divide((reached - start) ** 2, 2 * (end - start), out=np.zeros_like(start), where=end > start)
             area = ramp + np.maximum(limit - end, 0.0)
             pro_area += float(np.dot(np.add.reduceat(pro_weight[lo:hi], first), area))
-    result = {"auroc": u2 / (2 * n_pos * n_neg), "ap": ap / n_pos,
-              "f1max": best_f1, "f1max_threshold": best_threshold}
+    result = {"auroc": u2 / (2 * n_pos * n_neg), "ap": ap / n_pos, "f1max": best_f1, "f1max_threshold": best_threshold}
     if pro_weight is not None:
         result["aupro"] = pro_area / limit
     return result
@@ -268,8 +283,9 @@ def pixel_metrics(maps, masks, fpr_limit: float = 0.3, name: str = "pixel_metric
         raise ValueError(f"{name}: give maps and masks both as N x H x W arrays or both as sequences of images")
     if hasattr(masks, "shape"):
         if len(masks.shape) != 3 or tuple(maps.shape) != tuple(masks.shape):
-            raise ValueError(f"{name}: maps and masks must both be N x H x W; got {tuple(maps.shape)} and "
-                             f"{tuple(masks.shape)}")
+            raise ValueError(
+                f"{name}: maps and masks must both be N x H x W; got {tuple(maps.shape)} and {tuple(masks.shape)}"
+            )
     elif len(maps) != len(masks):
         raise ValueError(f"{name}: {len(maps)} maps but {len(masks)} masks")
     pos, neg, weight = _split(maps, masks, name, "pixels", regions=True)

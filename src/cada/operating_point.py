@@ -24,9 +24,12 @@ def stored_scores(calibration: dict | None) -> np.ndarray | None:
         return None
     scores = calibration[SCORES_KEY]
     if not isinstance(scores, list) or not all(
-            isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores):
-        raise ValueError(f"the stored calibration scores ({SCORES_KEY}) are not a list of finite numbers: calibrate "
-                         "the run again (cada calibrate)")
+        isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores
+    ):
+        raise ValueError(
+            f"the stored calibration scores ({SCORES_KEY}) are not a list of finite numbers: calibrate "
+            "the run again (cada calibrate)"
+        )
     return np.asarray(scores, dtype=np.float32)
 
 
@@ -44,8 +47,9 @@ def describe_calibration(calibration: dict) -> str:
     return f"from {source}"
 
 
-def choose_threshold(calibration: dict | None, fpr: float | None = None, threshold: float | None = None,
-                     where: str = "in the run") -> tuple[float | None, str | None]:
+def choose_threshold(
+    calibration: dict | None, fpr: float | None = None, threshold: float | None = None, where: str = "in the run"
+) -> tuple[float | None, str | None]:
     """(threshold, where it comes from, in words) for prediction.
 
     threshold: that value. fpr: the threshold at that false-positive rate over the stored calibration scores
@@ -61,20 +65,31 @@ def choose_threshold(calibration: dict | None, fpr: float | None = None, thresho
             raise ValueError(f"--fpr must be in [0, 1), got {fpr}")
         scores = stored_scores(calibration)
         if scores is None:
-            state = ("has no calibration" if calibration is None else
-                     "was calibrated without keeping the calibration scores (by an older cada)")
-            raise ValueError(f"--fpr needs the calibration scores stored {where}, and this one {state}: run "
-                             "`cada calibrate RUN --normal FOLDER` once, and export again for a .onnx model (or "
-                             "give --threshold)")
+            state = (
+                "has no calibration"
+                if calibration is None
+                else "was calibrated without keeping the calibration scores (by an older cada)"
+            )
+            raise ValueError(
+                f"--fpr needs the calibration scores stored {where}, and this one {state}: run "
+                "`cada calibrate RUN --normal FOLDER` once, and export again for a .onnx model (or "
+                "give --threshold)"
+            )
         if not len(scores):
-            raise ValueError("--fpr needs normal calibration images, and this run was calibrated on anomalous images "
-                             "only: run `cada calibrate RUN --normal FOLDER` (or give --threshold)")
+            raise ValueError(
+                "--fpr needs normal calibration images, and this run was calibrated on anomalous images "
+                "only: run `cada calibrate RUN --normal FOLDER` (or give --threshold)"
+            )
         if fpr > 0 and fpr * len(scores) < 1:
-            warnings.warn(f"{len(scores)} calibration images cannot resolve a false-positive rate of {fpr}: the "
-                          f"threshold is set above all of them (use at least {math.ceil(1 / fpr)} images)")
+            warnings.warn(
+                f"{len(scores)} calibration images cannot resolve a false-positive rate of {fpr}: the "
+                f"threshold is set above all of them (use at least {math.ceil(1 / fpr)} images)"
+            )
         chosen = threshold_at_fpr(scores, fpr)
-        return chosen, (f"at false-positive rate {fpr} over the {len(scores)} calibration scores stored {where} "
-                        f"({calibration.get('source') or 'unnamed images'})")
+        return chosen, (
+            f"at false-positive rate {fpr} over the {len(scores)} calibration scores stored {where} "
+            f"({calibration.get('source') or 'unnamed images'})"
+        )
     if calibration is None:
         return None, None
     return calibration["threshold"], f"stored {where}: {describe_calibration(calibration)}"

@@ -79,8 +79,9 @@ def upsampled_strips(aligned_map: torch.Tensor, height: int, width: int, rows: i
         yield start, (across[y0[part]] * (1 - weight) + across[y1[part]] * weight).numpy()
 
 
-def full_size_outputs(aligned_map: torch.Tensor, height: int, width: int, image: np.ndarray | None = None,
-                      threshold: float | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+def full_size_outputs(
+    aligned_map: torch.Tensor, height: int, width: int, image: np.ndarray | None = None, threshold: float | None = None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(overlay over `image` (H x W x 3 uint8) or None, binary mask (0/255) at `threshold` or None), at the image's
     own height x width: the map upsampled bilinearly, strip by strip."""
     picture = None if image is None else np.empty((height, width, 3), np.uint8)
@@ -104,9 +105,19 @@ def _output_name(path: Path, used: set[str]) -> str:
     return name
 
 
-def predict_paths(scorer: Scorer, image_size: int, threshold: float | None, paths, out: str | Path,
-                  overlays: bool = False, masks: bool = False, batch_size: int = 16, progress: bool = True,
-                  description: dict | None = None, output_size: str = "original") -> dict:
+def predict_paths(
+    scorer: Scorer,
+    image_size: int,
+    threshold: float | None,
+    paths,
+    out: str | Path,
+    overlays: bool = False,
+    masks: bool = False,
+    batch_size: int = 16,
+    progress: bool = True,
+    description: dict | None = None,
+    output_size: str = "original",
+) -> dict:
     """Score every image under `paths`; write the CSV, the JSON and (optionally) overlays and masks to `out`.
 
     Rows carry each image's own width and height. Overlays and masks are written at that size (output_size
@@ -128,8 +139,10 @@ def predict_paths(scorer: Scorer, image_size: int, threshold: float | None, path
     samples = [Sample(files[i], 0, "") for i in positions]
     rows = []
     started = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught, tqdm(total=len(files), desc="predicting",
-                                                                disable=not (progress and is_main())) as bar:
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        tqdm(total=len(files), desc="predicting", disable=not (progress and is_main())) as bar,
+    ):
         warnings.simplefilter("always")
         # No image cache: production images are seen once, caching them would only fill the disk.
         for batch in iterate_batches(samples, image_size, batch_size, cache_dir=None):
@@ -144,15 +157,20 @@ def predict_paths(scorer: Scorer, image_size: int, threshold: float | None, path
                 except BadImageError as error:  # changed since it was scored: skipped as unreadable files are
                     warnings.warn(f"skipped: {error}")
                     continue
-                row = {"path": printable(path), "score": score,
-                       "anomalous": None if threshold is None else bool(score >= threshold),
-                       "width": width, "height": height,
-                       **{name: values[position].item() for name, values in columns.items()}}
+                row = {
+                    "path": printable(path),
+                    "score": score,
+                    "anomalous": None if threshold is None else bool(score >= threshold),
+                    "width": width,
+                    "height": height,
+                    **{name: values[position].item() for name, values in columns.items()},
+                }
                 if overlays or masks:
                     name = names[index]
                     if output_size == "original":
-                        picture, mask = full_size_outputs(maps[position], height, width, original,
-                                                          threshold if masks else None)
+                        picture, mask = full_size_outputs(
+                            maps[position], height, width, original, threshold if masks else None
+                        )
                     else:
                         aligned_map = maps[position].numpy()
                         picture = overlay(batch["image"][position].permute(1, 2, 0).numpy(), aligned_map)
@@ -164,8 +182,9 @@ def predict_paths(scorer: Scorer, image_size: int, threshold: float | None, path
                 rows.append((index, row))
             bar.update((len(batch["index"]) + len(batch["errors"])) * world_size())
     # A bad file is skipped, not fatal: it is listed in the JSON with the reason.
-    skipped = [printable(str(w.message).removeprefix("skipped: ")) for w in caught
-               if str(w.message).startswith("skipped:")]
+    skipped = [
+        printable(str(w.message).removeprefix("skipped: ")) for w in caught if str(w.message).startswith("skipped:")
+    ]
     for warning in caught:
         if not str(warning.message).startswith("skipped:"):
             warnings.warn(warning.message, warning.category)
@@ -177,10 +196,16 @@ def predict_paths(scorer: Scorer, image_size: int, threshold: float | None, path
         skipped = [message for part in gathered for message in part[1]]
         seconds = max(part[2] for part in gathered)
     rows = [row for _, row in sorted(rows, key=lambda item: item[0])]
-    summary = {"threshold": threshold, "output_size": output_size, "n_images": len(rows),
-               "n_anomalous": sum(bool(r["anomalous"]) for r in rows),
-               "skipped": skipped, "seconds": round(seconds, 2),
-               "images_per_second": round(len(rows) / seconds, 2) if seconds else None, **(description or {})}
+    summary = {
+        "threshold": threshold,
+        "output_size": output_size,
+        "n_images": len(rows),
+        "n_anomalous": sum(bool(r["anomalous"]) for r in rows),
+        "skipped": skipped,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(len(rows) / seconds, 2) if seconds else None,
+        **(description or {}),
+    }
     if world_size() > 1:
         summary["processes"] = world_size()
     if not is_main():
@@ -192,9 +217,14 @@ def predict_paths(scorer: Scorer, image_size: int, threshold: float | None, path
     writer = csv.writer(table)
     writer.writerow(["path", "score", "anomalous", *extra])
     for row in rows:
-        writer.writerow([row["path"], f"{row['score']:.6f}", "" if row["anomalous"] is None else int(row["anomalous"]),
-                         *(int(row[name]) if isinstance(row[name], (bool, int)) else f"{row[name]:.6f}"
-                           for name in extra)])
+        writer.writerow(
+            [
+                row["path"],
+                f"{row['score']:.6f}",
+                "" if row["anomalous"] is None else int(row["anomalous"]),
+                *(int(row[name]) if isinstance(row[name], (bool, int)) else f"{row[name]:.6f}" for name in extra),
+            ]
+        )
     atomic_write(out / "predictions.csv", table.getvalue())
     atomic_write(out / "predictions.json", json.dumps({**summary, "predictions": rows}, indent=2) + "\n")
     return summary
@@ -209,6 +239,7 @@ def detector_scorer(detector) -> Scorer:
     and spread (gamma - u, its normal maximum above the mean, floored as the alignment uses it; aligned = (base - u)
     / spread). With an aligner that keeps training descriptors (knn), also each image's distance to the nearest
     training image and whether it lies beyond the training set's reference level ("unfamiliar")."""
+
     def score(images: torch.Tensor) -> tuple:
         result = detector.infer(images)
         columns = {"u": result.u, "spread": result.spread}
@@ -249,8 +280,12 @@ def load_model(target: str | Path, fpr: float | None = None, threshold: float | 
             raise ValueError(f"{sidecar_path(target)}: {error}") from None
         if stored is not None and (calibration is None or calibration["threshold"] != stored):
             # the sidecar's threshold is the one that decides (as ever): set by hand, it is said so
-            calibration = {**(calibration or {}), "threshold": stored, "how": "given",
-                           "source": "its threshold field, set by hand"}
+            calibration = {
+                **(calibration or {}),
+                "threshold": stored,
+                "how": "given",
+                "source": "its threshold field, set by hand",
+            }
         settings, where = sidecar.get("settings"), f"in {sidecar_path(target).name}"
     else:
         from cada.api import Detector

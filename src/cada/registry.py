@@ -69,14 +69,17 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._imported = False
 
-    def register(self, name: str, *, options: type | None = None, presets: dict[str, Callable] | None = None,
-                 **extra) -> Callable[[type], type]:
+    def register(
+        self, name: str, *, options: type | None = None, presets: dict[str, Callable] | None = None, **extra
+    ) -> Callable[[type], type]:
         """Class decorator: register the class under `name` (and set its `name` attribute)."""
 
         def decorate(cls: type) -> type:
             known = self._entries.get(name)
             if known is not None and known.cls.__qualname__ != cls.__qualname__:
-                raise ValueError(f"the {self.kind} name {name!r} is taken by {known.cls.__module__}.{known.cls.__name__}")
+                raise ValueError(
+                    f"the {self.kind} name {name!r} is taken by {known.cls.__module__}.{known.cls.__name__}"
+                )
             cls.name = name  # type: ignore[attr-defined]  # every registered base class declares it
             self._entries[name] = Entry(name, cls, options, dict(presets or {}), extra)
             return cls

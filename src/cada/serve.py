@@ -64,13 +64,20 @@ class Service:
 
     def info(self) -> dict:
         model = self.model
-        return {"cada_version": __version__, "model": self.source, "image_size": model.image_size,
-                "threshold": model.threshold, "threshold_source": model.threshold_source,
-                "decision": "anomalous when score >= threshold", "calibration": model.calibration,
-                "settings": model.settings, "unfamiliar_reference_distance":
-                    model.description.get("unfamiliar_reference_distance"),
-                "max_request_bytes": self.max_request_bytes, "max_images_per_request": MAX_IMAGES,
-                "max_image_pixels": max_image_pixels()}
+        return {
+            "cada_version": __version__,
+            "model": self.source,
+            "image_size": model.image_size,
+            "threshold": model.threshold,
+            "threshold_source": model.threshold_source,
+            "decision": "anomalous when score >= threshold",
+            "calibration": model.calibration,
+            "settings": model.settings,
+            "unfamiliar_reference_distance": model.description.get("unfamiliar_reference_distance"),
+            "max_request_bytes": self.max_request_bytes,
+            "max_images_per_request": MAX_IMAGES,
+            "max_image_pixels": max_image_pixels(),
+        }
 
     def predict(self, images: list[tuple[str, bytes]], overlays: bool = False) -> dict:
         """[(name, file bytes)] -> the /predict answer; RequestError(400) naming the first image that is not one."""
@@ -97,9 +104,15 @@ class Service:
         predictions = []
         for i, (name, _) in enumerate(images):
             score = float(scores[i])
-            row = {"name": name, "width": int(sizes[i][1]), "height": int(sizes[i][0]), "score": score,
-                   "anomalous": None if threshold is None else score >= threshold, "threshold": threshold,
-                   **{key: values[i].item() for key, values in columns.items()}}
+            row = {
+                "name": name,
+                "width": int(sizes[i][1]),
+                "height": int(sizes[i][0]),
+                "score": score,
+                "anomalous": None if threshold is None else score >= threshold,
+                "threshold": threshold,
+                **{key: values[i].item() for key, values in columns.items()},
+            }
             if overlays:
                 row["overlay_png"] = base64.b64encode(_overlay_png(pictures[i], maps[i])).decode("ascii")
             predictions.append(row)
@@ -127,8 +140,9 @@ def _overlay_png(rgb: np.ndarray, aligned_map: torch.Tensor) -> bytes:
 
 def _multipart_images(body: bytes, content_type: str) -> list[tuple[str, bytes]]:
     """The file parts of a multipart/form-data body, as (file name or field name, bytes)."""
-    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
-                                                  + body)
+    message = BytesParser(policy=HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
+    )
     if not message.is_multipart():
         raise RequestError(400, "the multipart/form-data body could not be parsed (is the boundary right?)")
     images = []
@@ -136,8 +150,9 @@ def _multipart_images(body: bytes, content_type: str) -> list[tuple[str, bytes]]
         data = part.get_payload(decode=True)
         if data is None:
             raise RequestError(400, f"part {number} of the multipart body holds no file")
-        images.append((part.get_filename() or part.get_param("name", header="content-disposition")
-                       or f"image {number}", data))
+        images.append(
+            (part.get_filename() or part.get_param("name", header="content-disposition") or f"image {number}", data)
+        )
     return images
 
 
@@ -182,8 +197,9 @@ class Handler(BaseHTTPRequestHandler):
             return None
         allowed = self.ROUTES[path]
         if self.command not in allowed and not (self.command == "HEAD" and "GET" in allowed):
-            self._error(405, f"{path} answers {' and '.join(allowed)}, not {self.command}",
-                        {"Allow": ", ".join(allowed)})
+            self._error(
+                405, f"{path} answers {' and '.join(allowed)}, not {self.command}", {"Allow": ", ".join(allowed)}
+            )
             return None
         return path
 
@@ -223,8 +239,11 @@ class Handler(BaseHTTPRequestHandler):
     def _too_large(self, length: int) -> None:
         self.close_connection = True
         limit = self.service.max_request_bytes
-        self._error(413, f"the request body is {length:,} bytes, over this server's limit of {limit:,} "
-                         "(cada serve --max-request-mb); send fewer or smaller images per request")
+        self._error(
+            413,
+            f"the request body is {length:,} bytes, over this server's limit of {limit:,} "
+            "(cada serve --max-request-mb); send fewer or smaller images per request",
+        )
 
     def do_POST(self) -> None:
         if self._route() is None:
@@ -279,8 +298,14 @@ class Handler(BaseHTTPRequestHandler):
             left -= len(chunk)
 
 
-def make_server(model: LoadedModel, source: str, host: str = "127.0.0.1", port: int = 8080,
-                max_request_bytes: int = MAX_REQUEST_BYTES, quiet: bool = False) -> ThreadingHTTPServer:
+def make_server(
+    model: LoadedModel,
+    source: str,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+    quiet: bool = False,
+) -> ThreadingHTTPServer:
     """The server, bound and ready for serve_forever(); port 0 picks a free port (server.server_address)."""
     handler = type("CadaHandler", (Handler,), {"service": Service(model, source, max_request_bytes)})
     server = ThreadingHTTPServer((host, port), handler)

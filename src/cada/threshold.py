@@ -97,7 +97,9 @@ def decision_metrics(scores, labels, threshold: float) -> dict:
     normals, anomalous = int((~labels).sum()), int(labels.sum())
     precision = true_positives / (true_positives + false_positives) if flagged.any() else None
     recall = true_positives / anomalous if anomalous else None
-    f1 = (2 * true_positives / (2 * true_positives + false_positives + anomalous - true_positives)
-          if anomalous or false_positives else None)
-    return {"fpr": false_positives / normals if normals else None, "recall": recall, "precision": precision,
-            "f1": f1}
+    f1 = (
+        2 * true_positives / (2 * true_positives + false_positives + anomalous - true_positives)
+        if anomalous or false_positives
+        else None
+    )
+    return {"fpr": false_positives / normals if normals else None, "recall": recall, "precision": precision, "f1": f1}

@@ -22,8 +22,20 @@ from cada.config import preset as make_preset
 from cada.files import check_output, folder_lock, os_error, printable, write_json
 
 # The options of `make_settings` that the command line gives (argparse's names).
-SETTING_OPTIONS = ("preset", "method", "config", "overrides", "align", "seed", "backbone", "image_size", "iters",
-                   "epochs", "align_iters", "scale_lr")
+SETTING_OPTIONS = (
+    "preset",
+    "method",
+    "config",
+    "overrides",
+    "align",
+    "seed",
+    "backbone",
+    "image_size",
+    "iters",
+    "epochs",
+    "align_iters",
+    "scale_lr",
+)
 
 
 def read_config(path: str | Path) -> dict:
@@ -39,8 +51,7 @@ def read_config(path: str | Path) -> dict:
     try:
         data = yaml.load(text, Loader=_yaml_loader()) if is_yaml else json.loads(text)  # noqa: S506 - a safe loader
     except (ValueError, yaml.YAMLError) as error:
-        raise ValueError(f"--config {printable(path)} is not valid {'YAML' if is_yaml else 'JSON'}: {error}") \
-            from None
+        raise ValueError(f"--config {printable(path)} is not valid {'YAML' if is_yaml else 'JSON'}: {error}") from None
     if isinstance(data, dict) and isinstance(data.get("settings"), dict):  # a run's config.json
         data = data["settings"]
     if not isinstance(data, dict):
@@ -84,10 +95,21 @@ def _merge(into: dict, changes: Mapping, prefix: str = "") -> None:
             into[key] = value
 
 
-def make_settings(preset: str = "cpu", method: str | None = None, *, config: str | Path | Mapping | None = None,
-                  overrides: Iterable[str] = (), align: str | None = None, seed: int | None = None,
-                  backbone: str | None = None, image_size: int | None = None, iters: int | None = None,
-                  epochs: float | None = None, align_iters: int | None = None, scale_lr: bool = False) -> Settings:
+def make_settings(
+    preset: str = "cpu",
+    method: str | None = None,
+    *,
+    config: str | Path | Mapping | None = None,
+    overrides: Iterable[str] = (),
+    align: str | None = None,
+    seed: int | None = None,
+    backbone: str | None = None,
+    image_size: int | None = None,
+    iters: int | None = None,
+    epochs: float | None = None,
+    align_iters: int | None = None,
+    scale_lr: bool = False,
+) -> Settings:
     """Validated settings: the preset of the method, then the `config` file (or mapping), then the named options,
     then `overrides` ("dotted.key=value", every setting reachable), each later one winning.
 
@@ -161,16 +183,33 @@ def find_split(root, split: str, format: str = "auto", quiet: bool = False):
 
 
 def print_calibration(calibration: dict) -> None:
-    how = (f"at false-positive rate {calibration['target_fpr']}" if calibration["how"] == "fpr"
-           else "F1-optimal on labelled validation images")
-    print(f"threshold {calibration['threshold']:.4f} (aligned score; base map {calibration['base_threshold']:.4f}) "
-          f"chosen {how} from {calibration['source']}")
+    how = (
+        f"at false-positive rate {calibration['target_fpr']}"
+        if calibration["how"] == "fpr"
+        else "F1-optimal on labelled validation images"
+    )
+    print(
+        f"threshold {calibration['threshold']:.4f} (aligned score; base map {calibration['base_threshold']:.4f}) "
+        f"chosen {how} from {calibration['source']}"
+    )
 
 
-def train(settings: Settings, data: str | Path, out: str | Path, *, weights: str | None = None,
-          progress: bool = True, holdout: float = 0.0, fpr: float = 0.01, format: str = "auto", cache_dir="auto",
-          checkpoint_every: int | None = None, resume: bool = False, resume_hint: str = "",
-          overwrite: bool = False):
+def train(
+    settings: Settings,
+    data: str | Path,
+    out: str | Path,
+    *,
+    weights: str | None = None,
+    progress: bool = True,
+    holdout: float = 0.0,
+    fpr: float = 0.01,
+    format: str = "auto",
+    cache_dir="auto",
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    resume_hint: str = "",
+    overwrite: bool = False,
+):
     """Train and save the run in `out` (rank 0 writes it, holding the folder's lock throughout); the Detector.
 
     With `checkpoint_every` (0: only on interrupt), checkpoints go to out/resume and `resume` continues from them.
@@ -190,8 +229,10 @@ def train(settings: Settings, data: str | Path, out: str | Path, *, weights: str
         if resume:
             require_checkpoint(checkpoint_folder)  # before the slow part
         elif state == "unfinished" and not overwrite:
-            raise ValueError(f"--out {printable(out)} holds an unfinished training ({printable(checkpoint_folder)})"
-                             ": continue it with --resume, or start again with --overwrite")
+            raise ValueError(
+                f"--out {printable(out)} holds an unfinished training ({printable(checkpoint_folder)})"
+                ": continue it with --resume, or start again with --overwrite"
+            )
         elif checkpoint_folder.exists() and is_main():
             shutil.rmtree(checkpoint_folder)  # --overwrite without --resume: an earlier training's checkpoint
         detector = Detector(settings, weights_path=weights)
@@ -199,39 +240,69 @@ def train(settings: Settings, data: str | Path, out: str | Path, *, weights: str
 
         def announce(n_images: int, iters: int) -> None:  # once the images are read: the schedule is resolved
             batch = settings.base.batch_size * world_size()
-            schedule = ("one pass, no iterations" if settings.method == "patchcore" else
-                        f"{iters} iters of batch {batch} = {settings.base.passes(n_images, world_size()):.1f} passes "
-                        f"over {n_images} images")
-            _say(f"training {settings.method} ({settings.backbone}, {settings.image_size}px, {schedule}) "
-                 f"+ aligner {settings.align} on all classes of {data} mixed{processes}")
+            schedule = (
+                "one pass, no iterations"
+                if settings.method == "patchcore"
+                else f"{iters} iters of batch {batch} = {settings.base.passes(n_images, world_size()):.1f} passes "
+                f"over {n_images} images"
+            )
+            _say(
+                f"training {settings.method} ({settings.backbone}, {settings.image_size}px, {schedule}) "
+                f"+ aligner {settings.align} on all classes of {data} mixed{processes}"
+            )
 
         checkpoint_dir = None if checkpoint_every is None and not resume else checkpoint_folder
         # The checkpoint stays until the run is saved: the save replaces the folder that holds it.
-        detector.fit(data, progress=progress, holdout=holdout, fpr=fpr, format=format, cache_dir=cache_dir,
-                     checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every or 0, resume=resume,
-                     resume_hint=resume_hint, keep_checkpoint=True, on_start=announce)
+        detector.fit(
+            data,
+            progress=progress,
+            holdout=holdout,
+            fpr=fpr,
+            format=format,
+            cache_dir=cache_dir,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every or 0,
+            resume=resume,
+            resume_hint=resume_hint,
+            keep_checkpoint=True,
+            on_start=announce,
+        )
         info = detector.training_info
         _say(f"  data layout: {info['format']}")
-        _say(f"  {info['n_images']} training images of {len(info['classes'])} classes; base "
-             f"{info['base_seconds']} s, aligner {info['aligner_seconds']} s")
+        _say(
+            f"  {info['n_images']} training images of {len(info['classes'])} classes; base "
+            f"{info['base_seconds']} s, aligner {info['aligner_seconds']} s"
+        )
         if detector.calibration and is_main():
             print_calibration(detector.calibration)
         if is_main():
             try:
                 detector.save(out, overwrite=overwrite)
             except OSError as error:
-                kept = (f"the training checkpoint is kept in {printable(checkpoint_folder)}: once that is fixed, "
-                        f"finish with `{resume_hint or 'the same command'} --resume`"
-                        if (checkpoint_folder / STATE_TENSORS).is_file() else "nothing was kept: train again")
-                raise ValueError(f"could not write the run to {printable(out)} ({os_error(error)}); {kept}") \
-                    from error
+                kept = (
+                    f"the training checkpoint is kept in {printable(checkpoint_folder)}: once that is fixed, "
+                    f"finish with `{resume_hint or 'the same command'} --resume`"
+                    if (checkpoint_folder / STATE_TENSORS).is_file()
+                    else "nothing was kept: train again"
+                )
+                raise ValueError(f"could not write the run to {printable(out)} ({os_error(error)}); {kept}") from error
         _say(f"saved run to {out}")
         return detector
 
 
-def evaluate(detector, data: str | Path, json_path: str | Path | None = None, *, progress: bool = True,
-             plots_dir: str | Path | None = None, samples=None, cache_dir="auto", report_dir: str | Path | None = None,
-             pixel_resolution: str = "model", verbose: bool = True) -> dict:
+def evaluate(
+    detector,
+    data: str | Path,
+    json_path: str | Path | None = None,
+    *,
+    progress: bool = True,
+    plots_dir: str | Path | None = None,
+    samples=None,
+    cache_dir="auto",
+    report_dir: str | Path | None = None,
+    pixel_resolution: str = "model",
+    verbose: bool = True,
+) -> dict:
     """Evaluate a Detector (or a run folder) on the test split of `data` (or on `samples`): the results dict
     (`cada evaluate --json`). With `verbose`, the tables are printed; JSON, plots and report written when asked."""
     from cada.api import Detector
@@ -251,22 +322,30 @@ def evaluate(detector, data: str | Path, json_path: str | Path | None = None, *,
     data = Path(data)
     json_path, plots_dir, report_dir = (None if p is None else Path(p) for p in (json_path, plots_dir, report_dir))
     if report_dir and world_size() > 1:
-        raise ValueError("--report shows every image's map, which stay with their process under torchrun: write "
-                         "the report from a single-process `cada evaluate`")
+        raise ValueError(
+            "--report shows every image's map, which stay with their process under torchrun: write "
+            "the report from a single-process `cada evaluate`"
+        )
     if samples is None:
         samples = find_split(data, "test", quiet=not (is_main() and verbose))
     trained_on = detector.training_info.get("data")
     if trained_on and Path(trained_on).is_dir() and is_main():
         try:
-            warn_duplicates(find_split(trained_on, "train", detector.training_info.get("format", "auto"), quiet=True),
-                            samples)
+            warn_duplicates(
+                find_split(trained_on, "train", detector.training_info.get("format", "auto"), quiet=True), samples
+            )
         except (FileNotFoundError, ValueError):
             pass  # the training data moved or changed layout: nothing to compare with
     started = time.perf_counter()
     outputs = collect(detector, samples, progress=progress, cache_dir=cache_dir, pixel_resolution=pixel_resolution)
     aligners = ("none",) if detector.settings.align == "none" else ("none", detector.settings.align)
-    results = results_table(outputs, detector.settings.method, aligners, detector.thresholds,
-                            detector.training_info.get("class_score_stats"))
+    results = results_table(
+        outputs,
+        detector.settings.method,
+        aligners,
+        detector.thresholds,
+        detector.training_info.get("class_score_stats"),
+    )
     results["meta"] = {
         "data": printable(data),
         "n_test_images": len(outputs.samples),
@@ -294,8 +373,15 @@ def evaluate(detector, data: str | Path, json_path: str | Path | None = None, *,
 
         folder = plots_dir or report_dir
         assert folder is not None
-        figure = score_distributions(outputs.base_scores, outputs.u, outputs.spread, outputs.labels,
-                                     outputs.class_names, folder / "score_distributions.png", detector.settings.align)
+        figure = score_distributions(
+            outputs.base_scores,
+            outputs.u,
+            outputs.spread,
+            outputs.labels,
+            outputs.class_names,
+            folder / "score_distributions.png",
+            detector.settings.align,
+        )
         say(f"wrote {figure}")
     if report_dir:
         from cada.report.html import write_report

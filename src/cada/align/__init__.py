@@ -17,5 +17,20 @@ def create_aligner(name: str, channels: int, settings) -> Aligner:
     return ALIGNERS[name].cls(channels, settings)
 
 
-__all__ = ["ALIGNERS", "Aligner", "CADA", "CADAScore", "CADASigma", "ClassAware", "ClassifierAligner", "KNNAligner",
-           "KNNLevel", "NoAlign", "create_aligner", "MEAN", "MAX", "STD", "SCORE"]
+__all__ = [
+    "ALIGNERS",
+    "Aligner",
+    "CADA",
+    "CADAScore",
+    "CADASigma",
+    "ClassAware",
+    "ClassifierAligner",
+    "KNNAligner",
+    "KNNLevel",
+    "NoAlign",
+    "create_aligner",
+    "MEAN",
+    "MAX",
+    "STD",
+    "SCORE",
+]

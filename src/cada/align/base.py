@@ -45,9 +45,16 @@ class Aligner(nn.Module):
         super().__init__()
         self.register_buffer("min_spread", torch.tensor(1e-6))
 
-    def fit(self, features: torch.Tensor, image_stats: torch.Tensor, settings, generator: torch.Generator,
-            class_names: list[str] | None = None, progress: bool = True, trainer: Trainer | None = None
-            ) -> list[float]:
+    def fit(
+        self,
+        features: torch.Tensor,
+        image_stats: torch.Tensor,
+        settings,
+        generator: torch.Generator,
+        class_names: list[str] | None = None,
+        progress: bool = True,
+        trainer: Trainer | None = None,
+    ) -> list[float]:
         """features: N x C x h x w of normal training images; image_stats: N x 4 (`map_statistics`) of each map.
         `trainer` carries the run's checkpoints (default: none, progress bars per `progress`)."""
         raise NotImplementedError
@@ -83,8 +90,9 @@ class NoAlign(Aligner):
     def __init__(self, channels: int = 0, settings=None):  # the common signature; nothing to build
         super().__init__()
 
-    def fit(self, features, image_stats, settings, generator, class_names=None, progress=True, trainer=None
-            ) -> list[float]:
+    def fit(
+        self, features, image_stats, settings, generator, class_names=None, progress=True, trainer=None
+    ) -> list[float]:
         return []
 
     def stats(self, features, class_names=None):
@@ -98,12 +106,17 @@ class Head(nn.Module):
     Default (paper): 1 conv + 2 linear, hidden 256, dropout before each linear layer.
     """
 
-    def __init__(self, channels: int, outputs: int, hidden: int = 256, dropout: float = 0.25, convs: int = 1,
-                 linears: int = 2):
+    def __init__(
+        self, channels: int, outputs: int, hidden: int = 256, dropout: float = 0.25, convs: int = 1, linears: int = 2
+    ):
         super().__init__()
-        self.convs = nn.Sequential(*[
-            layer for _ in range(convs) for layer in (nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels), nn.ReLU())
-        ])
+        self.convs = nn.Sequential(
+            *[
+                layer
+                for _ in range(convs)
+                for layer in (nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels), nn.ReLU())
+            ]
+        )
         widths = [channels] + [hidden] * (linears - 1) + [outputs]
         layers: list[nn.Module] = []
         for index, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
@@ -124,19 +137,34 @@ def make_head(channels: int, outputs: int, settings) -> Head:
     return Head(channels, outputs, settings.hidden, settings.dropout, settings.convs, settings.linears)
 
 
-def train_head(head: Head, features: torch.Tensor, loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-               settings, generator: torch.Generator, description: str, trainer: Trainer) -> list[float]:
+def train_head(
+    head: Head,
+    features: torch.Tensor,
+    loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    settings,
+    generator: torch.Generator,
+    description: str,
+    trainer: Trainer,
+) -> list[float]:
     """SGD on random batches of cached features (paper: lr 5e-2, momentum 0.9, wd 1e-4, batch 16).
 
     `loss_of(outputs, batch_indices)` gives the loss of one batch. The loop is the base methods' one
     (`Trainer.loop`): DDP and sharded batches under torch.distributed, checkpoints to resume.
     """
     factor = lr_factor(settings)
-    optimizer = torch.optim.SGD(head.parameters(), lr=settings.lr * factor, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay)
+    optimizer = torch.optim.SGD(
+        head.parameters(), lr=settings.lr * factor, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
     head.train()
-    losses = trainer.loop(description, settings.iters, optimizer, generator,
-                          lambda iteration, batch: loss_of(head(features[batch]), batch),
-                          DrawSampler(len(features), settings.batch_size), settings, module=head)
+    losses = trainer.loop(
+        description,
+        settings.iters,
+        optimizer,
+        generator,
+        lambda iteration, batch: loss_of(head(features[batch]), batch),
+        DrawSampler(len(features), settings.batch_size),
+        settings,
+        module=head,
+    )
     head.eval()
     return losses

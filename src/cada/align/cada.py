@@ -24,8 +24,9 @@ class CADA(Aligner):
         super().__init__()
         self.head = make_head(channels, 2, settings)
 
-    def fit(self, features, image_stats, settings, generator, class_names=None, progress=True, trainer=None
-            ) -> list[float]:
+    def fit(
+        self, features, image_stats, settings, generator, class_names=None, progress=True, trainer=None
+    ) -> list[float]:
         self.set_min_spread(image_stats)
         targets = image_stats[:, list(self.targets)]
         with torch.no_grad():  # start from the mean statistics so SGD does not spend its first steps getting there
@@ -35,8 +36,15 @@ class CADA(Aligner):
             loss = F.smooth_l1_loss(outputs, targets[batch], beta=settings.smooth_l1_alpha, reduction="none")
             return loss.sum(dim=1).mean()
 
-        return train_head(self.head, features, loss_of, settings, generator, f"{self.name} regressor",
-                          trainer or Trainer(progress=progress))
+        return train_head(
+            self.head,
+            features,
+            loss_of,
+            settings,
+            generator,
+            f"{self.name} regressor",
+            trainer or Trainer(progress=progress),
+        )
 
     def stats(self, features, class_names=None):
         u, second = self.head(features).unbind(dim=1)

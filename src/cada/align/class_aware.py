@@ -34,8 +34,9 @@ class ClassAware(Aligner):
         self.class_u = torch.zeros(len(class_names))
         self.class_gamma = torch.zeros(len(class_names))
 
-    def fit(self, features, image_stats, settings, generator, class_names=None, progress=True, trainer=None
-            ) -> list[float]:
+    def fit(
+        self, features, image_stats, settings, generator, class_names=None, progress=True, trainer=None
+    ) -> list[float]:
         if class_names is None:
             raise ValueError(f"{self.name} alignment needs the class name of every training image")
         self._set_classes(sorted(set(class_names)))

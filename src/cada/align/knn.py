@@ -63,8 +63,9 @@ class KNNAligner(Aligner):
         std = scores.std(dim=1) if scores.shape[1] > 1 else torch.zeros_like(scores[:, 0])
         return scores.mean(dim=1), std
 
-    def fit(self, features, image_stats, settings, generator, class_names=None, progress=True, trainer=None
-            ) -> list[float]:
+    def fit(
+        self, features, image_stats, settings, generator, class_names=None, progress=True, trainer=None
+    ) -> list[float]:
         if len(features) < 2:
             raise ValueError("the knn aligner needs at least two training images")
         self.neighbours = settings.neighbours

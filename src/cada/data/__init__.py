@@ -11,7 +11,22 @@ from cada.data.mvtec import Sample, mvtec_samples
 from cada.data.visa import visa_samples
 
 __all__ = [
-    "FORMATS", "BadImageError", "ImageSet", "Sample", "btad_samples", "default_cache_dir", "detect_format",
-    "find_duplicates", "find_samples", "folder_samples", "image_files", "iterate_batches", "load_all",
-    "load_image", "load_mask", "mvtec_samples", "visa_samples", "warn_duplicates",
+    "FORMATS",
+    "BadImageError",
+    "ImageSet",
+    "Sample",
+    "btad_samples",
+    "default_cache_dir",
+    "detect_format",
+    "find_duplicates",
+    "find_samples",
+    "folder_samples",
+    "image_files",
+    "iterate_batches",
+    "load_all",
+    "load_image",
+    "load_mask",
+    "mvtec_samples",
+    "visa_samples",
+    "warn_duplicates",
 ]

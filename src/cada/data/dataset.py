@@ -38,8 +38,10 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         grey = np.asarray(image, dtype=np.float64)
         if grey.min() < 0 or grey.max() > 65535:
-            raise ValueError(f"its 32-bit pixel values span {grey.min():.0f} to {grey.max():.0f}, outside 0-65535, "
-                             "so they have no fixed scale to 8 bits (save it with 8 or 16 bits per channel)")
+            raise ValueError(
+                f"its 32-bit pixel values span {grey.min():.0f} to {grey.max():.0f}, outside 0-65535, "
+                "so they have no fixed scale to 8 bits (save it with 8 or 16 bits per channel)"
+            )
         top = 65535.0 if image.mode.startswith("I;16") or grey.max() > 255 else 255.0
         grey = np.clip(grey / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
@@ -80,9 +82,11 @@ def _pixel_limit(path: str | Path, limit: int):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise BadImageError(f"cannot read image {path}: its header claims more than cada's limit of {limit:,} pixels, "
-                            f"so it is not decoded (a decompression bomb?); for genuine larger images set "
-                            f"{MAX_PIXELS_VARIABLE}") from None
+        raise BadImageError(
+            f"cannot read image {path}: its header claims more than cada's limit of {limit:,} pixels, "
+            f"so it is not decoded (a decompression bomb?); for genuine larger images set "
+            f"{MAX_PIXELS_VARIABLE}"
+        ) from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous
 
@@ -232,8 +236,12 @@ class ImageSet(torch.utils.data.Dataset):
         # Normal images need no mask file: their mask is empty by definition.
         has_mask = sample.mask_path is not None or sample.label == 0
         # NumPy, not torch, for the mask test: torch's threaded kernels are slow on such small arrays.
-        return {"index": index, "image": torch.from_numpy(both[:3]), "mask": torch.from_numpy(both[3] != 0),
-                "has_mask": has_mask}
+        return {
+            "index": index,
+            "image": torch.from_numpy(both[:3]),
+            "mask": torch.from_numpy(both[3] != 0),
+            "has_mask": has_mask,
+        }
 
 
 def _collate(items: list[dict]) -> dict:
@@ -250,7 +258,11 @@ def _collate(items: list[dict]) -> dict:
 
 
 def iterate_batches(
-    samples: Sequence[Sample], size: int, batch_size: int = 16, workers: int = 1, strict: bool = False,
+    samples: Sequence[Sample],
+    size: int,
+    batch_size: int = 16,
+    workers: int = 1,
+    strict: bool = False,
     cache_dir: str | Path | None = "auto",
 ) -> Iterator[dict]:
     """Batches of decoded images in sample order; decoding overlaps compute in `workers` processes.
@@ -260,7 +272,10 @@ def iterate_batches(
     """
     max_image_pixels()  # a bad $CADA_MAX_IMAGE_PIXELS is one error here, not a skipped file per image
     loader = torch.utils.data.DataLoader(
-        ImageSet(samples, size, cache_dir), batch_size=batch_size, shuffle=False, num_workers=workers,
+        ImageSet(samples, size, cache_dir),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
         collate_fn=_collate,
     )
     for batch in loader:
@@ -272,8 +287,9 @@ def iterate_batches(
             yield batch
 
 
-def load_all(samples: Sequence[Sample], size: int, strict: bool = False, cache_dir: str | Path | None = "auto",
-             workers: int = 1) -> tuple[torch.Tensor, list[Sample]]:
+def load_all(
+    samples: Sequence[Sample], size: int, strict: bool = False, cache_dir: str | Path | None = "auto", workers: int = 1
+) -> tuple[torch.Tensor, list[Sample]]:
     """All images as one uint8 tensor N x 3 x size x size (for training sets), with the samples kept."""
     images, kept = [], []
     for batch in iterate_batches(samples, size, batch_size=32, workers=workers, strict=strict, cache_dir=cache_dir):

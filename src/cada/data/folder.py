@@ -30,8 +30,11 @@ def image_files(paths: Paths) -> list[Path]:
     found: set[Path] = set()
     for path in _as_list(paths):
         if path.is_dir():
-            found.update(p for p in path.rglob("*")
-                         if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found.update(
+                p
+                for p in path.rglob("*")
+                if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
         elif path.is_file():
             found.add(path)
         else:
@@ -51,8 +54,9 @@ def _folder_images(folder: Path, skip_masks: bool) -> list[Path]:
     return images
 
 
-def folder_samples(normal: Paths = (), anomalous: Paths = (), masks: Paths = (),
-                   class_name: str = FOLDER_CLASS) -> list[Sample]:
+def folder_samples(
+    normal: Paths = (), anomalous: Paths = (), masks: Paths = (), class_name: str = FOLDER_CLASS
+) -> list[Sample]:
     """Samples from folders of normal images and folders of anomalous images, all of one class.
 
     Masks are matched to anomalous images by file stem, with or without a `_mask` suffix. Give one mask
@@ -69,8 +73,9 @@ def folder_samples(normal: Paths = (), anomalous: Paths = (), masks: Paths = (),
     samples = [Sample(p, 0, class_name, NORMAL) for folder in normal for p in _folder_images(folder, folder in masks)]
     for i, folder in enumerate(anomalous):
         index = mask_index([masks[i]]) if paired else pooled
-        samples += [Sample(p, 1, class_name, folder.name, index.get(p.stem))
-                    for p in _folder_images(folder, folder in masks)]
+        samples += [
+            Sample(p, 1, class_name, folder.name, index.get(p.stem)) for p in _folder_images(folder, folder in masks)
+        ]
     if not samples:
         raise ValueError("no images in the given folders" if normal or anomalous else "no image folders given")
     return samples

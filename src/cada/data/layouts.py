@@ -17,8 +17,10 @@ from cada.data.visa import SPLIT_FILE, looks_like_visa_object, visa_samples
 
 FORMATS = ("auto", "mvtec", "visa", "btad", "folder")
 _READERS = {"visa": visa_samples, "btad": btad_samples, "mvtec": mvtec_samples}
-_LOOKED_FOR = (f"VisA ({SPLIT_FILE} or <object>/Data/Images), BTAD (<class>/train/ok, <class>/test/ko), "
-               "MVTec AD (<class>/train/good, <class>/test/<defect>)")
+_LOOKED_FOR = (
+    f"VisA ({SPLIT_FILE} or <object>/Data/Images), BTAD (<class>/train/ok, <class>/test/ko), "
+    "MVTec AD (<class>/train/good, <class>/test/<defect>)"
+)
 
 
 def _class_layout(folder: Path) -> str | None:
@@ -57,8 +59,9 @@ def _is_one_class(root: Path) -> bool:
     return _class_layout(root) is not None and not any(_class_layout(d) for d in _subfolders(root))
 
 
-def find_samples(root: str | Path, split: str, format: str = "auto",
-                 classes: list[str] | None = None) -> tuple[list[Sample], str]:
+def find_samples(
+    root: str | Path, split: str, format: str = "auto", classes: list[str] | None = None
+) -> tuple[list[Sample], str]:
     """The samples of `split` ('train' or 'test') under `root`, and the format read ('auto' resolved).
 
     format: 'auto', 'mvtec', 'visa', 'btad' or 'folder' (all images under `root` as normal training images,
@@ -71,8 +74,10 @@ def find_samples(root: str | Path, split: str, format: str = "auto",
     root = Path(root)
     if format == "folder":
         if split == "test":
-            raise ValueError("the folder format has no labels in a single root: give folders of normal and of "
-                             "anomalous images (and masks) instead (folder_samples; --normal/--anomalous/--masks)")
+            raise ValueError(
+                "the folder format has no labels in a single root: give folders of normal and of "
+                "anomalous images (and masks) instead (folder_samples; --normal/--anomalous/--masks)"
+            )
         return [Sample(p, 0, FOLDER_CLASS, NORMAL) for p in image_files(root)], format
     chosen = detect_format(root) if format == "auto" else format
     if root.is_dir() and _is_one_class(root):  # e.g. mvtec_ad/bottle: read its parent, this class only

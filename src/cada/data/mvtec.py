@@ -69,8 +69,9 @@ def class_folders(root: str | Path, normal: str = NORMAL, layout: str = "MVTec A
     return classes
 
 
-def mvtec_samples(root: str | Path, split: str, classes: list[str] | None = None, *, normal: str = NORMAL,
-                  layout: str = "MVTec AD") -> list[Sample]:
+def mvtec_samples(
+    root: str | Path, split: str, classes: list[str] | None = None, *, normal: str = NORMAL, layout: str = "MVTec AD"
+) -> list[Sample]:
     """All samples of `split` ('train' or 'test') over every class folder of `root`, sorted by class and path.
 
     `normal` names the folder of normal images (`good` in MVTec AD, `ok` in BTAD); every other folder under

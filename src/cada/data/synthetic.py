@@ -142,7 +142,7 @@ def _scene_washer(rng: np.random.Generator, size: int):
     # light from the upper left, fine concentric machining marks, darker bevels at both rims
     light = 0.78 - 0.22 * (dx + dy) / (size * 0.47)
     marks = 0.04 * np.sin(2 * np.pi * r * size / 3.0)
-    bevel = 0.25 * (np.exp(-(((outer - r) * size) / 2.5) ** 2) + np.exp(-(((r - inner) * size) / 2.5) ** 2))
+    bevel = 0.25 * (np.exp(-((((outer - r) * size) / 2.5) ** 2)) + np.exp(-((((r - inner) * size) / 2.5) ** 2)))
     metal = _rgb([190, 195, 205]) * (light + marks - bevel)[..., None]
     bg = _rgb([42, 50, 64]) * (1 + 0.05 * _smooth_noise(rng, size, size / 6) - 0.15 * r)[..., None]
     img = alpha[..., None] * metal + (1 - alpha[..., None]) * bg

@@ -33,13 +33,15 @@ def _read_rows(split_file: Path) -> list[dict]:
         reader = csv.DictReader(handle)
         missing = set(COLUMNS) - set(reader.fieldnames or ())
         if missing:
-            raise ValueError(f"VisA split file {split_file} lacks the columns {sorted(missing)} "
-                             f"(expected {', '.join(COLUMNS)})")
+            raise ValueError(
+                f"VisA split file {split_file} lacks the columns {sorted(missing)} (expected {', '.join(COLUMNS)})"
+            )
         return [{key: (value or "").strip() for key, value in row.items() if key} for row in reader]
 
 
-def visa_samples(root: str | Path, split: str, classes: list[str] | None = None,
-                 split_file: str | Path | None = None) -> list[Sample]:
+def visa_samples(
+    root: str | Path, split: str, classes: list[str] | None = None, split_file: str | Path | None = None
+) -> list[Sample]:
     """All samples of `split` ('train' or 'test') listed in the split file, sorted by object and path."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -76,8 +78,10 @@ def visa_samples(root: str | Path, split: str, classes: list[str] | None = None,
         for column in ("image", "mask"):
             listed_path = Path(row[column])
             if listed_path.is_absolute() or ".." in listed_path.parts:
-                raise ValueError(f"{split_file} line {line}: {column} path {row[column]!r} leaves the data folder "
-                                 f"{root}; the split file must name paths inside it")
+                raise ValueError(
+                    f"{split_file} line {line}: {column} path {row[column]!r} leaves the data folder "
+                    f"{root}; the split file must name paths inside it"
+                )
         mask = root / row["mask"] if row["mask"] and label else None
         # A listed mask that is not on disk counts as missing: image metrics still use the image.
         mask = mask if mask is not None and mask.is_file() else None

@@ -67,8 +67,12 @@ def batch_shard(n_items: int, batch_size: int) -> list[int]:
     """The items this process handles in sharded inference: whole batches of the single-process split, batch b
     on rank b % world, so every item is computed in exactly the batch it would be in one process."""
     world, me = world_size(), rank()
-    return [i for b, start in enumerate(range(0, n_items, batch_size)) if b % world == me
-            for i in range(start, min(start + batch_size, n_items))]
+    return [
+        i
+        for b, start in enumerate(range(0, n_items, batch_size))
+        if b % world == me
+        for i in range(start, min(start + batch_size, n_items))
+    ]
 
 
 def lr_factor(settings) -> int:
@@ -80,5 +84,7 @@ def describe_distribution(name: str, batch_size: int, optimizer: torch.optim.Opt
     lrs = ", ".join(f"{group['lr']:g}" for group in optimizer.param_groups)
     world = world_size()
     how = f"scaled x{world} (scale_lr)" if lr_factor(settings) > 1 else "not scaled with the process count"
-    return (f"{name}: DistributedDataParallel over {world} processes ({backend_name()}); batch {batch_size} per "
-            f"process, effective batch {batch_size * world}; lr {lrs} ({how})")
+    return (
+        f"{name}: DistributedDataParallel over {world} processes ({backend_name()}); batch {batch_size} per "
+        f"process, effective batch {batch_size * world}; lr {lrs} ({how})"
+    )

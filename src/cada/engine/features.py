@@ -16,8 +16,14 @@ class FeatureSource:
     `stop_point(where)` is called between batches of the one encoding pass (a `Trainer`'s, so a signal stops it).
     """
 
-    def __init__(self, encode, images: torch.Tensor, batch_size: int, cache_gib: float,
-                 stop_point: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        encode,
+        images: torch.Tensor,
+        batch_size: int,
+        cache_gib: float,
+        stop_point: Callable[[str], None] | None = None,
+    ):
         self.encode, self.images, self.cached = encode, images, None
         with torch.no_grad():
             probe = encode(normalize(images[:1]))

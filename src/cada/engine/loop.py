@@ -31,8 +31,14 @@ def make_optimizer(groups: list[dict], settings) -> torch.optim.AdamW:
     """
     factor = lr_factor(settings)
     groups = [{**group, "lr": group["lr"] * factor} if "lr" in group else group for group in groups]
-    return torch.optim.AdamW(groups, lr=settings.lr * factor, betas=tuple(settings.betas), eps=settings.eps,
-                             weight_decay=settings.weight_decay, amsgrad=settings.amsgrad)
+    return torch.optim.AdamW(
+        groups,
+        lr=settings.lr * factor,
+        betas=tuple(settings.betas),
+        eps=settings.eps,
+        weight_decay=settings.weight_decay,
+        amsgrad=settings.amsgrad,
+    )
 
 
 class _Objective(nn.Module):
@@ -83,9 +89,19 @@ class Trainer:
         if self.session is not None and self.session.stop_requested():
             raise self.session.interrupted(where)
 
-    def loop(self, name: str, iters: int, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-             loss_of: LossOf, sampler, settings, scheduler=None, module: nn.Module | None = None,
-             find_unused_parameters: bool = False) -> list[float]:
+    def loop(
+        self,
+        name: str,
+        iters: int,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+        loss_of: LossOf,
+        sampler,
+        settings,
+        scheduler=None,
+        module: nn.Module | None = None,
+        find_unused_parameters: bool = False,
+    ) -> list[float]:
         """`iters` optimiser steps of `loss_of(iteration, batch_indices)` on batches from `sampler`; the losses.
 
         Under torch.distributed: DDP over `module` (default: the optimiser's parameters), each process its slice
@@ -100,8 +116,14 @@ class Trainer:
             start, losses = session.begin_loop(name, iters, optimizer, scheduler, generator, sampler)
         if is_distributed() and is_main():
             print(describe_distribution(name, sampler.global_batch // world_size(), optimizer, settings), flush=True)
-        bar = tqdm(range(start, iters), desc=f"{name} training", disable=not (self.progress and is_main()),
-                   leave=False, initial=start, total=iters)
+        bar = tqdm(
+            range(start, iters),
+            desc=f"{name} training",
+            disable=not (self.progress and is_main()),
+            leave=False,
+            initial=start,
+            total=iters,
+        )
         for iteration in bar:
             batch = sampler(generator)
             loss = objective(iteration, batch)
@@ -125,8 +147,17 @@ class Trainer:
         _sync_buffers(objective)
         return losses
 
-    def run(self, name: str, n_images: int, settings, optimizer, generator: torch.Generator, loss_of: LossOf,
-            module: nn.Module | None = None, find_unused_parameters: bool = False) -> list[float]:
+    def run(
+        self,
+        name: str,
+        n_images: int,
+        settings,
+        optimizer,
+        generator: torch.Generator,
+        loss_of: LossOf,
+        module: nn.Module | None = None,
+        find_unused_parameters: bool = False,
+    ) -> list[float]:
         """`settings.iters` optimiser steps of `loss_of(iteration, batch_indices)` on random batches; the losses.
 
         Batches walk through the images in a fresh random order per pass, drawn from `generator`. With
@@ -134,6 +165,15 @@ class Trainer:
         of those fractions) is done. `module` is what is trained (for DDP: its buffers are kept in step too).
         """
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, settings.lr_milestones(), gamma=settings.lr_drop)
-        return self.loop(name, settings.iters, optimizer, generator, loss_of,
-                         PassSampler(n_images, settings.batch_size), settings, scheduler, module,
-                         find_unused_parameters)
+        return self.loop(
+            name,
+            settings.iters,
+            optimizer,
+            generator,
+            loss_of,
+            PassSampler(n_images, settings.batch_size),
+            settings,
+            scheduler,
+            module,
+            find_unused_parameters,
+        )

@@ -69,9 +69,12 @@ def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]
 
 
 def _unflatten_optimizer(structure: dict, tensors: dict[str, torch.Tensor]) -> dict:
-    state = {int(parameter): {key: tensors[entry["tensor"]] if "tensor" in entry else entry["value"]
-                              for key, entry in entries.items()}
-             for parameter, entries in structure["state"].items()}
+    state = {
+        int(parameter): {
+            key: tensors[entry["tensor"]] if "tensor" in entry else entry["value"] for key, entry in entries.items()
+        }
+        for parameter, entries in structure["state"].items()
+    }
     return {"state": state, "param_groups": structure["param_groups"]}
 
 
@@ -105,8 +108,16 @@ class Checkpointing:
     checkpoint records the stage, the step within it and what finished stages left (their losses).
     """
 
-    def __init__(self, folder: str | Path, modules: nn.Module, settings: dict, every: int = 200,
-                 resume: bool = False, identity: dict | None = None, resume_hint: str = ""):
+    def __init__(
+        self,
+        folder: str | Path,
+        modules: nn.Module,
+        settings: dict,
+        every: int = 200,
+        resume: bool = False,
+        identity: dict | None = None,
+        resume_hint: str = "",
+    ):
         if every < 0:
             raise ValueError(f"the checkpoint interval must be >= 0 (0: only on interrupt), got {every}")
         self.folder, self.modules, self.every = Path(folder), modules, every
@@ -129,23 +140,30 @@ class Checkpointing:
                 metadata = handle.metadata() or {}
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         except SafetensorError as error:
-            raise ResumeError(f"{path} is not a readable checkpoint (truncated or damaged? {error}): "
-                              f"{START_AGAIN}") from None
+            raise ResumeError(
+                f"{path} is not a readable checkpoint (truncated or damaged? {error}): {START_AGAIN}"
+            ) from None
         if metadata.get("format") != RESUME_FORMAT or "state" not in metadata:
             raise ResumeError(f"{path} is not a cada resume checkpoint")
         saved = json.loads(metadata["state"])
         if saved.get("format_version") != RESUME_VERSION:
-            raise ResumeError(f"{path} is in checkpoint format {saved.get('format_version')}; this cada reads "
-                              f"{RESUME_VERSION}: {START_AGAIN}")
+            raise ResumeError(
+                f"{path} is in checkpoint format {saved.get('format_version')}; this cada reads "
+                f"{RESUME_VERSION}: {START_AGAIN}"
+            )
         saved_data, data = saved["identity"].get("data_fingerprint"), self.identity.get("data_fingerprint")
         if saved_data != data:
-            raise ResumeError(f"the training data differ from those the checkpoint in {self.folder} was trained on "
-                              f"(file paths or image contents changed): resume with the same data, or {START_AGAIN}")
+            raise ResumeError(
+                f"the training data differ from those the checkpoint in {self.folder} was trained on "
+                f"(file paths or image contents changed): resume with the same data, or {START_AGAIN}"
+            )
         differences = _settings_differences(saved["settings"], self.settings)
         differences += _settings_differences(saved["identity"], self.identity)
         if differences:
-            raise ResumeError(f"the checkpoint in {self.folder} was written with other settings; resume with the "
-                              f"same ones (or {START_AGAIN}): " + "; ".join(differences))
+            raise ResumeError(
+                f"the checkpoint in {self.folder} was written with other settings; resume with the "
+                f"same ones (or {START_AGAIN}): " + "; ".join(differences)
+            )
         self.saved, self.saved_tensors, self.finished = saved, tensors, dict(saved["finished"])
 
     def resumed_stage(self) -> str | None:
@@ -153,22 +171,29 @@ class Checkpointing:
 
     def describe(self) -> str:
         saved = self.saved or {}
-        return f"resuming from {self.folder}: {saved['stage']} training at step {saved['iteration']} of {saved['total']}"
+        return (
+            f"resuming from {self.folder}: {saved['stage']} training at step {saved['iteration']} of {saved['total']}"
+        )
 
     def restore_model(self) -> None:
-        state = {key.removeprefix("model/"): value for key, value in self.saved_tensors.items()
-                 if key.startswith("model/")}
+        state = {
+            key.removeprefix("model/"): value for key, value in self.saved_tensors.items() if key.startswith("model/")
+        }
         result = self.modules.load_state_dict(state, strict=False)
         if result.unexpected_keys:
-            raise ResumeError(f"the checkpoint in {self.folder} holds weights this model lacks: "
-                              f"{result.unexpected_keys[:5]}")
+            raise ResumeError(
+                f"the checkpoint in {self.folder} holds weights this model lacks: {result.unexpected_keys[:5]}"
+            )
 
     def _restore_random_state(self, generator: torch.Generator) -> None:
         generator.set_state(self.saved_tensors["rng/generator"])
         torch.set_rng_state(self.saved_tensors["rng/torch"])
         if torch.cuda.is_available():
-            states = [self.saved_tensors[f"rng/cuda/{i}"] for i in range(torch.cuda.device_count())
-                      if f"rng/cuda/{i}" in self.saved_tensors]
+            states = [
+                self.saved_tensors[f"rng/cuda/{i}"]
+                for i in range(torch.cuda.device_count())
+                if f"rng/cuda/{i}" in self.saved_tensors
+            ]
             if len(states) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(states)
 
@@ -190,8 +215,13 @@ class Checkpointing:
         if scheduler is not None and saved["scheduler"] is not None:
             scheduler.last_epoch = saved["scheduler"]["last_epoch"]
             scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-        sampler.load_state({key.removeprefix("sampler/"): value for key, value in self.saved_tensors.items()
-                            if key.startswith("sampler/")})
+        sampler.load_state(
+            {
+                key.removeprefix("sampler/"): value
+                for key, value in self.saved_tensors.items()
+                if key.startswith("sampler/")
+            }
+        )
         if is_main():
             print(self.describe(), flush=True)
         self.saved = None  # restored once; later stages start fresh
@@ -213,22 +243,27 @@ class Checkpointing:
         if (self.folder / STATE_TENSORS).is_file():
             return TrainingInterrupted(
                 f"training stopped while {where}; the last checkpoint is kept in {self.folder}. "
-                f"Resume with: {self.resume_hint or 'the same command'} --resume")
-        return TrainingInterrupted(f"training stopped while {where}, before its first checkpoint: nothing to "
-                                   "resume, train again")
+                f"Resume with: {self.resume_hint or 'the same command'} --resume"
+            )
+        return TrainingInterrupted(
+            f"training stopped while {where}, before its first checkpoint: nothing to resume, train again"
+        )
 
-    def after_step(self, done: int, iters: int, optimizer, scheduler, generator, sampler, losses: list[float],
-                   stop: bool) -> None:
+    def after_step(
+        self, done: int, iters: int, optimizer, scheduler, generator, sampler, losses: list[float], stop: bool
+    ) -> None:
         due = self.every > 0 and done % self.every == 0 and done < iters
         if stop or due:
             self.write(done, iters, optimizer, scheduler, generator, sampler, losses)
         if stop:
             raise TrainingInterrupted(
                 f"training stopped at {self.stage} step {done} of {iters}; checkpoint in {self.folder}. "
-                f"Resume with: {self.resume_hint or 'the same command'} --resume")
+                f"Resume with: {self.resume_hint or 'the same command'} --resume"
+            )
 
-    def finish_stage(self, stage: str, losses: list[float], generator: torch.Generator, next_stage: str,
-                     **info) -> None:
+    def finish_stage(
+        self, stage: str, losses: list[float], generator: torch.Generator, next_stage: str, **info
+    ) -> None:
         """Record a finished stage and checkpoint the start of the next one."""
         self.finished[stage] = {"losses": losses, **info}
         self.stage = next_stage
@@ -249,16 +284,25 @@ class Checkpointing:
             if torch.cuda.is_available():
                 tensors.update({f"rng/cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
             state = {
-                "format": RESUME_FORMAT, "format_version": RESUME_VERSION, "settings": self.settings,
-                "identity": self.identity, "stage": self.stage, "iteration": done, "total": iters,
-                "losses": losses, "finished": self.finished, "optimizer": structure,
+                "format": RESUME_FORMAT,
+                "format_version": RESUME_VERSION,
+                "settings": self.settings,
+                "identity": self.identity,
+                "stage": self.stage,
+                "iteration": done,
+                "total": iters,
+                "losses": losses,
+                "finished": self.finished,
+                "optimizer": structure,
                 "scheduler": None if scheduler is None else {"last_epoch": scheduler.last_epoch},
             }
             text = json.dumps(state)
             self.folder.mkdir(parents=True, exist_ok=True)
             tensors = {key: value.detach().to("cpu", copy=True).contiguous() for key, value in tensors.items()}
-            atomic_write(self.folder / STATE_TENSORS,  # the commit point
-                         lambda path: save_file(tensors, str(path), metadata={"format": RESUME_FORMAT, "state": text}))
+            atomic_write(
+                self.folder / STATE_TENSORS,  # the commit point
+                lambda path: save_file(tensors, str(path), metadata={"format": RESUME_FORMAT, "state": text}),
+            )
             readable = {key: value for key, value in state.items() if key not in ("losses", "finished")}
             readable["n_losses"] = len(losses)
             readable["finished_stages"] = sorted(self.finished)

@@ -16,11 +16,22 @@ from cada.methods.uniad import UniAD
 from cada.registry import METHODS
 
 
-def create_method(name: str, backbone: str, image_size: int, pretrained: bool = True,
-                  weights_path: str | None = None, **options) -> BaseMethod:
+def create_method(
+    name: str, backbone: str, image_size: int, pretrained: bool = True, weights_path: str | None = None, **options
+) -> BaseMethod:
     """The method `name`; `options` are the fields of its options block (Settings.method_options())."""
     return METHODS[name].cls(backbone, image_size, pretrained=pretrained, weights_path=weights_path, **options)
 
 
-__all__ = ["BaseMethod", "CFA", "DRAEM", "METHODS", "MethodOutput", "PatchCore", "ReContrast", "RevDist", "UniAD",
-           "create_method"]
+__all__ = [
+    "BaseMethod",
+    "CFA",
+    "DRAEM",
+    "METHODS",
+    "MethodOutput",
+    "PatchCore",
+    "ReContrast",
+    "RevDist",
+    "UniAD",
+    "create_method",
+]

@@ -29,8 +29,15 @@ class BaseMethod(nn.Module):
     score_scale: float = 0.1
     align_channels: int  # channels of `align_features`, so an aligner can be built before training
 
-    def fit(self, images: torch.Tensor, settings, generator: torch.Generator, progress: bool = True,
-            cache_gib: float = 4.0, trainer: Trainer | None = None) -> list[float]:
+    def fit(
+        self,
+        images: torch.Tensor,
+        settings,
+        generator: torch.Generator,
+        progress: bool = True,
+        cache_gib: float = 4.0,
+        trainer: Trainer | None = None,
+    ) -> list[float]:
         """Train on normal uint8 images (N x 3 x S x S) with the base-training `settings` (a resolved BaseTraining);
         returns the loss per iteration (empty: no gradient training). Frozen features are kept in memory when they
         fit in `cache_gib`. `trainer` carries the run's checkpoints (default: none, progress bars per `progress`)."""
@@ -42,8 +49,9 @@ class BaseMethod(nn.Module):
         self.eval()
         return losses
 
-    def objective(self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float,
-                  trainer: Trainer) -> tuple[list[dict], LossOf]:
+    def objective(
+        self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float, trainer: Trainer
+    ) -> tuple[list[dict], LossOf]:
         """(optimiser parameter groups, loss of a batch): a group without "lr" gets settings.lr; the loss is
         `loss_of(iteration, batch_indices)` over `images`, drawing any randomness from `generator`."""
         raise NotImplementedError

@@ -63,8 +63,14 @@ class CfaOptions:
     nu: float = 1e-3
     alpha: float = 0.1
     radius: float = 1e-5
-    RANGES: ClassVar[dict[str, str]] = {"gamma_d": "[1, 64]", "k": "[1, 1000]", "j": "[0, 1000]", "nu": "(0, 1]",
-                                        "alpha": "[0, 1000000]", "radius": "[0, 1000000]"}
+    RANGES: ClassVar[dict[str, str]] = {
+        "gamma_d": "[1, 64]",
+        "k": "[1, 1000]",
+        "j": "[0, 1000]",
+        "nu": "(0, 1]",
+        "alpha": "[0, 1000000]",
+        "radius": "[0, 1000000]",
+    }
 
 
 def _paper(settings) -> None:
@@ -88,9 +94,19 @@ class CFA(BaseMethod):
     # (0.1) and UniAD's (10) scales, so alpha 1.
     score_scale = 1.0
 
-    def __init__(self, backbone: str, image_size: int, pretrained: bool = True, weights_path: str | None = None,
-                 gamma_d: int = 1, k: int = 3, j: int = 3, nu: float = 1e-3, alpha: float = 0.1,
-                 radius: float = 1e-5):
+    def __init__(
+        self,
+        backbone: str,
+        image_size: int,
+        pretrained: bool = True,
+        weights_path: str | None = None,
+        gamma_d: int = 1,
+        k: int = 3,
+        j: int = 3,
+        nu: float = 1e-3,
+        alpha: float = 0.1,
+        radius: float = 1e-5,
+    ):
         super().__init__()
         self.encoder = create_encoder(backbone, pretrained=pretrained, weights_path=weights_path, stages="revdist")
         channels = sum(self.encoder.channels)
@@ -107,8 +123,9 @@ class CFA(BaseMethod):
         """Encoder scales -> patch descriptors B x D x grid x grid."""
         size = features[0].shape[-2:]
         pooled = [F.avg_pool2d(f, 3, 1, 1) for f in features]
-        stacked = torch.cat([pooled[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-                                           for f in pooled[1:]], dim=1)
+        stacked = torch.cat(
+            [pooled[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in pooled[1:]], dim=1
+        )
         return self.descriptor(stacked)
 
     def nearest_squared_distances(self, descriptors: torch.Tensor, count: int) -> torch.Tensor:
@@ -157,8 +174,9 @@ class CFA(BaseMethod):
             total += self.describe(features[batch]).flatten(2).sum(dim=0)
         self.centroids.copy_(total / n_images)
 
-    def objective(self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float,
-                  trainer: Trainer) -> tuple[list[dict], LossOf]:
+    def objective(
+        self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float, trainer: Trainer
+    ) -> tuple[list[dict], LossOf]:
         """Initialise the memory bank, then train the descriptor (and r) with the soft-boundary loss."""
         features = FeatureSource(self.encoder, images, settings.batch_size, cache_gib, trainer.stop_point)
         self.eval()

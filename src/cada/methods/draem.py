@@ -57,8 +57,9 @@ def _double_conv(in_channels: int, out_channels: int, middle: int | None = None)
 
 
 def _up(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
-                         *_conv_bn_relu(in_channels, out_channels))
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True), *_conv_bn_relu(in_channels, out_channels)
+    )
 
 
 class ReconstructiveNetwork(nn.Module):
@@ -69,17 +70,25 @@ class ReconstructiveNetwork(nn.Module):
         super().__init__()
         w = width
         self.encoder = nn.Sequential(
-            _double_conv(channels, w), nn.MaxPool2d(2),
-            _double_conv(w, 2 * w), nn.MaxPool2d(2),
-            _double_conv(2 * w, 4 * w), nn.MaxPool2d(2),
-            _double_conv(4 * w, 8 * w), nn.MaxPool2d(2),
+            _double_conv(channels, w),
+            nn.MaxPool2d(2),
+            _double_conv(w, 2 * w),
+            nn.MaxPool2d(2),
+            _double_conv(2 * w, 4 * w),
+            nn.MaxPool2d(2),
+            _double_conv(4 * w, 8 * w),
+            nn.MaxPool2d(2),
             _double_conv(8 * w, 8 * w),
         )
         self.decoder = nn.Sequential(
-            _up(8 * w, 8 * w), _double_conv(8 * w, 4 * w, middle=8 * w),
-            _up(4 * w, 4 * w), _double_conv(4 * w, 2 * w, middle=4 * w),
-            _up(2 * w, 2 * w), _double_conv(2 * w, w, middle=2 * w),
-            _up(w, w), _double_conv(w, w),
+            _up(8 * w, 8 * w),
+            _double_conv(8 * w, 4 * w, middle=8 * w),
+            _up(4 * w, 4 * w),
+            _double_conv(4 * w, 2 * w, middle=4 * w),
+            _up(2 * w, 2 * w),
+            _double_conv(2 * w, w, middle=2 * w),
+            _up(w, w),
+            _double_conv(w, w),
             nn.Conv2d(w, channels, 3, padding=1),
         )
 
@@ -139,8 +148,9 @@ def _fade(t: torch.Tensor) -> torch.Tensor:
     return t * t * t * (t * (t * 6 - 15) + 10)
 
 
-def perlin_noise(count: int, height: int, width: int, cells: tuple[int, int], generator: torch.Generator
-                 ) -> torch.Tensor:
+def perlin_noise(
+    count: int, height: int, width: int, cells: tuple[int, int], generator: torch.Generator
+) -> torch.Tensor:
     """`count` 2-D Perlin noise maps (count x height x width, roughly in [-1, 1]) with cells[0] x cells[1] lattice
     cells; vectorised over maps and pixels. Random gradient directions come from `generator`."""
     cells_y, cells_x = cells
@@ -171,8 +181,7 @@ def _rotate(maps: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(maps.unsqueeze(1), grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
 
 
-def perlin_masks(count: int, size: int, generator: torch.Generator, threshold: float = MASK_THRESHOLD
-                 ) -> torch.Tensor:
+def perlin_masks(count: int, size: int, generator: torch.Generator, threshold: float = MASK_THRESHOLD) -> torch.Tensor:
     """DRAEM's anomaly masks: count x size x size in {0, 1}. Per mask, Perlin noise with 2^a x 2^b cells
     (a, b in 0..5), rotated by an angle in (-90, 90) degrees, thresholded at `threshold`."""
     octaves = torch.randint(0, PERLIN_MAX_OCTAVE, (count, 2), generator=generator)
@@ -194,14 +203,16 @@ def procedural_textures(count: int, size: int, generator: torch.Generator) -> to
     textures = []
     for _ in range(count):
         base = int(torch.randint(1, 4, (), generator=generator))
-        noise = sum(perlin_noise(1, size, size, (2 ** (base + o), 2 ** (base + o)), generator)[0] / 2**o
-                    for o in range(3))
+        noise = sum(
+            perlin_noise(1, size, size, (2 ** (base + o), 2 ** (base + o)), generator)[0] / 2**o for o in range(3)
+        )
         weight = torch.sigmoid(noise * float(_uniform((), 1.5, 4.0, generator)))
         colours = torch.rand(2, 3, 1, 1, generator=generator)
         texture = colours[0] * weight + colours[1] * (1 - weight)
         if float(torch.rand((), generator=generator)) < 0.5:
-            y, x = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
-                                  indexing="ij")
+            y, x = torch.meshgrid(
+                torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+            )
             angle = float(_uniform((), 0, math.pi, generator))
             period = float(_uniform((), 4, size / 4, generator))
             u = (x * math.cos(angle) + y * math.sin(angle)) / period
@@ -242,8 +253,9 @@ def _colour_operations(textures: torch.Tensor, generator: torch.Generator, ops_p
     return torch.stack(out)
 
 
-def synthesize_anomalies(clean: torch.Tensor, sources: torch.Tensor, generator: torch.Generator
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def synthesize_anomalies(
+    clean: torch.Tensor, sources: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DRAEM's training input: (augmented images B x 3 x S x S in [0, 1], masks B x S x S in {0, 1}).
 
     `clean` are the batch's images in [0, 1]; `sources` (uint8 N x 3 x S x S) the training set, from which other
@@ -292,8 +304,9 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window_size: int = 11) -> torch.Tenso
     return ssim_map.mean()
 
 
-def focal_loss(probabilities: torch.Tensor, masks: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5
-               ) -> torch.Tensor:
+def focal_loss(
+    probabilities: torch.Tensor, masks: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5
+) -> torch.Tensor:
     """DRAEM's focal loss on softmax probabilities (B x 2 x H x W) against masks (B x H x W in {0, 1}),
     with its label smoothing of the one-hot target."""
     target = torch.stack([1 - masks, masks], dim=1).clamp(smooth, 1 - smooth)
@@ -317,8 +330,9 @@ def _paper(settings) -> None:
     # DRAEM's own schedule (its train_DRAEM.py): Adam (AdamW without weight decay is Adam) lr 1e-4, batch 8,
     # 700 epochs, every lr x0.2 at 80% and 90% (on MVTec AD's 3629 training images mixed: 317,538 steps).
     # The wide_resnet50_2 encoder only feeds the aligner.
-    settings.base = BaseTraining(iters=None, epochs=700, batch_size=8, lr=1e-4, weight_decay=0.0,
-                                 lr_drop_at=[0.8, 0.9], lr_drop=0.2)
+    settings.base = BaseTraining(
+        iters=None, epochs=700, batch_size=8, lr=1e-4, weight_decay=0.0, lr_drop_at=[0.8, 0.9], lr_drop=0.2
+    )
 
 
 def _cpu(settings) -> None:
@@ -333,8 +347,15 @@ def _cpu(settings) -> None:
 class DRAEM(BaseMethod):
     score_scale = 0.1  # the map is a probability in 0..1, like RevDist's cosine distances
 
-    def __init__(self, backbone: str, image_size: int, pretrained: bool = True, weights_path: str | None = None,
-                 reconstructive_width: int = 128, discriminative_width: int = 64):
+    def __init__(
+        self,
+        backbone: str,
+        image_size: int,
+        pretrained: bool = True,
+        weights_path: str | None = None,
+        reconstructive_width: int = 128,
+        discriminative_width: int = 64,
+    ):
         super().__init__()
         # Frozen ImageNet encoder: only for the aligner (DRAEM itself has none).
         self.encoder = create_encoder(backbone, pretrained=pretrained, weights_path=weights_path, stages="revdist")
@@ -362,8 +383,9 @@ class DRAEM(BaseMethod):
         anomaly_map = self.segment(pixels)[1].softmax(dim=1)[:, 1]
         return MethodOutput(anomaly_map, self.encoder(x)[-1])
 
-    def objective(self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float,
-                  trainer: Trainer) -> tuple[list[dict], LossOf]:
+    def objective(
+        self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float, trainer: Trainer
+    ) -> tuple[list[dict], LossOf]:
         """Train both sub-networks on synthetic anomalies over normal uint8 images (N x 3 x S x S).
 
         Loss per batch: MSE + (1 - SSIM) of the reconstruction against the clean image, plus the focal loss of

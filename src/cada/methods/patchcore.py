@@ -73,9 +73,13 @@ class PatchCoreSettings:
     coreset_block: int = 16384
     search_gib: float = 0.5
     neighbours: int = 9
-    RANGES: ClassVar[dict[str, str]] = {"coreset_ratio": "(0, 1]", "projection_dim": "[1, 4096]",
-                                        "coreset_block": "[1, 16777216]", "search_gib": "(0, 1024]",
-                                        "neighbours": "[1, 1000]"}
+    RANGES: ClassVar[dict[str, str]] = {
+        "coreset_ratio": "(0, 1]",
+        "projection_dim": "[1, 4096]",
+        "coreset_block": "[1, 16777216]",
+        "search_gib": "(0, 1024]",
+        "neighbours": "[1, 1000]",
+    }
 
 
 def squared_distances(queries: torch.Tensor, keys: torch.Tensor, keys_sq: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,8 +95,9 @@ def chunk_rows(n_queries: int, budget_gib: float) -> int:
     return max(1, int(budget_gib * 2**30) // (FLOAT_BYTES * max(1, n_queries)))
 
 
-def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int = 1,
-                       chunk: int | None = None, budget_gib: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_neighbours(
+    queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int | None = None, budget_gib: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The k nearest bank rows of each query: (L2 distances Q x k ascending, indices Q x k).
 
     The bank is read in chunks of `chunk` rows (default: as many as fit `budget_gib` for all queries at once);
@@ -113,7 +118,9 @@ def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int = 1,
             values, index = distances.topk(min(k, len(keys)), dim=1, largest=False)
         values, index = torch.cat([best, values], dim=1), torch.cat([best_index, index + start], dim=1)
         if values.shape[1] > k:  # earlier chunks first, so ties keep the lower index, as a brute-force min does
-            order = values.topk(k, dim=1, largest=False, sorted=True).indices if k > 1 else values.argmin(1, keepdim=True)
+            order = (
+                values.topk(k, dim=1, largest=False, sorted=True).indices if k > 1 else values.argmin(1, keepdim=True)
+            )
             values, index = values.gather(1, order), index.gather(1, order)
         best, best_index = values, index
     if k > 1:  # a single chunk's topk is sorted already; keep the contract explicit either way
@@ -154,8 +161,9 @@ class PatchCore(BaseMethod):
     # errors below the typical normal score and linear (robust) above it.
     score_scale = 10.0
 
-    def __init__(self, backbone: str, image_size: int, pretrained: bool = True, weights_path: str | None = None,
-                 **options):
+    def __init__(
+        self, backbone: str, image_size: int, pretrained: bool = True, weights_path: str | None = None, **options
+    ):
         super().__init__()
         self.encoder = create_encoder(backbone, pretrained=pretrained, weights_path=weights_path, stages="revdist")
         self.image_size = image_size
@@ -190,8 +198,9 @@ class PatchCore(BaseMethod):
         middle, deep = self.local_features(x)
         embedding = self.patch_embedding(middle, deep)
         batch, patches, channels = embedding.shape
-        distance, index = nearest_neighbours(embedding.reshape(-1, channels), self.memory_bank,
-                                             budget_gib=self.options.search_gib)
+        distance, index = nearest_neighbours(
+            embedding.reshape(-1, channels), self.memory_bank, budget_gib=self.options.search_gib
+        )
         shape = (batch,) + middle.shape[-2:]
         return distance.view(shape), index.view(shape), embedding, deep
 
@@ -226,16 +235,24 @@ class PatchCore(BaseMethod):
         s_star = scores.flatten(1)[batch, worst]
         test_patch = embedding[batch, worst]  # B x C
         m_star = self.memory_bank[index.flatten(1)[batch, worst]]
-        _, support = nearest_neighbours(m_star, self.memory_bank, k=self.options.neighbours,
-                                        budget_gib=self.options.search_gib)
+        _, support = nearest_neighbours(
+            m_star, self.memory_bank, k=self.options.neighbours, budget_gib=self.options.search_gib
+        )
         support_distance = (self.memory_bank[support] - test_patch.unsqueeze(1)).norm(dim=2)  # B x b
         weight = 1 - torch.exp(s_star - torch.logsumexp(support_distance, dim=1))
         return weight * s_star
 
     # -- fit -----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def fit(self, images: torch.Tensor, settings, generator: torch.Generator, progress: bool = True,
-            cache_gib: float = 4.0, trainer: Trainer | None = None) -> list[float]:
+    def fit(
+        self,
+        images: torch.Tensor,
+        settings,
+        generator: torch.Generator,
+        progress: bool = True,
+        cache_gib: float = 4.0,
+        trainer: Trainer | None = None,
+    ) -> list[float]:
         """Build the memory bank from normal uint8 images (N x 3 x S x S) in one streamed pass.
 
         `settings` is the base-training settings: only `batch_size` (encoder batch) is read; PatchCore has
@@ -261,14 +278,18 @@ class PatchCore(BaseMethod):
             kept += counts[-1]
         bank = torch.empty(kept, self.embedding_dim)
         filled = 0
-        for start, count in tqdm(list(zip(starts, counts)), desc="patchcore coreset", disable=not trainer.progress,
-                                 leave=False):
+        for start, count in tqdm(
+            list(zip(starts, counts)), desc="patchcore coreset", disable=not trainer.progress, leave=False
+        ):
             block = images[start : start + block_images]
             pieces = []
             for i in range(0, len(block), batch_size):
                 trainer.stop_point("building the PatchCore memory bank")
-                pieces.append(self.patch_embedding(*self.local_features(normalize(block[i : i + batch_size])))
-                              .reshape(-1, self.embedding_dim))
+                pieces.append(
+                    self.patch_embedding(*self.local_features(normalize(block[i : i + batch_size]))).reshape(
+                        -1, self.embedding_dim
+                    )
+                )
             features = torch.cat(pieces)
             del pieces
             first = int(torch.randint(len(features), (1,), generator=generator))

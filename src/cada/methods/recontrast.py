@@ -44,8 +44,9 @@ def _scale_gradient(gradient: torch.Tensor, easy: torch.Tensor, factor: float) -
     return torch.where(easy, gradient * factor, gradient)
 
 
-def hard_mined_cosine_loss(targets: list[torch.Tensor], rebuilt: list[torch.Tensor], alpha: float,
-                           factor: float = EASY_GRADIENT_FACTOR) -> torch.Tensor:
+def hard_mined_cosine_loss(
+    targets: list[torch.Tensor], rebuilt: list[torch.Tensor], alpha: float, factor: float = EASY_GRADIENT_FACTOR
+) -> torch.Tensor:
     """ReContrast's global cosine loss with hard mining, summed over the pairs.
 
     The loss is RevDist's flattened cosine distance (targets detached). Positions whose distance
@@ -101,13 +102,16 @@ class ReContrast(BaseMethod):
         targets, rebuilt, embedding = self.pairs(x)
         return MethodOutput(cosine_distance_map(targets, rebuilt, x.shape[-1]), embedding)
 
-    def objective(self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float,
-                  trainer: Trainer) -> tuple[list[dict], LossOf]:
+    def objective(
+        self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float, trainer: Trainer
+    ) -> tuple[list[dict], LossOf]:
         """Train bottleneck, decoder and heads (settings.lr) and the trainable encoder (settings.encoder_lr)."""
         frozen = FeatureSource(self.encoder, images, settings.batch_size, cache_gib, trainer.stop_point)
         reconstruction = [*self.bottleneck.parameters(), *self.decoder.parameters(), *self.heads.parameters()]
-        groups = [{"params": reconstruction},
-                  {"params": list(self.trainable_encoder.parameters()), "lr": settings.encoder_lr}]
+        groups = [
+            {"params": reconstruction},
+            {"params": list(self.trainable_encoder.parameters()), "lr": settings.encoder_lr},
+        ]
 
         def loss_of(iteration: int, batch: torch.Tensor) -> torch.Tensor:
             targets, rebuilt, _ = self.pairs(normalize(images[batch]), frozen[batch])

@@ -158,8 +158,9 @@ class RevDist(BaseMethod):
         embedding, decoded = self.reconstruct(encoded)
         return MethodOutput(cosine_distance_map(encoded, decoded, x.shape[-1]), embedding)
 
-    def objective(self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float,
-                  trainer: Trainer) -> tuple[list[dict], LossOf]:
+    def objective(
+        self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float, trainer: Trainer
+    ) -> tuple[list[dict], LossOf]:
         """Train bottleneck and decoder on normal images (uint8 N x 3 x S x S); the encoder stays frozen."""
         features = FeatureSource(self.encoder, images, settings.batch_size, cache_gib, trainer.stop_point)
 

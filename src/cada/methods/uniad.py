@@ -34,8 +34,9 @@ def neighbour_mask(grid: int, window: int) -> torch.Tensor:
 
 
 def _feed_forward(dim: int, hidden: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, dim),
-                         nn.Dropout(dropout))
+    return nn.Sequential(
+        nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
+    )
 
 
 class EncoderLayer(nn.Module):
@@ -78,8 +79,17 @@ class DecoderLayer(nn.Module):
 class NeighbourMaskedTransformer(nn.Module):
     """Tokens (B x grid² x channels) -> rebuilt tokens; every attention excludes each token's neighbourhood."""
 
-    def __init__(self, channels: int, grid: int, dim: int = 256, heads: int = 8, layers: int = 4, hidden: int = 1024,
-                 dropout: float = 0.1, window: int = NEIGHBOURHOOD):
+    def __init__(
+        self,
+        channels: int,
+        grid: int,
+        dim: int = 256,
+        heads: int = 8,
+        layers: int = 4,
+        hidden: int = 1024,
+        dropout: float = 0.1,
+        window: int = NEIGHBOURHOOD,
+    ):
         super().__init__()
         self.input_projection = nn.Linear(channels, dim)
         # Learned 2-D position embedding: half the channels from the column, half from the row.
@@ -154,11 +164,13 @@ class UniAD(BaseMethod):
         anomaly_map = F.interpolate(distance, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return MethodOutput(anomaly_map.squeeze(1), features)
 
-    def objective(self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float,
-                  trainer: Trainer) -> tuple[list[dict], LossOf]:
+    def objective(
+        self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float, trainer: Trainer
+    ) -> tuple[list[dict], LossOf]:
         """Train the transformer to rebuild clean features from jittered ones (MSE); the encoder stays frozen."""
-        features = FeatureSource(lambda x: [self.features(x)], images, settings.batch_size, cache_gib,
-                                 trainer.stop_point)
+        features = FeatureSource(
+            lambda x: [self.features(x)], images, settings.batch_size, cache_gib, trainer.stop_point
+        )
 
         def loss_of(iteration: int, batch: torch.Tensor) -> torch.Tensor:
             clean = features[batch][0]

@@ -52,8 +52,12 @@ def _results_table(results: dict) -> str:
     for row in results["rows"] + results.get("oracle", []):
         cells = [row["align"], row["protocol"], *(_percent(row.get(k)) for k in METRICS)]
         if has_decisions:
-            cells += [_percent(row.get("fpr")), _percent(row.get("recall")), _percent(row.get("f1")),
-                      f"{_percent(row.get('class_fpr_min'))}–{_percent(row.get('class_fpr_max'))}"]
+            cells += [
+                _percent(row.get("fpr")),
+                _percent(row.get("recall")),
+                _percent(row.get("f1")),
+                f"{_percent(row.get('class_fpr_min'))}–{_percent(row.get('class_fpr_max'))}",
+            ]
         css = ' class="aligned"' if row["align"] != "none" else ""
         body.append(f"<tr{css}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
@@ -66,8 +70,14 @@ def _per_product_table(results: dict) -> str:
     for align_name, block in results.get("per_product", {}).items():
         for product, values in block["products"].items():
             median = values["median_normal_score"]
-            cells = [align_name, product, "–" if median is None else f"{median:.3g}", _percent(values["fpr"]),
-                     _percent(values["recall"]), f"{block['threshold']:.4g} ({block['threshold_source']})"]
+            cells = [
+                align_name,
+                product,
+                "–" if median is None else f"{median:.3g}",
+                _percent(values["fpr"]),
+                _percent(values["recall"]),
+                f"{block['threshold']:.4g} ({block['threshold_source']})",
+            ]
             css = ' class="aligned"' if align_name != "none" else ""
             body.append(f"<tr{css}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
@@ -104,15 +114,20 @@ def _gallery(outputs: EvalOutputs, indices: list[int], scores: np.ndarray, thres
         sample = outputs.samples[index]
         truth = f'<span class="{"anomalous" if sample.label else "normal"}">{html.escape(sample.defect)}</span>'
         decision = "" if threshold is None else (" · flagged" if scores[index] >= threshold else " · passed")
-        caption = f"{html.escape(sample.class_name)} / {truth} · score {scores[index]:.3f}{decision}<br>" \
-                  f"<span class=meta>{html.escape(Path(sample.path).name)}</span>"
-        figures.append(f'<figure><img src="{_png(_tile(outputs, index, size))}" alt="{html.escape(str(sample.path))}">'
-                       f"<figcaption>{caption}</figcaption></figure>")
+        caption = (
+            f"{html.escape(sample.class_name)} / {truth} · score {scores[index]:.3f}{decision}<br>"
+            f"<span class=meta>{html.escape(Path(sample.path).name)}</span>"
+        )
+        figures.append(
+            f'<figure><img src="{_png(_tile(outputs, index, size))}" alt="{html.escape(str(sample.path))}">'
+            f"<figcaption>{caption}</figcaption></figure>"
+        )
     return f'<div class="gallery">{"".join(figures)}</div>'
 
 
-def write_report(folder: str | Path, results: dict, outputs: EvalOutputs, detector, figure: Path | None = None,
-                 per_side: int = 8) -> Path:
+def write_report(
+    folder: str | Path, results: dict, outputs: EvalOutputs, detector, figure: Path | None = None, per_side: int = 8
+) -> Path:
     """Write FOLDER/report.html and return its path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -123,28 +138,43 @@ def write_report(folder: str | Path, results: dict, outputs: EvalOutputs, detect
     threshold = detector.threshold if aligned else (detector.calibration or {}).get("base_threshold")
     meta = results.get("meta", {})
     calibration = detector.calibration
-    threshold_line = ("no threshold yet: run <code>cada calibrate</code>" if calibration is None else
-                      f"threshold {calibration['threshold']:.4f} ({calibration['how']}, {html.escape(calibration['source'])})")
+    threshold_line = (
+        "no threshold yet: run <code>cada calibrate</code>"
+        if calibration is None
+        else f"threshold {calibration['threshold']:.4f} ({calibration['how']}, {html.escape(calibration['source'])})"
+    )
     sections = [
         f"<h1>cada evaluation: {html.escape(detector.settings.method)} + {html.escape(detector.settings.align)}</h1>",
         f"<p class=meta>data {html.escape(str(meta.get('data', '')))} · {meta.get('n_test_images', len(scores))} test "
         f"images · {html.escape(detector.settings.backbone)} at {size}px · {threshold_line}</p>",
         "<h2>Results</h2><p>absolute-unified: all classes pooled, one threshold; model-unified: per class, then "
-        "averaged. Percent.</p>", _results_table(results),
-        "<h2>Per class</h2>", _per_class_table(results),
+        "averaged. Percent.</p>",
+        _results_table(results),
+        "<h2>Per class</h2>",
+        _per_class_table(results),
         "<h2>Per product at one pooled threshold</h2><p>oracle: each product's image scores z-scored with its own "
-        "training images (class names known): the ceiling of any alignment of this base.</p>", _per_product_table(results),
+        "training images (class names known): the ceiling of any alignment of this base.</p>",
+        _per_product_table(results),
     ]
     if figure is not None and Path(figure).is_file():
         data = base64.b64encode(Path(figure).read_bytes()).decode()
-        sections += ["<h2>Image scores per class</h2>", f'<img src="data:image/png;base64,{data}" style="max-width:100%">']
-    legend = (f"Each tile: the image, its {'aligned ' if aligned else ''}anomaly map over it (one fixed colour scale "
-              f"for every image, 0 to {HEATMAP_MAX:g}: blue is normal, red far above normal), and the ground-truth mask.")
-    sections += [f"<h2>Most anomalous test images</h2><p class=meta>{legend}</p>",
-                 _gallery(outputs, order[:per_side].tolist(), scores, threshold, size),
-                 "<h2>Least anomalous test images</h2>",
-                 _gallery(outputs, order[::-1][:per_side].tolist(), scores, threshold, size)]
-    page = (f"<!doctype html><html><head><meta charset=utf-8><title>cada report</title><style>{STYLE}</style>"
-            f"</head><body>{''.join(sections)}</body></html>")
+        sections += [
+            "<h2>Image scores per class</h2>",
+            f'<img src="data:image/png;base64,{data}" style="max-width:100%">',
+        ]
+    legend = (
+        f"Each tile: the image, its {'aligned ' if aligned else ''}anomaly map over it (one fixed colour scale "
+        f"for every image, 0 to {HEATMAP_MAX:g}: blue is normal, red far above normal), and the ground-truth mask."
+    )
+    sections += [
+        f"<h2>Most anomalous test images</h2><p class=meta>{legend}</p>",
+        _gallery(outputs, order[:per_side].tolist(), scores, threshold, size),
+        "<h2>Least anomalous test images</h2>",
+        _gallery(outputs, order[::-1][:per_side].tolist(), scores, threshold, size),
+    ]
+    page = (
+        f"<!doctype html><html><head><meta charset=utf-8><title>cada report</title><style>{STYLE}</style>"
+        f"</head><body>{''.join(sections)}</body></html>"
+    )
     path = folder / "report.html"
     return atomic_write(path, page)  # names that are not UTF-8 come out escaped

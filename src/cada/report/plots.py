@@ -13,8 +13,9 @@ from cada.scoring import align
 NORMAL_COLOUR, ANOMALOUS_COLOUR = "#2b6cb0", "#d9480f"
 
 
-def _strip(axis, scores: np.ndarray, labels: np.ndarray, class_names: np.ndarray, classes: list[str],
-           rng: np.random.Generator) -> None:
+def _strip(
+    axis, scores: np.ndarray, labels: np.ndarray, class_names: np.ndarray, classes: list[str], rng: np.random.Generator
+) -> None:
     """One column per class: normal images left, anomalous right, jittered so that every image is a dot."""
     for position, name in enumerate(classes):
         for offset, label, colour in ((-0.18, 0, NORMAL_COLOUR), (0.18, 1, ANOMALOUS_COLOUR)):
@@ -24,13 +25,25 @@ def _strip(axis, scores: np.ndarray, labels: np.ndarray, class_names: np.ndarray
             jitter = rng.uniform(-0.12, 0.12, values.size)
             axis.scatter(position + offset + jitter, values, s=9, alpha=0.6, color=colour, linewidths=0)
             axis.hlines(np.median(values), position + offset - 0.15, position + offset + 0.15, color="black", lw=1.5)
-    axis.set_xticks(range(len(classes)), classes, rotation=30 if len(classes) > 6 else 0, ha="right" if len(classes) > 6 else "center")
+    axis.set_xticks(
+        range(len(classes)),
+        classes,
+        rotation=30 if len(classes) > 6 else 0,
+        ha="right" if len(classes) > 6 else "center",
+    )
     axis.set_xlim(-0.6, len(classes) - 0.4)
     axis.grid(axis="y", alpha=0.3)
 
 
-def score_distributions(base_scores: np.ndarray, u: np.ndarray, spread: np.ndarray, labels: np.ndarray,
-                        class_names: np.ndarray, path: str | Path, align_name: str = "cada") -> Path:
+def score_distributions(
+    base_scores: np.ndarray,
+    u: np.ndarray,
+    spread: np.ndarray,
+    labels: np.ndarray,
+    class_names: np.ndarray,
+    path: str | Path,
+    align_name: str = "cada",
+) -> Path:
     """One PNG: top row the base image scores per class, bottom row the aligned ones.
 
     The dashed line is the one pooled threshold with the best balanced accuracy (TPR - FPR, Youden's J; F1 would
@@ -47,8 +60,9 @@ def score_distributions(base_scores: np.ndarray, u: np.ndarray, spread: np.ndarr
     rows = [("base map (no alignment)", base_scores)]
     if align_name != "none":
         rows.append((f"aligned ({align_name})", aligned))
-    figure, axes = plt.subplots(len(rows), 1, figsize=(max(7.0, 1.8 * len(classes) + 3), 3.6 * len(rows)),
-                                squeeze=False)
+    figure, axes = plt.subplots(
+        len(rows), 1, figsize=(max(7.0, 1.8 * len(classes) + 3), 3.6 * len(rows)), squeeze=False
+    )
     rng = np.random.default_rng(0)
     for axis, (title, scores) in zip(axes[:, 0], rows):
         _strip(axis, scores, labels, class_names, classes, rng)
@@ -59,10 +73,12 @@ def score_distributions(base_scores: np.ndarray, u: np.ndarray, spread: np.ndarr
             title += f": all classes pooled, I-AUROC {100 * auroc(scores, labels):.1f}"
         axis.set_title(title, fontsize=11, loc="left")
         axis.set_ylabel("image score")
-    handles = [plt.Line2D([], [], marker="o", ls="", color=NORMAL_COLOUR, label="normal"),
-               plt.Line2D([], [], marker="o", ls="", color=ANOMALOUS_COLOUR, label="anomalous"),
-               plt.Line2D([], [], color="black", ls="--", label="one threshold for all\n(best TPR - FPR, pooled)"),
-               plt.Line2D([], [], color="black", label="median")]
+    handles = [
+        plt.Line2D([], [], marker="o", ls="", color=NORMAL_COLOUR, label="normal"),
+        plt.Line2D([], [], marker="o", ls="", color=ANOMALOUS_COLOUR, label="anomalous"),
+        plt.Line2D([], [], color="black", ls="--", label="one threshold for all\n(best TPR - FPR, pooled)"),
+        plt.Line2D([], [], color="black", label="median"),
+    ]
     axes[0, 0].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, frameon=False)
     figure.tight_layout()
     path = Path(path)
