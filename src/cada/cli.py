@@ -1,9 +1,10 @@
-"""The command-line front: `cada demo | synth | train | evaluate | calibrate | predict | export | ablate`.
+"""The command-line front: `cada demo | synth | train | evaluate | calibrate | predict | export | ablate | serve`.
 
 demo: train and evaluate on synthetic data; synth: write the synthetic data set; train: one model on all classes
 mixed (settings from a preset, --config FILE and --set key=value); evaluate: the protocols' metrics of a run;
 calibrate: choose a run's one threshold; predict: score image files; export: one ONNX graph; ablate: the paper's
-Tables 3-5. This module parses arguments and prints; the work is in cada.workflows and the modules it calls."""
+Tables 3-5; serve: an HTTP API and web page for a run or an exported model. This module parses arguments and
+prints; the work is in cada.workflows and the modules it calls."""
 
 from __future__ import annotations
 
