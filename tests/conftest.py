@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from cada.cli import main
+
 torch.set_num_threads(2)
 
 
@@ -50,3 +52,32 @@ def _image_cache_in_tmp(tmp_path_factory):
     patch.setenv("CADA_CACHE_DIR", str(tmp_path_factory.mktemp("image-cache")))
     yield
     patch.undo()
+
+
+@pytest.fixture(scope="session")
+def calibrated_run(tiny_data, tmp_path_factory):
+    """A tiny trained run with its threshold calibrated at 10% FPR on the training normals. Tests read it;
+    one that changes a run works on a copy."""
+    run = tmp_path_factory.mktemp("calibrated") / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(run),
+                "--image-size",
+                "64",
+                "--iters",
+                "3",
+                "--align-iters",
+                "5",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    normal = [str(tiny_data / name / "train" / "good") for name in ("weave", "marble", "washer", "circuit")]
+    assert main(["calibrate", str(run), "--normal", *normal, "--fpr", "0.1"]) == 0
+    return run

@@ -19,33 +19,6 @@ from cada.export import export_onnx, onnx_scorer
 DEFAULT_ALIGN = Settings().align  # what `cada train` aligns with unless told
 
 
-@pytest.fixture(scope="module")
-def calibrated_run(tiny_data, tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(tiny_data),
-                "--out",
-                str(run),
-                "--image-size",
-                "64",
-                "--iters",
-                "3",
-                "--align-iters",
-                "5",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
-    normal = [str(tiny_data / name / "train" / "good") for name in ("weave", "marble", "washer", "circuit")]
-    assert main(["calibrate", str(run), "--normal", *normal, "--fpr", "0.1"]) == 0
-    return run
-
-
 def test_calibrate_stores_how_the_threshold_was_chosen(calibrated_run):
     config = json.loads((calibrated_run / "config.json").read_text())
     calibration = config["calibration"]

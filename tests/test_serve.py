@@ -19,33 +19,6 @@ from cada.predict import load_model
 from cada.serve import make_server
 
 
-@pytest.fixture(scope="module")
-def run(tiny_data, tmp_path_factory):
-    run = tmp_path_factory.mktemp("serve") / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(tiny_data),
-                "--out",
-                str(run),
-                "--image-size",
-                "64",
-                "--iters",
-                "3",
-                "--align-iters",
-                "5",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
-    normal = [str(tiny_data / name / "train" / "good") for name in ("weave", "marble", "washer", "circuit")]
-    assert main(["calibrate", str(run), "--normal", *normal, "--fpr", "0.1"]) == 0
-    return run
-
-
 def start(model, source="run", **options):
     server = make_server(model, source, "127.0.0.1", 0, quiet=True, **options)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -53,8 +26,8 @@ def start(model, source="run", **options):
 
 
 @pytest.fixture(scope="module")
-def server(run):
-    server, url = start(load_model(run), str(run))
+def server(calibrated_run):
+    server, url = start(load_model(calibrated_run), str(calibrated_run))
     yield url
     server.shutdown()
     server.server_close()
@@ -94,19 +67,19 @@ def png(path=None, size=None, colour=(120, 60, 30)):
     return buffer.getvalue()
 
 
-def test_health_and_info(server, run):
+def test_health_and_info(server, calibrated_run):
     status, _, body = call(server + "/health")
     assert status == 200 and json.loads(body) == {"status": "ok"}
     status, _, body = call(server + "/info")
     info = json.loads(body)
-    config = json.loads((run / "config.json").read_text())
+    config = json.loads((calibrated_run / "config.json").read_text())
     assert status == 200 and info["threshold"] == config["calibration"]["threshold"]
     assert info["threshold_source"].startswith("stored in the run: at false-positive rate 0.1")
     assert info["settings"] == config["settings"] and info["image_size"] == 64 and info["cada_version"]
     assert "normal_scores" not in info["calibration"] and info["calibration"]["n_normal"] == 24
 
 
-def test_one_image_scores_as_cada_predict_does(server, run, tiny_data, tmp_path):
+def test_one_image_scores_as_cada_predict_does(server, calibrated_run, tiny_data, tmp_path):
     path = sorted((tiny_data / "washer" / "test").rglob("*.png"))[-1]
     status, headers, body = call(
         server + "/predict", path.read_bytes(), {"Content-Type": "image/png", "X-Image-Name": "part 7"}
@@ -114,7 +87,7 @@ def test_one_image_scores_as_cada_predict_does(server, run, tiny_data, tmp_path)
     assert status == 200 and headers["Content-Type"] == "application/json"
     answer = json.loads(body)
     (prediction,) = answer["predictions"]
-    assert main(["predict", str(run), str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert main(["predict", str(calibrated_run), str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     (expected,) = json.loads((tmp_path / "out" / "predictions.json").read_text())["predictions"]
     assert prediction["name"] == "part 7" and prediction["threshold"] == answer["threshold"]
     for key in ("score", "u", "spread"):
@@ -142,7 +115,7 @@ def test_a_batch_with_overlays_at_each_images_own_size(server, tiny_data):
     assert json.loads(alone)["predictions"][0]["score"] == pytest.approx(predictions[2]["score"], abs=1e-5)
 
 
-def test_bad_images_and_requests_get_one_line_4xx(server, run, monkeypatch):
+def test_bad_images_and_requests_get_one_line_4xx(server, calibrated_run, monkeypatch):
     status, _, body = call(server + "/predict", b"not an image", {"X-Image-Name": "broken.png"})
     error = json.loads(body)["error"]
     assert status == 400 and error.startswith("cannot read image broken.png") and "\n" not in error
@@ -159,8 +132,8 @@ def test_bad_images_and_requests_get_one_line_4xx(server, run, monkeypatch):
     assert status == 400 and "decompression bomb" in json.loads(answer)["error"]
 
 
-def test_oversized_requests_get_413(run):
-    server, url = start(load_model(run), max_request_bytes=1000)
+def test_oversized_requests_get_413(calibrated_run):
+    server, url = start(load_model(calibrated_run), max_request_bytes=1000)
     try:
         status, _, body = call(url + "/predict", png(size=(200, 200), colour=None) + b"\0" * 2000)
         assert status == 413 and "over this server's limit of 1,000" in json.loads(body)["error"]
@@ -222,8 +195,8 @@ def test_concurrent_requests_get_their_own_answers(server, tiny_data):
     assert np.allclose(scores, alone * 3, atol=1e-5) and len(set(np.round(alone, 6))) > 1
 
 
-def test_operating_point_and_exported_model(run, tiny_data, tmp_path):
-    assert main(["export", str(run), "--out", str(tmp_path / "model.onnx")]) == 0
+def test_operating_point_and_exported_model(calibrated_run, tiny_data, tmp_path):
+    assert main(["export", str(calibrated_run), "--out", str(tmp_path / "model.onnx")]) == 0
     path = sorted((tiny_data / "washer" / "test").rglob("*.png"))[0]
     server, url = start(load_model(tmp_path / "model.onnx", threshold=-1e6), "model.onnx")
     try:
@@ -236,14 +209,14 @@ def test_operating_point_and_exported_model(run, tiny_data, tmp_path):
         server.server_close()
 
 
-def test_serve_cli_refuses_bad_input_in_one_line(run, tmp_path, capsys):
+def test_serve_cli_refuses_bad_input_in_one_line(calibrated_run, tmp_path, capsys):
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
-    assert main(["serve", str(run), "--max-request-mb", "0"]) == 2
+    assert main(["serve", str(calibrated_run), "--max-request-mb", "0"]) == 2
     assert "--max-request-mb" in capsys.readouterr().err
-    busy = make_server(load_model(run), "run", "127.0.0.1", 0)
+    busy = make_server(load_model(calibrated_run), "run", "127.0.0.1", 0)
     try:
-        assert main(["serve", str(run), "--port", str(busy.server_address[1])]) == 2
+        assert main(["serve", str(calibrated_run), "--port", str(busy.server_address[1])]) == 2
         error = capsys.readouterr().err
         assert "cannot listen on 127.0.0.1 port" in error and "in use" in error
     finally:
