@@ -10,6 +10,7 @@ from cada.cli import build_parser, main
 from cada.config import BaseTraining, Settings, preset
 from cada.data.dataset import load_all, normalize
 from cada.data.mvtec import mvtec_samples
+from cada.methods import patchcore
 from cada.methods.patchcore import PatchCore, PatchCoreSettings, chunk_rows, greedy_coreset, nearest_neighbours
 from cada.workflows import settings_from_options
 
@@ -49,6 +50,28 @@ def test_chunked_search_equals_brute_force(chunk):
     values, expected = exact.topk(5, dim=1, largest=False)
     assert torch.equal(index, expected)
     assert torch.allclose(distance.double(), values, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_tiled_search_with_exclusion_equals_masked_brute_force(monkeypatch, k):
+    """Several query blocks and bank chunks, each query barred from the bank rows of its own group."""
+    monkeypatch.setattr(patchcore, "QUERY_BLOCK", 7)
+    generator = torch.Generator().manual_seed(k)
+    queries, bank = torch.randn(40, 8, generator=generator), torch.randn(90, 8, generator=generator)
+    query_group, bank_group = torch.arange(40) % 5, torch.randint(0, 6, (90,), generator=generator)
+    exact = torch.cdist(queries.double(), bank.double())
+    exact[query_group[:, None] == bank_group[None, :]] = math.inf
+    values, expected = exact.topk(k, dim=1, largest=False)
+    distance, index = nearest_neighbours(queries, bank, k=k, chunk=13, exclude=(query_group, bank_group))
+    assert torch.equal(index, expected)
+    assert torch.allclose(distance.double(), values, atol=1e-4)
+    assert (bank_group[index] != query_group[:, None]).all()
+
+
+def test_search_keeps_the_lower_index_on_ties():
+    queries, bank = torch.zeros(3, 4), torch.ones(10, 4)  # every bank row at the same distance
+    assert nearest_neighbours(queries, bank, chunk=3)[1][:, 0].tolist() == [0, 0, 0]
+    assert nearest_neighbours(queries, bank, k=4, chunk=3)[1].tolist() == [[0, 1, 2, 3]] * 3
 
 
 def test_chunk_follows_the_memory_budget():
@@ -101,6 +124,35 @@ def test_bank_rows_are_training_patches_and_blocks_keep_the_ratio(images, block)
     nearest = torch.cdist(model.memory_bank.double(), features.double()).amin(dim=1)
     assert (nearest < 1e-3).all()  # every centre is one of the training patches (up to batch-size rounding)
     assert len(torch.unique(model.memory_bank, dim=0)) == len(model.memory_bank)
+
+
+def test_training_maps_leave_each_images_own_patches_out(images):
+    model = fitted(images[:10], coreset_block=200, coreset_ratio=0.25)
+    x = normalize(images[:10])
+    with torch.no_grad():
+        features = model.patch_embedding(*model.local_features(x))  # 10 x 64 patches x 152
+    # each bank row is a patch of the image it is said to come from
+    source = features[model.bank_image.long()]  # rows x 64 x 152
+    assert ((source - model.memory_bank[:, None]).norm(dim=2).amin(dim=1) < 1e-3).all()
+    assert len(set(model.bank_image.tolist())) == 10
+    with torch.no_grad():
+        seen, left_out = model(x[3:6]).anomaly_map, model.training_output(x[3:6], torch.arange(3, 6)).anomaly_map
+    assert (left_out >= seen - 1e-5).all() and (left_out.mean(dim=(1, 2)) > seen.mean(dim=(1, 2))).all()
+    for i in range(3, 6):  # the map against the bank without image i's rows
+        others = model.memory_bank[model.bank_image != i].double()
+        nearest = torch.cdist(features[i].double(), others).amin(dim=1).view(1, 1, 8, 8).float()
+        expected = torch.nn.functional.interpolate(nearest, size=(64, 64), mode="bilinear", align_corners=False)
+        assert torch.allclose(left_out[i - 3], expected[0, 0], atol=1e-4)
+
+
+def test_a_bank_saved_without_its_source_images_still_loads(model, images):
+    state = {k: v for k, v in model.state_dict().items() if k != "bank_image"}
+    old = PatchCore("efficientnet_lite0", 64, pretrained=False)
+    old.load_state_dict(state)
+    assert (old.bank_image == -1).all() and len(old.bank_image) == len(model.memory_bank)
+    x = normalize(images[:2])
+    with torch.no_grad():  # nothing to leave out: the training maps are the plain maps
+        assert torch.equal(old.training_output(x, torch.arange(2)).anomaly_map, model(x).anomaly_map)
 
 
 def test_one_block_is_the_plain_greedy_on_projections(images):

@@ -86,6 +86,14 @@ class Ablation:
         started = time.perf_counter()
         self.detector = detector
         images, kept = load_all(train_samples, detector.settings.image_size)
+        trained_on = detector.training_info.get("n_images")
+        if trained_on is not None and trained_on != len(images):
+            # the training-set maps must be of the very images the base was fitted on (PatchCore leaves each
+            # image's own bank rows out by its index)
+            raise ValueError(
+                f"the run was trained on {trained_on} images, not these {len(images)}: give the training images "
+                "it was fitted on"
+            )
         self.train_features, self.train_stats = detector.training_statistics(images)
         self.train_class_names = [s.class_name for s in kept]
         self.test = collect(detector, test_samples, progress=progress, keep_features=True)

@@ -345,7 +345,8 @@ class Detector:
             range(0, len(images), batch_size), desc="training-set maps", disable=not progress, leave=False
         ):
             trainer.stop_point("computing the maps of the training images")
-            output = self.method(normalize(images[start : start + batch_size]))
+            batch = images[start : start + batch_size]
+            output = self.method.training_output(normalize(batch), torch.arange(start, start + len(batch)))
             features.append(output.align_features)
             targets.append(
                 map_statistics(output.anomaly_map, self.settings.smoothing_sigma, self.settings.top_fraction)

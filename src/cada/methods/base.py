@@ -58,3 +58,9 @@ class BaseMethod(nn.Module):
 
     def forward(self, x: torch.Tensor) -> MethodOutput:
         raise NotImplementedError
+
+    def training_output(self, x: torch.Tensor, image_index: torch.Tensor) -> MethodOutput:
+        """The output on `fit`'s own training images of these indices (B), from which the aligner's targets come.
+        A method that has memorised its training images (PatchCore's bank) leaves each image's own share out,
+        so that these maps look like those of unseen normal images."""
+        return self(x)

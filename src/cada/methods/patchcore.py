@@ -31,11 +31,11 @@ for every method, and its image score is the pipeline's (mean of the top 1% of t
 PatchCore's own image score, the paper's re-weighted maximum patch score, is `reweighted_score`.
 
 CADA. The aligner reads the frozen encoder's stride-16 map, averaged to stride 32 (`align_features`); the
-aligner contract is unchanged. Its targets come from the maps of the training images, scored against a bank
-built from those same images: a bank patch is at distance ~0 from itself and the others are within their
-block's covering radius, so these maps are lower than those of unseen normal images of the same class. The
-aligner learns that offset for every class alike; holding out training images (`Detector.fit(holdout=...)`)
-only affects the threshold.
+aligner contract is unchanged. Its targets come from the maps of the training images, and each
+of them is scored leaving its own patches out of the bank (`training_output`, which uses `bank_image`, each bank
+row's source image): scored against the whole bank, a training image would find its own patches at distance ~0
+and its map would be far lower than an unseen normal image's of the same product. Runs saved before bank rows
+carried their image (all -1) score training images against the whole bank.
 """
 
 from __future__ import annotations
@@ -55,6 +55,10 @@ from cada.methods.base import BaseMethod, MethodOutput
 from cada.registry import METHODS
 
 FLOAT_BYTES = 4
+# The search reduces the distance matrix tile by tile while it is in cache (measured on 2 cores: 16 MiB tiles of
+# 4096 queries run at ~170 GFLOP/s, whole-chunk matrices of 0.5 GiB at ~100; benchmarks/patchcore_search.py).
+QUERY_BLOCK = 4096
+TILE_BYTES = 2**24
 
 
 @dataclass
@@ -82,50 +86,63 @@ class PatchCoreSettings:
     }
 
 
-def squared_distances(queries: torch.Tensor, keys: torch.Tensor, keys_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """Q x K squared L2 distances by |q|^2 - 2 q.k + |k|^2 (one matrix product), clamped at zero."""
-    if keys_sq is None:
-        keys_sq = keys.pow(2).sum(dim=1)
-    distances = torch.addmm(keys_sq.unsqueeze(0), queries, keys.T, alpha=-2.0)
-    return distances.add_(queries.pow(2).sum(dim=1, keepdim=True)).clamp_min_(0)
-
-
 def chunk_rows(n_queries: int, budget_gib: float) -> int:
     """Bank rows per chunk so that one n_queries x rows float32 distance matrix fits the budget (at least 1)."""
     return max(1, int(budget_gib * 2**30) // (FLOAT_BYTES * max(1, n_queries)))
 
 
 def nearest_neighbours(
-    queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int | None = None, budget_gib: float = 0.5
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    k: int = 1,
+    chunk: int | None = None,
+    budget_gib: float = 0.5,
+    exclude: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k nearest bank rows of each query: (L2 distances Q x k ascending, indices Q x k).
 
-    The bank is read in chunks of `chunk` rows (default: as many as fit `budget_gib` for all queries at once);
-    a running top-k is kept, so at most Q x (chunk + k) distances exist at any time.
+    The distance matrix is computed in tiles of QUERY_BLOCK queries x `chunk` bank rows (default: a tile of
+    TILE_BYTES, or less if `budget_gib` says so), keeping a running top-k per query, so the full matrix is never
+    built and each tile is reduced while it is still in cache: that is what brings the search to the speed of
+    the matrix product itself (benchmarks/patchcore_search.py). Within a tile only |k|^2 - 2 q.k is computed;
+    |q|^2 is the same along a row, so it is added once to the k best. Rounding is monotone, so the distances
+    equal those of the full formula exactly. Ties keep the lower bank index, as a brute-force argmin does.
+
+    `exclude` = (query groups Q, bank groups N), integers: a query never matches a bank row of its own group
+    (PatchCore's training-set maps leave each image's own patches out); a query with nothing left gets inf.
     """
     if len(bank) == 0:
         raise ValueError("the memory bank is empty: fit the model first")
     k = min(k, len(bank))
-    chunk = chunk or chunk_rows(len(queries), budget_gib)
-    best = queries.new_full((len(queries), 0), math.inf)
-    best_index = torch.empty((len(queries), 0), dtype=torch.long, device=queries.device)
-    for start in range(0, len(bank), chunk):
-        keys = bank[start : start + chunk]
-        distances = squared_distances(queries, keys)
-        if k == 1:
-            values, index = distances.min(dim=1, keepdim=True)
-        else:
-            values, index = distances.topk(min(k, len(keys)), dim=1, largest=False)
-        values, index = torch.cat([best, values], dim=1), torch.cat([best_index, index + start], dim=1)
-        if values.shape[1] > k:  # earlier chunks first, so ties keep the lower index, as a brute-force min does
-            order = (
-                values.topk(k, dim=1, largest=False, sorted=True).indices if k > 1 else values.argmin(1, keepdim=True)
+    query_block = min(len(queries), QUERY_BLOCK) or 1
+    chunk = chunk or chunk_rows(query_block, min(budget_gib, TILE_BYTES / 2**30))
+    bank_sq = bank.pow(2).sum(dim=1)
+    best = queries.new_full((len(queries), k), math.inf)
+    best_index = torch.zeros((len(queries), k), dtype=torch.long, device=queries.device)
+    for q0 in range(0, len(queries), query_block):
+        block = queries[q0 : q0 + query_block]
+        values, index = best[q0 : q0 + query_block], best_index[q0 : q0 + query_block]  # views, updated in place
+        for start in range(0, len(bank), chunk):
+            partial = torch.addmm(
+                bank_sq[start : start + chunk].unsqueeze(0), block, bank[start : start + chunk].T, alpha=-2.0
             )
-            values, index = values.gather(1, order), index.gather(1, order)
-        best, best_index = values, index
-    if k > 1:  # a single chunk's topk is sorted already; keep the contract explicit either way
-        best, order = best.sort(dim=1, stable=True)
-        best_index = best_index.gather(1, order)
+            if exclude is not None:
+                own = exclude[0][q0 : q0 + query_block, None] == exclude[1][None, start : start + chunk]
+                partial.masked_fill_(own, math.inf)
+            if k == 1:
+                tile_values, tile_index = partial.min(dim=1, keepdim=True)
+                better = tile_values < values  # strict: an earlier chunk keeps a tie
+                values.copy_(torch.where(better, tile_values, values))
+                index.copy_(torch.where(better, tile_index + start, index))
+            else:
+                tile_values, tile_index = partial.topk(min(k, partial.shape[1]), dim=1, largest=False, sorted=True)
+                merged = torch.cat([values, tile_values], dim=1)
+                merged_index = torch.cat([index, tile_index + start], dim=1)
+                # a stable sort keeps the earlier chunk (the lower index) first among equal distances
+                merged, order = merged.sort(dim=1, stable=True)
+                values.copy_(merged[:, :k])
+                index.copy_(merged_index.gather(1, order[:, :k]))
+    best.add_(queries.pow(2).sum(dim=1, keepdim=True)).clamp_min_(0)
     return best.sqrt(), best_index
 
 
@@ -173,11 +190,17 @@ class PatchCore(BaseMethod):
         self.options = PatchCoreSettings(**options)  # Settings.patchcore, handed over by the Detector
         # Size known only after fit: resized to the stored shape when a state dict is loaded.
         self.register_buffer("memory_bank", torch.empty(0, self.embedding_dim))
+        # The training image each bank row came from (its index in `fit`'s images; -1: unknown, in runs saved
+        # before it was kept), so that the training-set maps can leave each image's own patches out.
+        self.register_buffer("bank_image", torch.empty(0, dtype=torch.int32))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         stored = state_dict.get(prefix + "memory_bank")
         if stored is not None and stored.dim() == 2 and stored.shape[1] == self.embedding_dim:
             self.memory_bank = torch.empty_like(stored, device=self.memory_bank.device)
+            if prefix + "bank_image" not in state_dict:
+                state_dict[prefix + "bank_image"] = torch.full((len(stored),), -1, dtype=torch.int32)
+            self.bank_image = torch.empty(len(stored), dtype=torch.int32, device=self.memory_bank.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- features ------------------------------------------------------------------------------------------
@@ -193,21 +216,30 @@ class PatchCore(BaseMethod):
         return torch.cat([middle, deep], dim=1).flatten(2).transpose(1, 2)
 
     # -- scores --------------------------------------------------------------------------------------------
-    def patch_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(scores B x h x w, nearest bank index B x h x w, embedding B x hw x C, 3x3-averaged stride-16 map)."""
+    def patch_scores(
+        self, x: torch.Tensor, image_index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scores B x h x w, nearest bank index B x h x w, embedding B x hw x C, 3x3-averaged stride-16 map).
+        `image_index` (B): these are `fit`'s training images of those indices; their own patches are left out."""
         middle, deep = self.local_features(x)
         embedding = self.patch_embedding(middle, deep)
         batch, patches, channels = embedding.shape
+        exclude = None
+        if image_index is not None:
+            exclude = (image_index.to(self.bank_image).repeat_interleave(patches), self.bank_image)
         distance, index = nearest_neighbours(
-            embedding.reshape(-1, channels), self.memory_bank, budget_gib=self.options.search_gib
+            embedding.reshape(-1, channels), self.memory_bank, budget_gib=self.options.search_gib, exclude=exclude
         )
         shape = (batch,) + middle.shape[-2:]
         return distance.view(shape), index.view(shape), embedding, deep
 
-    def forward(self, x: torch.Tensor) -> MethodOutput:
-        scores, _, _, deep = self.patch_scores(x)
+    def forward(self, x: torch.Tensor, image_index: torch.Tensor | None = None) -> MethodOutput:
+        scores, _, _, deep = self.patch_scores(x, image_index)
         anomaly_map = F.interpolate(scores.unsqueeze(1), size=x.shape[-2:], mode="bilinear", align_corners=False)
         return MethodOutput(anomaly_map.squeeze(1), self.align_features(deep))
+
+    def training_output(self, x: torch.Tensor, image_index: torch.Tensor) -> MethodOutput:
+        return self(x, image_index)
 
     @staticmethod
     def align_features(deep: torch.Tensor) -> torch.Tensor:
@@ -277,6 +309,7 @@ class PatchCore(BaseMethod):
             counts.append(max(1, round(options.coreset_ratio * seen) - kept))
             kept += counts[-1]
         bank = torch.empty(kept, self.embedding_dim)
+        bank_image = torch.empty(kept, dtype=torch.int32)
         filled = 0
         for start, count in tqdm(
             list(zip(starts, counts)), desc="patchcore coreset", disable=not trainer.progress, leave=False
@@ -295,7 +328,9 @@ class PatchCore(BaseMethod):
             first = int(torch.randint(len(features), (1,), generator=generator))
             chosen = greedy_coreset(features @ projection, count, start=first)
             bank[filled : filled + len(chosen)] = features[chosen]
+            bank_image[filled : filled + len(chosen)] = start + chosen // patches_per_image
             filled += len(chosen)
             del features
         self.memory_bank = bank if filled == len(bank) else bank[:filled].clone()
+        self.bank_image = bank_image[:filled].clone()
         return []
