@@ -163,6 +163,7 @@ class _StubDetector:
     """Anomaly map = image brightness; enough to run the real evaluation code on each layout."""
 
     settings = SimpleNamespace(image_size=SIZE)
+    device = torch.device("cpu")
     aligner = SimpleNamespace(needs_class_names=False)
 
     def infer(self, images, class_names=None):

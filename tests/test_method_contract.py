@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from cada import Detector
+from cada.align import create_aligner
 from cada.data.dataset import normalize
 from cada.engine import Trainer, make_optimizer
+from cada.inference import infer_maps
 from cada.methods import METHODS, BaseMethod, create_method
 
 from helpers import assert_save_load_bit_exact, square_means, tiny_preset
@@ -97,3 +99,33 @@ def test_a_saved_detector_loads_bit_exactly(name, tiny_data, images, tmp_path):
     detector = Detector(tiny(name)).fit(tiny_data, progress=False)
     assert detector.settings.aligner.smooth_l1_alpha == detector.method.score_scale
     assert_save_load_bit_exact(detector, tmp_path / "run", images[:6])
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_training_and_inference_keep_every_tensor_on_the_device(name, images):
+    """On the meta device (shapes, no data) an operation between a tensor made on the CPU and one on the device
+    raises, as it would on a GPU: a hard-coded CPU tensor or a missing `device=` in the training step, the
+    memory bank, the inference path or the training-set maps fails here."""
+    settings = tiny(name)
+    model = build(name, settings).to("meta")
+    trainer = Trainer(progress=False, device="meta")
+    base = settings.base.resolved(len(images))
+    generator = torch.Generator().manual_seed(0)
+    if trains_weights(model):
+        groups, loss_of = model.objective(images, base, generator, 4.0, trainer)
+        model.train()
+        loss = loss_of(0, torch.arange(4))
+        loss.backward()
+        assert loss.device.type == "meta"
+        assert any(p.grad is not None for group in groups for p in group["params"])
+        assert all(p.grad.device.type == "meta" for group in groups for p in group["params"] if p.grad is not None)
+    else:
+        model.fit(images, base, generator, progress=False, trainer=trainer)
+    model.eval()
+    aligner = create_aligner("cada", model.align_channels, settings.aligner).to("meta")
+    with torch.no_grad():
+        maps, u, spread, features = infer_maps(model, aligner, images[:2], settings.smoothing_sigma)
+        training = model.training_output(normalize(images[:2], "meta"), torch.arange(2, device="meta"))
+    assert maps.device.type == u.device.type == spread.device.type == training.anomaly_map.device.type == "meta"
+    assert maps.shape == training.anomaly_map.shape == (2, 64, 64) and u.shape == spread.shape == (2,)
+    assert features.shape[:2] == (2, model.align_channels)

@@ -51,7 +51,7 @@ class TinyPlug(BaseMethod):
 
     def objective(self, images, settings, generator, cache_gib, trainer):
         features = FeatureSource(lambda x: [self.encoder(x)[-1]], images, settings.batch_size, cache_gib,
-                                 trainer.stop_point)
+                                 trainer)
         parameters = [*self.squeeze.parameters(), *self.expand.parameters()]
         return [{"params": parameters}], lambda iteration, batch: self.error(features[batch][0]).mean()
 '''

@@ -390,11 +390,11 @@ def test_13_sigterm_stops_a_long_pass_within_a_batch(
     target = importlib.import_module(module)
     original, calls = target.normalize, []
 
-    def normalize_and_signal(images):
+    def normalize_and_signal(images, device=None):
         calls.append(len(images))
         if len(calls) == 1:
             os.kill(os.getpid(), signal.SIGTERM)  # the training's handler records it; nothing dies
-        return original(images)
+        return original(images, device)
 
     monkeypatch.setattr(target, "normalize", normalize_and_signal)
     run = tmp_path / "run"

@@ -94,7 +94,8 @@ class Ablation:
                 f"the run was trained on {trained_on} images, not these {len(images)}: give the training images "
                 "it was fitted on"
             )
-        self.train_features, self.train_stats = detector.training_statistics(images)
+        # On the CPU, with the test outputs (Detector.infer returns CPU tensors): the variants' aligners are small.
+        self.train_features, self.train_stats = (t.cpu() for t in detector.training_statistics(images))
         self.train_class_names = [s.class_name for s in kept]
         self.test = collect(detector, test_samples, progress=progress, keep_features=True)
         self.calibration = (

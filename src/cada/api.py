@@ -26,6 +26,7 @@ from cada.data.dataset import load_all, normalize
 from cada.data.layouts import find_samples
 from cada.data.mvtec import Sample
 from cada.engine import Checkpointing, Trainer, is_main, world_size
+from cada.engine.device import device_name, peak_memory_gib, precision_name, resolve_device, resolve_precision
 from cada.inference import infer_maps
 from cada.methods import BaseMethod, create_method
 from cada.scoring import align, image_score
@@ -168,6 +169,10 @@ class Detector:
 
     >>> detector = Detector(preset="cpu").fit("data/train_root")          # doctest: +SKIP
     >>> result = detector.predict(images_uint8)                           # doctest: +SKIP
+
+    `device` (auto, cpu, cuda, cuda:N, mps) is where the networks run and `precision` (auto, fp32, bf16, fp16)
+    their forward passes' autocast dtype (see `cada.engine.device`); results come back on the CPU. Neither is
+    saved with the run.
     """
 
     def __init__(
@@ -177,8 +182,12 @@ class Detector:
         preset: str = "cpu",
         pretrained: bool = True,
         weights_path: str | None = None,
+        device: str | torch.device = "auto",
+        precision: str = "auto",
     ):
         self.settings = (settings or make_preset(preset)).validate()
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
         torch.manual_seed(self.settings.seed)  # reproducible initial weights
         self.method: BaseMethod = create_method(
             self.settings.method,
@@ -194,7 +203,20 @@ class Detector:
         self.training_info: dict = {}
         # True after `fit` or `Detector.load`. Set it yourself only to time an untrained model (benchmarks/speed.py).
         self.fitted = False
+        self.to(self.device)
         self.eval()
+
+    def to(self, device: str | torch.device, precision: str | None = None) -> Detector:
+        """Move the networks and the aligner to `device` (and set `precision`, if given); returns the Detector."""
+        self.device = resolve_device(device)
+        if precision is not None:
+            self.precision = resolve_precision(precision, self.device)
+        self._modules().to(self.device)
+        return self
+
+    @property
+    def precision_name(self) -> str:
+        return precision_name(self.precision)
 
     def _require_fitted(self, action: str) -> None:
         if not self.fitted:
@@ -256,7 +278,7 @@ class Detector:
             session = Checkpointing(
                 checkpoint_dir, self._modules(), settings.to_dict(), checkpoint_every, resume, identity, resume_hint
             )
-        trainer = Trainer(session, progress)
+        trainer = Trainer(session, progress, self.device, self.precision)
         with trainer.signals():
             started = time.perf_counter()
             if session is not None and session.resumed_stage() == "aligner":  # the base finished before the stop
@@ -283,6 +305,7 @@ class Detector:
             aligner_losses = self.fit_aligner(
                 features, image_stats, [s.class_name for s in samples], generator, progress, trainer
             )
+        peak = peak_memory_gib(self.device)
         if session is not None and not keep_checkpoint:
             session.complete()
         self.fitted = True
@@ -307,6 +330,10 @@ class Detector:
             "class_score_stats": class_score_statistics(image_stats[:, SCORE], [s.class_name for s in samples]),
             "processes": world_size(),
             "effective_batch": settings.base.batch_size * world_size(),
+            # Where it trained (informative only: a run loads on any device).
+            "device": device_name(self.device),
+            "precision": self.precision_name,
+            "peak_device_memory_gib": None if peak is None else round(peak, 2),
         }
         if held_out:
             held_out_images, held_out = load_all(held_out, settings.image_size, cache_dir=cache_dir)
@@ -329,7 +356,10 @@ class Detector:
         if settings.smooth_l1_alpha is None:
             settings.smooth_l1_alpha = self.method.score_scale
         generator = generator or torch.Generator().manual_seed(self.settings.seed)
-        return self.aligner.fit(features, image_stats, settings, generator, class_names, progress, trainer=trainer)
+        trainer = trainer or Trainer(progress=progress, device=self.device)
+        losses = self.aligner.fit(features, image_stats, settings, generator, class_names, progress, trainer=trainer)
+        self.aligner.to(self.device)  # buffers an aligner sized while fitting
+        return losses
 
     @torch.inference_mode()
     def training_statistics(
@@ -337,7 +367,7 @@ class Detector:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Aligner inputs and targets from the frozen base: features and per-image `map_statistics` (raw map mean,
         max, std and the image score). `trainer`: the run's, whose signals stop this pass between batches."""
-        trainer = trainer or Trainer(progress=progress)
+        trainer = trainer or Trainer(progress=progress, device=self.device, precision=self.precision)
         self.eval()
         features, targets = [], []
         batch_size = self.settings.base.batch_size
@@ -346,10 +376,13 @@ class Detector:
         ):
             trainer.stop_point("computing the maps of the training images")
             batch = images[start : start + batch_size]
-            output = self.method.training_output(normalize(batch), torch.arange(start, start + len(batch)))
-            features.append(output.align_features)
+            with trainer.autocast():
+                output = self.method.training_output(
+                    normalize(batch, self.device), torch.arange(start, start + len(batch), device=self.device)
+                )
+            features.append(output.align_features.float())
             targets.append(
-                map_statistics(output.anomaly_map, self.settings.smoothing_sigma, self.settings.top_fraction)
+                map_statistics(output.anomaly_map.float(), self.settings.smoothing_sigma, self.settings.top_fraction)
             )
         return torch.cat(features).clone(), torch.cat(targets).clone()
 
@@ -441,8 +474,10 @@ class Detector:
             check_images(images, self.settings.image_size),
             self.settings.smoothing_sigma,
             class_names,
+            self.precision,
         )
-        return BatchResult(maps, image_score(maps, self.settings.top_fraction), u, spread, features)
+        scores = image_score(maps, self.settings.top_fraction)
+        return BatchResult(maps.cpu(), scores.cpu(), u.cpu(), spread.cpu(), features.cpu())
 
     def predict(self, images, batch_size: int = 16) -> Prediction:
         """Aligned image scores and maps (and decisions, once a threshold is set) of `images`: one image or a batch
@@ -477,7 +512,8 @@ class Detector:
         return checkpoint.save_run(folder, self._modules().state_dict(), config, overwrite)
 
     @classmethod
-    def load(cls, folder: str | Path) -> Detector:
+    def load(cls, folder: str | Path, device: str | torch.device = "auto", precision: str = "auto") -> Detector:
+        """A saved run, its networks on `device` (see the class docstring)."""
         config = checkpoint.read_config(folder)
         where = Path(folder) / checkpoint.CONFIG_FILE
         if "settings" not in config:
@@ -487,7 +523,7 @@ class Detector:
             calibration = check_calibration(config.get("calibration"))
         except ValueError as error:
             raise checkpoint.IncompatibleRunError(f"{where}: {error}") from None
-        detector = cls(settings, pretrained=False)
+        detector = cls(settings, pretrained=False, device=device, precision=precision)
         detector.aligner.load_config_state(config.get("aligner_state", {}))
         state = checkpoint.load_weights(folder)
         try:
@@ -496,6 +532,7 @@ class Detector:
             raise checkpoint.IncompatibleRunError(
                 f"the weights in {folder} do not fit the model its config describes: {error}"
             ) from error
+        detector.to(detector.device)  # buffers resized while loading (a memory bank, the knn aligner's)
         detector.calibration = calibration
         detector.training_info = config.get("training", {})
         detector.fitted = True

@@ -131,6 +131,8 @@ def cmd_train(args) -> int:
         resume=args.resume,
         resume_hint=hint,
         overwrite=args.overwrite,
+        device=args.device,
+        precision=args.precision,
     )
     return 0
 
@@ -141,7 +143,7 @@ def cmd_calibrate(args) -> int:
     from cada.data.dataset import load_all
     from cada.data.folder import folder_samples
 
-    detector = Detector.load(args.run)
+    detector = Detector.load(args.run, device=args.device, precision=args.precision)
     previous = detector.calibration
     size = detector.settings.image_size
     if args.val:
@@ -176,7 +178,7 @@ def cmd_export(args) -> int:
     protected = run_files(args.run)
     check_output(args.out, "--out", "file", protected=protected, overwrite=args.overwrite)
     check_output(sidecar_path(args.out), "--out's sidecar", "file", protected=protected, overwrite=args.overwrite)
-    out = export_onnx(Detector.load(args.run), args.out)
+    out = export_onnx(Detector.load(args.run, device="cpu"), args.out)
     print(f"wrote {out} and {sidecar_path(out)}")
     return 0
 
@@ -190,7 +192,7 @@ def cmd_predict(args) -> int:
     target = Path(args.model)
     out = Path(args.out)
     _check_predict_out(out, target, args.paths, args.overwrite)
-    model = load_model(target, args.fpr, args.threshold)
+    model = load_model(target, args.fpr, args.threshold, args.device, args.precision)
     if is_main():
         if model.threshold is None:
             print("note: the run has no threshold yet (cada calibrate); scores only, no decisions", file=sys.stderr)
@@ -256,7 +258,7 @@ def cmd_serve(args) -> int:
 
     if not 0 < args.max_request_mb <= 4096:
         raise ValueError(f"--max-request-mb must be in (0, 4096], got {args.max_request_mb}")
-    model = load_model(args.model, args.fpr, args.threshold)
+    model = load_model(args.model, args.fpr, args.threshold, args.device, args.precision)
     try:
         server = make_server(
             model, str(args.model), args.host, args.port, int(args.max_request_mb * 1024 * 1024), args.quiet
@@ -306,7 +308,7 @@ def cmd_evaluate(args) -> int:
     ):
         if value:
             check_output(value, option, kind, inputs=inputs, protected=run_files(args.run), overwrite=args.overwrite)
-    detector = Detector.load(args.run)
+    detector = Detector.load(args.run, device=args.device, precision=args.precision)
     if args.format == "folder":
         if not (args.normal and args.anomalous):
             raise ValueError("--format folder needs --normal DIR... and --anomalous DIR... (and optionally --masks)")
@@ -345,7 +347,15 @@ def cmd_demo(args) -> int:
         data = generate_dataset(Path(scratch) / "synthetic", seed=args.seed)
         settings = make_settings("cpu", seed=args.seed, iters=args.iters)
         print(f"demo: synthetic data ({data}), preset cpu, RevDist + {settings.align}")
-        detector = train(settings, data, out / "run", progress=not args.quiet, overwrite=args.overwrite)
+        detector = train(
+            settings,
+            data,
+            out / "run",
+            progress=not args.quiet,
+            overwrite=args.overwrite,
+            device=args.device,
+            precision=args.precision,
+        )
         results = evaluate(detector, data, out / "results.json", progress=not args.quiet)
     rows = {(r["align"], r["protocol"]): r for r in results["rows"]}
     base, aligned = rows[("none", "absolute-unified")], rows[(settings.align, "absolute-unified")]
@@ -369,7 +379,7 @@ def cmd_ablate(args) -> int:
     settings.align = "none"  # the base alone; every aligner is fitted afterwards on its cached outputs
     started = time.perf_counter()
     if args.run:
-        detector = Detector.load(args.run)
+        detector = Detector.load(args.run, device=args.device, precision=args.precision)
         # The noisy base (--noise) must be trained exactly as the reused one was.
         settings = Settings.from_dict({**detector.settings.to_dict(), "align": "none"})
     else:
@@ -380,6 +390,8 @@ def cmd_ablate(args) -> int:
             weights=args.weights,
             progress=not args.quiet,
             overwrite=args.overwrite,
+            device=args.device,
+            precision=args.precision,
         )
     base_seconds = time.perf_counter() - started
 
@@ -418,7 +430,9 @@ def cmd_ablate(args) -> int:
             f"both bases below are evaluated on the {len(reduced_test)} remaining test images.\n"
         )
         clean = Ablation(detector, train_samples, reduced_test, progress=not args.quiet)
-        noisy_detector = Detector(settings, weights_path=args.weights).fit(noisy_train, progress=not args.quiet)
+        noisy_detector = Detector(
+            settings, weights_path=args.weights, device=args.device, precision=args.precision
+        ).fit(noisy_train, progress=not args.quiet)
         noisy = Ablation(noisy_detector, noisy_train, reduced_test, progress=not args.quiet)
         report["noise"] = {
             "fraction": args.noise,
@@ -507,6 +521,22 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="replace an existing run in --out, once the new one is complete"
     )
     _add_data_options(parser)
+    _add_device_options(parser)
+
+
+def _add_device_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="where the networks run: auto (a GPU when CUDA is available, under torchrun LOCAL_RANK's; else the "
+        "CPU), cpu, cuda, cuda:N or mps",
+    )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        help="the networks' forward passes: auto (bf16 on GPUs that support it, else fp32), fp32, bf16 or fp16 "
+        "(maps, aligner and metrics stay fp32)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -520,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+    _add_device_options(demo)
     demo.set_defaults(func=cmd_demo)
 
     synth = commands.add_parser("synth", help="write the synthetic data set in the MVTec AD layout")
@@ -584,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--val", help="labelled validation data (its test split): F1-optimal threshold")
     calibrate.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate with --normal")
     _add_data_options(calibrate)
+    _add_device_options(calibrate)
     calibrate.set_defaults(func=cmd_calibrate)
 
     predict = commands.add_parser("predict", help="score images of any product: no class names, no layout")
@@ -614,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace earlier predictions in --out (their overlays and masks are removed)",
     )
+    _add_device_options(predict)
     predict.set_defaults(func=cmd_predict)
 
     export = commands.add_parser("export", help="one ONNX graph: image -> aligned map and image score")
@@ -652,6 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     point.add_argument("--threshold", type=float, help="decide at this aligned-score threshold")
     serve.add_argument("--quiet", action="store_true", help="no line per request")
+    _add_device_options(serve)
     serve.set_defaults(func=cmd_serve)
 
     evaluate = commands.add_parser("evaluate", help="absolute-unified and model-unified metrics of a run")
@@ -677,6 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an existing --json file and non-empty --plots/--report folders",
     )
     evaluate.add_argument("--quiet", action="store_true")
+    _add_device_options(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
     return parser
 

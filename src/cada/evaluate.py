@@ -122,7 +122,9 @@ def collect(
     positions = batch_shard(len(samples), batch_size) if distributed else list(range(len(samples)))
     mine = [samples[i] for i in positions]
     kept, maps, masks, has_mask, scores, u, spread, features = [], [], [], [], [], [], [], []
-    batches = iterate_batches(mine, detector.settings.image_size, batch_size, cache_dir=cache_dir)
+    batches = iterate_batches(
+        mine, detector.settings.image_size, batch_size, cache_dir=cache_dir, pin_memory=detector.device.type == "cuda"
+    )
     with tqdm(total=len(samples), desc="evaluating", disable=not (progress and is_main()), leave=False) as bar:
         for batch in batches:
             local = batch["index"].tolist()

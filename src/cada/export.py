@@ -86,8 +86,28 @@ def export_onnx(detector, out: str | Path, batch_size: int = 1) -> Path:
     return out
 
 
-def onnx_scorer(onnx_path: str | Path):
-    """(scorer, image_size, threshold, description) for cada.predict, running the graph with onnxruntime."""
+def onnx_providers(device: str, available: list[str]) -> list:
+    """onnxruntime's execution providers for `device`: auto takes CUDA when the installed onnxruntime has it,
+    cuda/cuda:N demands it (ValueError saying how to get it), cpu never uses it."""
+    spec = (device or "auto").strip().lower()
+    if spec == "cpu":
+        return ["CPUExecutionProvider"]
+    if spec != "auto" and not spec.startswith("cuda"):
+        raise ValueError(f"--device {device}: an ONNX model runs on cpu, cuda or cuda:N (onnxruntime)")
+    if "CUDAExecutionProvider" not in available:
+        if spec == "auto":
+            return ["CPUExecutionProvider"]
+        raise ValueError(
+            f"--device {device}: the installed onnxruntime has no CUDA provider (it has {', '.join(available)}); "
+            "pip install onnxruntime-gpu, or predict with --device cpu"
+        )
+    index = int(spec.partition(":")[2] or 0)
+    return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+
+
+def onnx_scorer(onnx_path: str | Path, device: str = "cpu"):
+    """(scorer, image_size, threshold, description) for cada.predict, running the graph with onnxruntime on
+    `device` (see onnx_providers)."""
     import onnxruntime
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf
 
@@ -104,7 +124,8 @@ def onnx_scorer(onnx_path: str | Path):
             f"({type(error).__name__}: {error})"
         ) from None
     try:
-        session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        providers = onnx_providers(device, onnxruntime.get_available_providers())
+        session = onnxruntime.InferenceSession(str(onnx_path), providers=providers)
     except (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf) as error:
         raise ValueError(
             f"{onnx_path} is not a model onnxruntime can load (damaged, or not an ONNX file?): "
@@ -120,4 +141,4 @@ def onnx_scorer(onnx_path: str | Path):
             check_threshold(threshold)
         except ValueError as error:
             raise ValueError(f"{sidecar_file}: {error}") from None
-    return score, image_size, threshold, {"model": str(onnx_path)}
+    return score, image_size, threshold, {"model": str(onnx_path), "providers": session.get_providers()}

@@ -243,9 +243,10 @@ def detector_scorer(detector) -> Scorer:
     def score(images: torch.Tensor) -> tuple:
         result = detector.infer(images)
         columns = {"u": result.u, "spread": result.spread}
-        distance = detector.aligner.nearest_distance(result.align_features)
+        distance = detector.aligner.nearest_distance(result.align_features.to(detector.device))
         if distance is not None:
-            columns.update(nearest_distance=distance, unfamiliar=distance > detector.aligner.reference_distance)
+            distance = distance.cpu()
+            columns.update(nearest_distance=distance, unfamiliar=distance > detector.aligner.reference_distance.cpu())
         return result.aligned_scores, result.aligned_maps, columns
 
     return score
@@ -264,15 +265,22 @@ class LoadedModel:
     settings: dict | None = None
 
 
-def load_model(target: str | Path, fpr: float | None = None, threshold: float | None = None) -> LoadedModel:
-    """A run folder or an exported .onnx file, ready to score; the threshold is the stored one, or the one at
-    `fpr` over the stored calibration scores, or `threshold` (see cada.operating_point)."""
+def load_model(
+    target: str | Path,
+    fpr: float | None = None,
+    threshold: float | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+) -> LoadedModel:
+    """A run folder or an exported .onnx file, ready to score on `device` (a run also in `precision`; see
+    cada.engine.device); the threshold is the stored one, or the one at `fpr` over the stored calibration scores,
+    or `threshold` (see cada.operating_point)."""
     target = Path(target)
     if target.suffix == ".onnx":
         from cada.export import onnx_scorer, sidecar_path
         from cada.threshold import check_calibration
 
-        scorer, image_size, stored, description = onnx_scorer(target)
+        scorer, image_size, stored, description = onnx_scorer(target, device)
         sidecar = json.loads(sidecar_path(target).read_text())  # read and checked by onnx_scorer
         try:
             calibration = check_calibration(sidecar.get("calibration"))
@@ -290,7 +298,7 @@ def load_model(target: str | Path, fpr: float | None = None, threshold: float | 
     else:
         from cada.api import Detector
 
-        detector = Detector.load(target)
+        detector = Detector.load(target, device=device, precision=precision)
         scorer, image_size, calibration = detector_scorer(detector), detector.settings.image_size, detector.calibration
         description = {"run": str(target)}
         if hasattr(detector.aligner, "reference_distance"):  # an aligner with an unfamiliar-product signal (knn)

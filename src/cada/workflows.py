@@ -209,13 +209,17 @@ def train(
     resume: bool = False,
     resume_hint: str = "",
     overwrite: bool = False,
+    device: str = "auto",
+    precision: str = "auto",
 ):
     """Train and save the run in `out` (rank 0 writes it, holding the folder's lock throughout); the Detector.
+    `device`, `precision`: where and how the networks run (cada.engine.device).
 
     With `checkpoint_every` (0: only on interrupt), checkpoints go to out/resume and `resume` continues from them.
     An existing run in `out` is replaced only with `overwrite`, and only once the new one is complete."""
     from cada.api import Detector
     from cada.checkpoint import RESUME_FOLDER, check_replaceable, recover_swap
+    from cada.engine.device import device_name
     from cada.engine.distributed import is_main, world_size
     from cada.engine.resume import STATE_TENSORS, require_checkpoint
 
@@ -235,7 +239,7 @@ def train(
             )
         elif checkpoint_folder.exists() and is_main():
             shutil.rmtree(checkpoint_folder)  # --overwrite without --resume: an earlier training's checkpoint
-        detector = Detector(settings, weights_path=weights)
+        detector = Detector(settings, weights_path=weights, device=device, precision=precision)
         processes = f" in {world_size()} processes" if world_size() > 1 else ""
 
         def announce(n_images: int, iters: int) -> None:  # once the images are read: the schedule is resolved
@@ -248,7 +252,8 @@ def train(
             )
             _say(
                 f"training {settings.method} ({settings.backbone}, {settings.image_size}px, {schedule}) "
-                f"+ aligner {settings.align} on all classes of {data} mixed{processes}"
+                f"+ aligner {settings.align} on all classes of {data} mixed{processes}, on "
+                f"{device_name(detector.device)} in {detector.precision_name}"
             )
 
         checkpoint_dir = None if checkpoint_every is None and not resume else checkpoint_folder
@@ -272,6 +277,11 @@ def train(
         _say(
             f"  {info['n_images']} training images of {len(info['classes'])} classes; base "
             f"{info['base_seconds']} s, aligner {info['aligner_seconds']} s"
+            + (
+                ""
+                if info["peak_device_memory_gib"] is None
+                else f"; peak GPU memory {info['peak_device_memory_gib']} GiB"
+            )
         )
         if detector.calibration and is_main():
             print_calibration(detector.calibration)
@@ -302,11 +312,14 @@ def evaluate(
     report_dir: str | Path | None = None,
     pixel_resolution: str = "model",
     verbose: bool = True,
+    device: str = "auto",
+    precision: str = "auto",
 ) -> dict:
     """Evaluate a Detector (or a run folder) on the test split of `data` (or on `samples`): the results dict
     (`cada evaluate --json`). With `verbose`, the tables are printed; JSON, plots and report written when asked."""
     from cada.api import Detector
     from cada.data.duplicates import warn_duplicates
+    from cada.engine.device import device_name
     from cada.engine.distributed import is_main, world_size
     from cada.evaluate import (
         collect,
@@ -318,7 +331,7 @@ def evaluate(
     )
 
     if isinstance(detector, (str, Path)):
-        detector = Detector.load(detector)
+        detector = Detector.load(detector, device=device, precision=precision)
     data = Path(data)
     json_path, plots_dir, report_dir = (None if p is None else Path(p) for p in (json_path, plots_dir, report_dir))
     if report_dir and world_size() > 1:
@@ -353,6 +366,8 @@ def evaluate(
         "image_size": detector.settings.image_size,
         "pixel_resolution": pixel_resolution,
         "evaluate_seconds": round(time.perf_counter() - started, 1),
+        "device": device_name(detector.device),
+        "precision": detector.precision_name,
     }
     if world_size() > 1:
         results["meta"]["processes"] = world_size()

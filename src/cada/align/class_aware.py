@@ -30,9 +30,10 @@ class ClassAware(Aligner):
         self.register_buffer("class_gamma", torch.zeros(0))
 
     def _set_classes(self, class_names: list[str]) -> None:
+        """Per-class state sized for `class_names`, on the aligner's device."""
         self.class_names = list(class_names)
-        self.class_u = torch.zeros(len(class_names))
-        self.class_gamma = torch.zeros(len(class_names))
+        self.class_u = torch.zeros(len(class_names), device=self.min_spread.device)
+        self.class_gamma = torch.zeros(len(class_names), device=self.min_spread.device)
 
     def fit(
         self, features, image_stats, settings, generator, class_names=None, progress=True, trainer=None
@@ -40,7 +41,7 @@ class ClassAware(Aligner):
         if class_names is None:
             raise ValueError(f"{self.name} alignment needs the class name of every training image")
         self._set_classes(sorted(set(class_names)))
-        labels = torch.tensor([self.class_names.index(name) for name in class_names])
+        labels = torch.tensor([self.class_names.index(name) for name in class_names], device=image_stats.device)
         for index in range(len(self.class_names)):
             # Equal-sized maps, so the mean of image means is the mean over all normal pixels.
             self.class_u[index] = image_stats[labels == index, MEAN].mean()
@@ -81,7 +82,7 @@ class ClassifierAligner(ClassAware):
 
     def _set_classes(self, class_names):
         super()._set_classes(class_names)
-        self.head = make_head(self.channels, len(class_names), self.settings)
+        self.head = make_head(self.channels, len(class_names), self.settings).to(self.min_spread.device)
 
     def _fit_classifier(self, features, labels, settings, generator, trainer) -> list[float]:
         def loss_of(outputs, batch):  # the paper's Eq. 2

@@ -183,8 +183,11 @@ def original_mask(sample: Sample) -> np.ndarray:
     return _binary(read_image(sample.mask_path))
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 B x 3 x H x W -> float, ImageNet-normalised (what every encoder expects)."""
+def normalize(images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 B x 3 x H x W -> float, ImageNet-normalised (what every encoder expects), on `device` (default: where
+    the images are). The uint8 images are moved, not the floats: a quarter of the bytes."""
+    if device is not None:
+        images = images.to(device, non_blocking=True)
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     return (images.float() / 255.0 - mean) / std
@@ -264,8 +267,10 @@ def iterate_batches(
     workers: int = 1,
     strict: bool = False,
     cache_dir: str | Path | None = "auto",
+    pin_memory: bool = False,
 ) -> Iterator[dict]:
-    """Batches of decoded images in sample order; decoding overlaps compute in `workers` processes.
+    """Batches of decoded images in sample order; decoding overlaps compute in `workers` processes. With
+    `pin_memory` (for a CUDA device) the batches are in page-locked memory, so their copy to the GPU overlaps.
 
     A file that cannot be read is reported with its path and skipped, unless `strict`. Decoded images are
     cached on disk under `cache_dir` ('auto': the default folder; None: no cache).
@@ -277,6 +282,7 @@ def iterate_batches(
         shuffle=False,
         num_workers=workers,
         collate_fn=_collate,
+        pin_memory=pin_memory,
     )
     for batch in loader:
         for _index, message in batch["errors"]:

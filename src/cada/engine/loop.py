@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from cada.engine.device import autocast
 from cada.engine.distributed import describe_distribution, is_distributed, is_main, lr_factor, world_size
 from cada.engine.resume import Checkpointing
 from cada.engine.samplers import PassSampler
@@ -61,8 +62,11 @@ def _wrap(module: nn.Module | None, optimizer, loss_of: LossOf, find_unused_para
         return objective
     from torch.nn.parallel import DistributedDataParallel
 
-    # device_ids=None: inputs (batch indices) stay where they are; the module's parameters decide the device.
-    return DistributedDataParallel(objective, device_ids=None, find_unused_parameters=find_unused_parameters)
+    # One GPU per process (device_ids); on the CPU device_ids=None. Inputs are batch indices: each loss moves
+    # its own data to the device.
+    device = next((p.device for p in objective.parameters()), torch.device("cpu"))
+    device_ids = [device] if device.type == "cuda" else None
+    return DistributedDataParallel(objective, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
 
 
 def _sync_buffers(module: nn.Module) -> None:
@@ -74,11 +78,24 @@ def _sync_buffers(module: nn.Module) -> None:
 
 
 class Trainer:
-    """Runs the training of one run: its loops, with the run's checkpoint `session` (None: no checkpoints) and
-    progress bars (`progress`). Handed explicitly to `BaseMethod.fit` and `Aligner.fit`."""
+    """Runs the training of one run: its loops, with the run's checkpoint `session` (None: no checkpoints),
+    progress bars (`progress`), the `device` data is moved to and the autocast dtype of the base method's forward
+    passes (`precision`, None: float32; see `cada.engine.device`). Handed explicitly to `BaseMethod.fit` and
+    `Aligner.fit`."""
 
-    def __init__(self, session: Checkpointing | None = None, progress: bool = True):
+    def __init__(
+        self,
+        session: Checkpointing | None = None,
+        progress: bool = True,
+        device: torch.device | str = "cpu",
+        precision: torch.dtype | None = None,
+    ):
         self.session, self.progress = session, progress
+        self.device, self.precision = torch.device(device), precision
+
+    def autocast(self):
+        """The base method's forward passes in the run's precision (the aligners train in float32)."""
+        return autocast(self.device, self.precision)
 
     def signals(self):
         """While the block runs, SIGINT/SIGTERM stop training after a checkpoint (nothing to do without a session)."""
@@ -101,9 +118,12 @@ class Trainer:
         scheduler=None,
         module: nn.Module | None = None,
         find_unused_parameters: bool = False,
+        precision: torch.dtype | None = None,
     ) -> list[float]:
         """`iters` optimiser steps of `loss_of(iteration, batch_indices)` on batches from `sampler`; the losses.
 
+        The loss is computed under autocast to `precision` (None: float32); fp16 scales the loss against
+        underflow (GradScaler).
         Under torch.distributed: DDP over `module` (default: the optimiser's parameters), each process its slice
         of every global batch, the loss history the mean over processes. With a session: resumes from its
         checkpoint if it holds this stage, writes one every `every` steps, and stops cleanly on a signal.
@@ -124,12 +144,19 @@ class Trainer:
             initial=start,
             total=iters,
         )
+        scaler = torch.amp.GradScaler(self.device.type) if precision == torch.float16 else None
         for iteration in bar:
             batch = sampler(generator)
-            loss = objective(iteration, batch)
+            with autocast(self.device, precision):
+                loss = objective(iteration, batch).float()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             if scheduler is not None:
                 scheduler.step()
             stop = session is not None and session.stop_wanted()
@@ -176,4 +203,5 @@ class Trainer:
             scheduler,
             module,
             find_unused_parameters,
+            self.precision,
         )

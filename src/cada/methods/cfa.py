@@ -29,6 +29,7 @@ from torch import nn
 from cada.backbones import create_encoder
 from cada.config import BaseTraining
 from cada.engine import FeatureSource, Trainer
+from cada.engine.device import full_precision
 from cada.engine.loop import LossOf
 from cada.methods.base import BaseMethod, MethodOutput
 from cada.registry import METHODS
@@ -135,9 +136,10 @@ class CFA(BaseMethod):
         are then recomputed with gradient: the same values and gradients as differentiating through the full
         distance matrix (top-k passes gradient to the chosen entries only), for a fraction of the memory.
         """
+        descriptors = descriptors.float()  # distances in float32 whatever the autocast: they cancel in half
         centroids = self.centroids  # D x M
         centroid_norms = centroids.pow(2).sum(dim=0)
-        with torch.no_grad():
+        with torch.no_grad(), full_precision(descriptors.device):
             chunks = []
             for chunk in descriptors.detach().split(DISTANCE_CHUNK):
                 distances = chunk.pow(2).sum(dim=-1, keepdim=True) + centroid_norms - 2 * chunk @ centroids
@@ -171,16 +173,17 @@ class CFA(BaseMethod):
         total = torch.zeros_like(self.centroids)
         for start in range(0, n_images, batch_size):
             batch = torch.arange(start, min(start + batch_size, n_images))
-            total += self.describe(features[batch]).flatten(2).sum(dim=0)
+            total += self.describe(features[batch]).flatten(2).float().sum(dim=0)
         self.centroids.copy_(total / n_images)
 
     def objective(
         self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float, trainer: Trainer
     ) -> tuple[list[dict], LossOf]:
         """Initialise the memory bank, then train the descriptor (and r) with the soft-boundary loss."""
-        features = FeatureSource(self.encoder, images, settings.batch_size, cache_gib, trainer.stop_point)
+        features = FeatureSource(self.encoder, images, settings.batch_size, cache_gib, trainer)
         self.eval()
-        self.initialise_centroids(features, len(images), settings.batch_size)
+        with trainer.autocast():
+            self.initialise_centroids(features, len(images), settings.batch_size)
 
         def loss_of(iteration: int, batch: torch.Tensor) -> torch.Tensor:
             descriptors = self.describe(features[batch]).flatten(2).transpose(1, 2)

@@ -268,7 +268,7 @@ def synthesize_anomalies(
     picks = torch.randint(0, len(sources), (count,), generator=generator)
     textures = procedural_textures(count, size, generator)
     other = sources[picks].to(clean.device).float() / 255
-    textures = torch.where(from_images.view(-1, 1, 1, 1), other, textures.to(clean.device))
+    textures = torch.where(from_images.view(-1, 1, 1, 1).to(clean.device), other, textures.to(clean.device))
     textures = _colour_operations(textures, generator)
     beta = _uniform((count, 1, 1, 1), *BETA_RANGE, generator)
     masks = masks * anomalous.view(-1, 1, 1).float()

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from cada.backbones import create_encoder
 from cada.data.dataset import normalize
 from cada.engine import Trainer
+from cada.engine.device import full_precision
 from cada.methods.base import BaseMethod, MethodOutput
 from cada.registry import METHODS
 
@@ -101,10 +102,11 @@ def nearest_neighbours(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k nearest bank rows of each query: (L2 distances Q x k ascending, indices Q x k).
 
-    The distance matrix is computed in tiles of QUERY_BLOCK queries x `chunk` bank rows (default: a tile of
-    TILE_BYTES, or less if `budget_gib` says so), keeping a running top-k per query, so the full matrix is never
-    built and each tile is reduced while it is still in cache: that is what brings the search to the speed of
-    the matrix product itself (benchmarks/patchcore_search.py). Within a tile only |k|^2 - 2 q.k is computed;
+    The distance matrix is computed in float32 (whatever the autocast), in tiles of QUERY_BLOCK queries (16
+    times more on a GPU) x `chunk` bank rows (default: a tile of `tile_bytes`, or less if `budget_gib` says so),
+    keeping a running top-k per query, so the full matrix is never built and each tile is reduced while it is
+    still in cache: that is what brings the search to the speed of the matrix product itself
+    (benchmarks/patchcore_search.py). Within a tile only |k|^2 - 2 q.k is computed;
     |q|^2 is the same along a row, so it is added once to the k best. Rounding is monotone, so the distances
     equal those of the full formula exactly. Ties keep the lower bank index, as a brute-force argmin does.
 
@@ -113,9 +115,31 @@ def nearest_neighbours(
     """
     if len(bank) == 0:
         raise ValueError("the memory bank is empty: fit the model first")
+    with full_precision(queries.device):
+        return _nearest(queries.float(), bank, k, chunk, budget_gib, exclude)
+
+
+def tile_bytes(device: torch.device) -> int:
+    """One tile of the distance matrix: TILE_BYTES on the CPU (cache-sized); on a GPU large tiles keep it busy,
+    a quarter of its free memory up to 1 GiB."""
+    if device.type != "cuda":
+        return TILE_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(TILE_BYTES, min(2**30, free // 4))
+
+
+def _nearest(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    k: int,
+    chunk: int | None,
+    budget_gib: float,
+    exclude: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     k = min(k, len(bank))
-    query_block = min(len(queries), QUERY_BLOCK) or 1
-    chunk = chunk or chunk_rows(query_block, min(budget_gib, TILE_BYTES / 2**30))
+    on_gpu = queries.device.type == "cuda"
+    query_block = min(len(queries), 16 * QUERY_BLOCK if on_gpu else QUERY_BLOCK) or 1
+    chunk = chunk or chunk_rows(query_block, min(budget_gib, tile_bytes(queries.device) / 2**30))
     bank_sq = bank.pow(2).sum(dim=1)
     best = queries.new_full((len(queries), k), math.inf)
     best_index = torch.zeros((len(queries), k), dtype=torch.long, device=queries.device)
@@ -153,19 +177,21 @@ def greedy_coreset(points: torch.Tensor, k: int, start: int = 0) -> torch.Tensor
     k = min(k, n)
     points = points.contiguous()
     points_sq = points.pow(2).sum(dim=1)
-    min_distance = torch.full((n,), math.inf, dtype=points.dtype)
-    distance = torch.empty(n, dtype=points.dtype)
-    selected = torch.empty(k, dtype=torch.long)
-    current = start
+    min_distance = torch.full((n,), math.inf, dtype=points.dtype, device=points.device)
+    distance = torch.empty(n, dtype=points.dtype, device=points.device)
+    selected = torch.empty(k, dtype=torch.long, device=points.device)
+    # the current centre stays a tensor: on a GPU no step waits for the device
+    current = torch.tensor(start, device=points.device)
     for step in range(k):
         selected[step] = current
         if step == k - 1:
             break
         # squared distance of every point to the newest centre: |p|^2 - 2 p.c + |c|^2
-        torch.addmv(points_sq, points, points[current], alpha=-2.0, out=distance)
-        distance.add_(points_sq[current])
+        centre = current.view(1)  # a one-element index, not an int: no wait for the device
+        torch.addmv(points_sq, points, points[centre][0], alpha=-2.0, out=distance)
+        distance.add_(points_sq[centre])
         torch.minimum(min_distance, distance, out=min_distance)
-        current = int(min_distance.argmax())
+        current = min_distance.argmax()
     return selected
 
 
@@ -262,7 +288,7 @@ class PatchCore(BaseMethod):
         Not used by the protocols: there every method's image score is the top 1% of its smoothed map.
         """
         scores, index, embedding, _ = self.patch_scores(x)
-        batch = torch.arange(len(scores))
+        batch = torch.arange(len(scores), device=scores.device)
         worst = scores.flatten(1).argmax(dim=1)
         s_star = scores.flatten(1)[batch, worst]
         test_patch = embedding[batch, worst]  # B x C
@@ -295,7 +321,7 @@ class PatchCore(BaseMethod):
         options = self.options
         self.eval()
         projection = torch.randn(self.embedding_dim, options.projection_dim, generator=generator)
-        projection /= math.sqrt(options.projection_dim)
+        projection = (projection / math.sqrt(options.projection_dim)).to(trainer.device)
         patches_per_image = self.grid * self.grid
         block_images = max(1, options.coreset_block // patches_per_image)
         batch_size = max(1, settings.batch_size)
@@ -308,8 +334,8 @@ class PatchCore(BaseMethod):
             seen = min(start + block_images, len(images)) * patches_per_image
             counts.append(max(1, round(options.coreset_ratio * seen) - kept))
             kept += counts[-1]
-        bank = torch.empty(kept, self.embedding_dim)
-        bank_image = torch.empty(kept, dtype=torch.int32)
+        bank = torch.empty(kept, self.embedding_dim, device=trainer.device)
+        bank_image = torch.empty(kept, dtype=torch.int32, device=trainer.device)
         filled = 0
         for start, count in tqdm(
             list(zip(starts, counts)), desc="patchcore coreset", disable=not trainer.progress, leave=False
@@ -318,11 +344,11 @@ class PatchCore(BaseMethod):
             pieces = []
             for i in range(0, len(block), batch_size):
                 trainer.stop_point("building the PatchCore memory bank")
-                pieces.append(
-                    self.patch_embedding(*self.local_features(normalize(block[i : i + batch_size]))).reshape(
-                        -1, self.embedding_dim
+                with trainer.autocast():
+                    embedding = self.patch_embedding(
+                        *self.local_features(normalize(block[i : i + batch_size], trainer.device))
                     )
-                )
+                pieces.append(embedding.reshape(-1, self.embedding_dim).float())
             features = torch.cat(pieces)
             del pieces
             first = int(torch.randint(len(features), (1,), generator=generator))

@@ -106,7 +106,7 @@ class ReContrast(BaseMethod):
         self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float, trainer: Trainer
     ) -> tuple[list[dict], LossOf]:
         """Train bottleneck, decoder and heads (settings.lr) and the trainable encoder (settings.encoder_lr)."""
-        frozen = FeatureSource(self.encoder, images, settings.batch_size, cache_gib, trainer.stop_point)
+        frozen = FeatureSource(self.encoder, images, settings.batch_size, cache_gib, trainer)
         reconstruction = [*self.bottleneck.parameters(), *self.decoder.parameters(), *self.heads.parameters()]
         groups = [
             {"params": reconstruction},
@@ -114,7 +114,7 @@ class ReContrast(BaseMethod):
         ]
 
         def loss_of(iteration: int, batch: torch.Tensor) -> torch.Tensor:
-            targets, rebuilt, _ = self.pairs(normalize(images[batch]), frozen[batch])
+            targets, rebuilt, _ = self.pairs(normalize(images[batch], trainer.device), frozen[batch])
             alpha = hard_mining_alpha(iteration, settings.iters)
             return hard_mined_cosine_loss(targets, rebuilt, alpha) / 2  # the two halves (3 scales each) averaged
 

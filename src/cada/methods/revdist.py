@@ -162,7 +162,7 @@ class RevDist(BaseMethod):
         self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float, trainer: Trainer
     ) -> tuple[list[dict], LossOf]:
         """Train bottleneck and decoder on normal images (uint8 N x 3 x S x S); the encoder stays frozen."""
-        features = FeatureSource(self.encoder, images, settings.batch_size, cache_gib, trainer.stop_point)
+        features = FeatureSource(self.encoder, images, settings.batch_size, cache_gib, trainer)
 
         def loss_of(iteration: int, batch: torch.Tensor) -> torch.Tensor:
             encoded = features[batch]

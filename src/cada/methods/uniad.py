@@ -168,9 +168,7 @@ class UniAD(BaseMethod):
         self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float, trainer: Trainer
     ) -> tuple[list[dict], LossOf]:
         """Train the transformer to rebuild clean features from jittered ones (MSE); the encoder stays frozen."""
-        features = FeatureSource(
-            lambda x: [self.features(x)], images, settings.batch_size, cache_gib, trainer.stop_point
-        )
+        features = FeatureSource(lambda x: [self.features(x)], images, settings.batch_size, cache_gib, trainer)
 
         def loss_of(iteration: int, batch: torch.Tensor) -> torch.Tensor:
             clean = features[batch][0]
