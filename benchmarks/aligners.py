@@ -1,8 +1,9 @@
 """Every aligner on one trained base: how close each comes to knowing the product, and what one threshold does.
 
-    python benchmarks/aligners.py --data ROOT --out OUT [--run RUN] [--preset cpu] [--holdout 0.1] [--fpr 0.01]
+    python benchmarks/aligners.py --data ROOT --out OUT [--run RUN] [--preset cpu] [--method revdist]
+                                  [--holdout 0.1] [--fpr 0.01]
 
-Without --run, trains the base (the preset's method, no aligner) on ROOT's training images less --holdout of
+Without --run, trains the base (--method under the preset, no aligner) on ROOT's training images less --holdout of
 each product, and saves it in OUT/base; with --run, reuses a base trained that way (`cada train --align none
 --holdout 0.1`; the held-out images are drawn again with the run's seed and checked against its image count).
 The base's training statistics, test outputs and held-out outputs are cached once (cada.ablation.Ablation);
@@ -33,6 +34,7 @@ from cada.checkpoint import write_json
 from cada.cli import positive_int
 from cada.config import preset
 from cada.evaluate import image_only_metrics, image_scores, oracle_scores, per_product_decisions
+from cada.registry import METHODS
 from cada.threshold import threshold_at_fpr
 
 
@@ -107,6 +109,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the base (without --run) and aligners.json")
     parser.add_argument("--run", type=Path, help="reuse this base (trained with --align none --holdout HOLDOUT)")
     parser.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
+    parser.add_argument("--method", choices=METHODS, default="revdist", help="base method to train (without --run)")
     parser.add_argument(
         "--holdout", type=float, default=0.1, help="fraction of each product's training images held out"
     )
@@ -123,7 +126,7 @@ def main() -> None:
     if args.run:
         detector = Detector.load(args.run)
     else:
-        settings = preset(args.preset)
+        settings = preset(args.preset, args.method)
         settings.align = "none"
         if args.iters is not None:
             settings.base.iters, settings.base.epochs = args.iters, None
