@@ -7,7 +7,8 @@ ceiling is `torch.mm` of the same shapes. For each channel count (152: Efficient
 1536: wide_resnet50_2's) this prints GFLOP/s of `torch.mm` (the whole product at once), of the search
 (`nearest_neighbours`), and of the plain chunked search it replaced (one full-formula distance matrix of 0.5 GiB
 per chunk, clamped, then its minimum), and checks that the search returns the same neighbours. The default
-sizes are one batch of 16 images at 256 px (16 x 32 x 32 patches) against a bank of 30,000 rows (mix6, 747 training images, keeps ~76,000).
+sizes are one batch of 16 images at 256 px (16 x 32 x 32 patches) against a bank of 30,000 rows (mix6's 747
+training images keep ~76,000).
 Best of 3 repetitions; run it alone on the machine.
 """
 
