@@ -597,7 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--devices",
         type=int,
         metavar="N",
-        help="train in N processes (DistributedDataParallel): launches torchrun --nproc_per_node N",
+        help="train in N processes (DistributedDataParallel): launches torchrun --nproc_per_node N; with CUDA "
+        "each process takes its own GPU (--device auto)",
     )
     train.add_argument(
         "--scale-lr",
