@@ -56,8 +56,8 @@ from cada.methods.base import BaseMethod, MethodOutput
 from cada.registry import METHODS
 
 FLOAT_BYTES = 4
-# The search reduces the distance matrix tile by tile while it is in cache (measured on 2 cores: 16 MiB tiles of
-# 4096 queries run at ~170 GFLOP/s, whole-chunk matrices of 0.5 GiB at ~100; benchmarks/patchcore_search.py).
+# The search reduces the distance matrix tile by tile while it is in cache (measured on 2 cores with 152 channels:
+# 16 MiB tiles of 4096 queries run at 145 GFLOP/s, whole 0.5 GiB chunks at 81; benchmarks/patchcore_search.py).
 QUERY_BLOCK = 4096
 TILE_BYTES = 2**24
 
