@@ -80,13 +80,18 @@ def test_every_aligner_computes_its_statistics_on_the_features_device(name):
     assert u.device.type == spread.device.type == "meta" and u.shape == spread.shape == (3,)
 
 
-def test_class_state_sized_while_fitting_is_made_on_the_aligners_device():
+def test_state_sized_while_fitting_is_made_on_the_aligners_device():
+    """Fitting runs on the features' device: what an aligner sizes then must not land on the CPU."""
     settings = preset("cpu").aligner
     for name in ("class-aware", "classifier"):
         aligner = create_aligner(name, 8, settings).to("meta")
         aligner._set_classes(["a", "b"])
         tensors = [aligner.class_u, aligner.class_gamma, *aligner.parameters()]
         assert all(t.device.type == "meta" for t in tensors)
+    for name in ("knn", "knn-level"):
+        aligner = create_aligner(name, 8, settings).to("meta")
+        aligner._allocate(5, 8)
+        assert all(t.device.type == "meta" for t in aligner.buffers())
 
 
 def test_bf16_autocast_on_the_cpu_stays_close_to_float32(calibrated_run, tiny_data):

@@ -357,9 +357,7 @@ class Detector:
             settings.smooth_l1_alpha = self.method.score_scale
         generator = generator or torch.Generator().manual_seed(self.settings.seed)
         trainer = trainer or Trainer(progress=progress, device=self.device)
-        losses = self.aligner.fit(features, image_stats, settings, generator, class_names, progress, trainer=trainer)
-        self.aligner.to(self.device)  # buffers an aligner sized while fitting
-        return losses
+        return self.aligner.fit(features, image_stats, settings, generator, class_names, progress, trainer=trainer)
 
     @torch.inference_mode()
     def training_statistics(

@@ -45,6 +45,11 @@ class Aligner(nn.Module):
         super().__init__()
         self.register_buffer("min_spread", torch.tensor(1e-6))
 
+    @property
+    def device(self) -> torch.device:
+        """Where the aligner's state lives: state sized while fitting (or loading) is made here."""
+        return self.min_spread.device
+
     def fit(
         self,
         features: torch.Tensor,

@@ -32,8 +32,8 @@ class ClassAware(Aligner):
     def _set_classes(self, class_names: list[str]) -> None:
         """Per-class state sized for `class_names`, on the aligner's device."""
         self.class_names = list(class_names)
-        self.class_u = torch.zeros(len(class_names), device=self.min_spread.device)
-        self.class_gamma = torch.zeros(len(class_names), device=self.min_spread.device)
+        self.class_u = torch.zeros(len(class_names), device=self.device)
+        self.class_gamma = torch.zeros(len(class_names), device=self.device)
 
     def fit(
         self, features, image_stats, settings, generator, class_names=None, progress=True, trainer=None
@@ -82,7 +82,7 @@ class ClassifierAligner(ClassAware):
 
     def _set_classes(self, class_names):
         super()._set_classes(class_names)
-        self.head = make_head(self.channels, len(class_names), self.settings).to(self.min_spread.device)
+        self.head = make_head(self.channels, len(class_names), self.settings).to(self.device)
 
     def _fit_classifier(self, features, labels, settings, generator, trainer) -> list[float]:
         def loss_of(outputs, batch):  # the paper's Eq. 2

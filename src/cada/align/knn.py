@@ -31,12 +31,14 @@ class KNNAligner(Aligner):
         self._allocate(0, channels)
 
     def _allocate(self, n_train: int, channels: int) -> None:
-        """Buffers sized for `n_train` training images: their shape is known before the weights are loaded."""
-        self.register_buffer("centre", torch.zeros(channels))
-        self.register_buffer("train_descriptors", torch.zeros(n_train, channels))
-        self.register_buffer("train_scores", torch.zeros(n_train))
-        self.register_buffer("train_map_means", torch.zeros(n_train))
-        self.register_buffer("reference_distance", torch.tensor(float("inf")))
+        """Buffers sized for `n_train` training images (their shape is known before the weights are loaded), on
+        the aligner's device."""
+        device = self.device
+        self.register_buffer("centre", torch.zeros(channels, device=device))
+        self.register_buffer("train_descriptors", torch.zeros(n_train, channels, device=device))
+        self.register_buffer("train_scores", torch.zeros(n_train, device=device))
+        self.register_buffer("train_map_means", torch.zeros(n_train, device=device))
+        self.register_buffer("reference_distance", torch.tensor(float("inf"), device=device))
 
     def descriptor(self, features: torch.Tensor) -> torch.Tensor:
         """B x C x h x w -> B x C: averaged over space, centred on the training mean, unit length."""
