@@ -5,6 +5,8 @@ import torch
 
 from cada.cli import main
 
+from helpers import train_args
+
 torch.set_num_threads(2)
 
 
@@ -59,25 +61,7 @@ def calibrated_run(tiny_data, tmp_path_factory):
     """A tiny trained run with its threshold calibrated at 10% FPR on the training normals. Tests read it;
     one that changes a run works on a copy."""
     run = tmp_path_factory.mktemp("calibrated") / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(tiny_data),
-                "--out",
-                str(run),
-                "--image-size",
-                "64",
-                "--iters",
-                "3",
-                "--align-iters",
-                "5",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main(train_args(tiny_data, run, iters=3, align_iters=5)) == 0
     normal = [str(tiny_data / name / "train" / "good") for name in ("weave", "marble", "washer", "circuit")]
     assert main(["calibrate", str(run), "--normal", *normal, "--fpr", "0.1"]) == 0
     return run

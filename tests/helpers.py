@@ -7,6 +7,26 @@ import torch
 
 from cada.config import Settings, preset
 
+
+def train_args(data, out, *extra: str, iters: int = 2, align_iters: int = 3) -> list[str]:
+    """`cada train` arguments of a tiny quiet run at 64 px; `extra` adds options (a repeated one wins)."""
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--image-size",
+        "64",
+        "--iters",
+        str(iters),
+        "--align-iters",
+        str(align_iters),
+        "--quiet",
+        *extra,
+    ]
+
+
 SQUARE = (slice(None), slice(20, 36), slice(20, 36))  # where `paste_square` puts its defect (64 px images)
 
 

@@ -10,7 +10,7 @@ from cada.data.dataset import normalize
 from cada.methods.cfa import CFA, CoordConv
 from cada.workflows import settings_from_options
 
-from helpers import assert_save_load_bit_exact, square_means, tiny_preset
+from helpers import assert_save_load_bit_exact, square_means, tiny_preset, train_args
 
 
 def fitted(images, iters: int, seed: int = 0) -> tuple[CFA, list[float]]:
@@ -106,26 +106,6 @@ def test_detector_save_load_round_trips_bit_exactly(tiny_data, images, tmp_path)
 
 def test_cli_trains_cfa(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--method",
-                "cfa",
-                "--data",
-                str(tiny_data),
-                "--out",
-                str(run),
-                "--image-size",
-                "64",
-                "--iters",
-                "1",
-                "--align-iters",
-                "2",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main(train_args(tiny_data, run, "--method", "cfa", iters=1, align_iters=2)) == 0
     assert "training cfa" in capsys.readouterr().out
     assert Detector.load(run).settings.method == "cfa"

@@ -7,6 +7,8 @@ import pytest
 from cada.cli import main
 from cada.config import Settings
 
+from helpers import train_args
+
 DEFAULT_ALIGN = Settings().align
 
 
@@ -144,25 +146,7 @@ def test_ablate_trains_the_base_once_and_prints_the_three_tables(tiny_data, tmp_
 
 def test_evaluate_plots_the_score_distributions(tiny_data, tmp_path):
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(tiny_data),
-                "--out",
-                str(run),
-                "--image-size",
-                "64",
-                "--iters",
-                "2",
-                "--align-iters",
-                "3",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main(train_args(tiny_data, run)) == 0
     assert main(["evaluate", str(run), "--data", str(tiny_data), "--plots", str(tmp_path / "plots"), "--quiet"]) == 0
     figure = tmp_path / "plots" / "score_distributions.png"
     assert figure.stat().st_size > 10_000 and figure.read_bytes()[:4] == b"\x89PNG"

@@ -12,29 +12,12 @@ from safetensors.torch import load_file
 
 from cada.cli import main
 
-from helpers import stop_after_steps
+from helpers import stop_after_steps, train_args
 
 
 def _train_args(data, out, *extra):
-    return [
-        "train",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--image-size",
-        "64",
-        "--iters",
-        "4",
-        "--align",
-        "cada",
-        "--align-iters",
-        "5",
-        "--quiet",
-        "--checkpoint-every",
-        "3",
-        *extra,
-    ]  # a trained aligner
+    # a trained aligner, and checkpoints to resume from
+    return train_args(data, out, "--align", "cada", "--checkpoint-every", "3", *extra, iters=4, align_iters=5)
 
 
 def _assert_same_tensors(first: dict, second: dict) -> None:

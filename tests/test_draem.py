@@ -19,7 +19,7 @@ from cada.methods.draem import (
 )
 from cada.workflows import settings_from_options
 
-from helpers import assert_save_load_bit_exact, tiny_preset
+from helpers import assert_save_load_bit_exact, tiny_preset, train_args
 
 WIDTHS = dict(reconstructive_width=4, discriminative_width=4)
 
@@ -142,26 +142,6 @@ def test_detector_save_load_round_trips_bit_exactly(tiny_data, images, tmp_path)
 
 def test_cli_trains_draem(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--method",
-                "draem",
-                "--data",
-                str(tiny_data),
-                "--out",
-                str(run),
-                "--image-size",
-                "64",
-                "--iters",
-                "1",
-                "--align-iters",
-                "2",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main(train_args(tiny_data, run, "--method", "draem", iters=1, align_iters=2)) == 0
     assert "training draem" in capsys.readouterr().out
     assert Detector.load(run).settings.method == "draem"

@@ -28,6 +28,8 @@ from cada.data import (
 )
 from cada.data.cache import ImageCache
 
+from helpers import train_args
+
 SIZE = 32
 CLASSES = ("alpha", "beta")
 
@@ -361,25 +363,7 @@ def test_cada_evaluate_gives_the_same_numbers_on_every_layout(trees, tmp_path, c
     from cada.cli import main
 
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(trees["mvtec"]),
-                "--out",
-                str(run),
-                "--image-size",
-                "64",
-                "--iters",
-                "2",
-                "--align-iters",
-                "3",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main(train_args(trees["mvtec"], run)) == 0
     rows = {}
     for layout, root in trees.items():
         out = tmp_path / f"{layout}.json"

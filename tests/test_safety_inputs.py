@@ -22,6 +22,8 @@ from cada.data.mvtec import Sample, mvtec_samples
 from cada.data.visa import visa_samples
 from cada.threshold import threshold_at_fpr, threshold_f1
 
+from helpers import train_args
+
 CLASSES = ("weave", "marble", "washer", "circuit")
 
 
@@ -29,25 +31,7 @@ CLASSES = ("weave", "marble", "washer", "circuit")
 def run(tiny_data, tmp_path_factory):
     """A trained run calibrated at FPR 0.1 on the training images of every class (the calibration images)."""
     folder = tmp_path_factory.mktemp("runs") / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(tiny_data),
-                "--out",
-                str(folder),
-                "--image-size",
-                "64",
-                "--iters",
-                "2",
-                "--align-iters",
-                "3",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main(train_args(tiny_data, folder)) == 0
     assert (
         main(
             [

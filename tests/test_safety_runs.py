@@ -18,25 +18,7 @@ import pytest
 
 from cada.cli import main
 
-from helpers import stop_after_steps
-
-
-def _train_args(data, out, *extra):
-    return [
-        "train",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--image-size",
-        "64",
-        "--iters",
-        "2",
-        "--align-iters",
-        "3",
-        "--quiet",
-        *extra,
-    ]
+from helpers import stop_after_steps, train_args
 
 
 def _one_line(capsys) -> str:
@@ -50,7 +32,7 @@ def _one_line(capsys) -> str:
 def trained_run(tiny_data, tmp_path_factory):
     """A trained, calibrated run; tests that change it work on a copy (`run_copy`)."""
     run = tmp_path_factory.mktemp("safety") / "run"
-    assert main(_train_args(tiny_data, run)) == 0
+    assert main(train_args(tiny_data, run)) == 0
     normal = [str(tiny_data / name / "train" / "good") for name in ("weave", "marble")]
     assert main(["calibrate", str(run), "--normal", *normal, "--fpr", "0.1"]) == 0
     return run
@@ -82,7 +64,7 @@ def _files(folder) -> dict:
 
 def test_1_an_existing_run_is_replaced_only_with_overwrite_and_by_one_writer(tiny_data, run_copy, tmp_path, capsys):
     before = _files(run_copy)
-    assert main(_train_args(tiny_data, run_copy)) == 2
+    assert main(train_args(tiny_data, run_copy)) == 2
     error = _one_line(capsys)
     assert "already holds a trained run" in error and "calibrated" in error and "--overwrite" in error
     assert _files(run_copy) == before
@@ -90,7 +72,7 @@ def test_1_an_existing_run_is_replaced_only_with_overwrite_and_by_one_writer(tin
     other = tmp_path / "notes"
     other.mkdir()
     (other / "mine.txt").write_text("keep")
-    assert main(_train_args(tiny_data, other, "--overwrite")) == 2  # not a run: never replaced
+    assert main(train_args(tiny_data, other, "--overwrite")) == 2  # not a run: never replaced
     assert "not empty and is not a cada run" in _one_line(capsys) and (other / "mine.txt").read_text() == "keep"
 
     # A second writer is refused while the first one's process lives; a dead one's lock is taken over.
@@ -98,13 +80,13 @@ def test_1_an_existing_run_is_replaced_only_with_overwrite_and_by_one_writer(tin
     writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         lock.write_text(f"{writer.pid}\n")
-        assert main(_train_args(tiny_data, run_copy, "--overwrite")) == 2
+        assert main(train_args(tiny_data, run_copy, "--overwrite")) == 2
         assert f"being written by another cada process (pid {writer.pid})" in _one_line(capsys)
     finally:
         writer.kill()
         writer.wait()
     assert _files(run_copy) == before
-    assert main(_train_args(tiny_data, run_copy, "--overwrite")) == 0  # the lock's process is gone
+    assert main(train_args(tiny_data, run_copy, "--overwrite")) == 0  # the lock's process is gone
     assert "taking over the lock" in capsys.readouterr().err
     assert not lock.exists()
     config = json.loads((run_copy / "config.json").read_text())
@@ -117,7 +99,7 @@ def test_1_an_existing_run_is_replaced_only_with_overwrite_and_by_one_writer(tin
     # An unfinished training is continued with --resume, not silently restarted.
     unfinished = tmp_path / "unfinished"
     (unfinished / "resume").mkdir(parents=True)
-    assert main(_train_args(tiny_data, unfinished)) == 2
+    assert main(train_args(tiny_data, unfinished)) == 2
     assert "unfinished training" in _one_line(capsys)
 
     # Outputs never land on the run's own files.
@@ -169,18 +151,18 @@ def test_2_a_failed_save_keeps_the_checkpoint_and_the_old_run(tiny_data, run_cop
     out = tmp_path / "new"
     with monkeypatch.context() as patch:
         patch.setattr(cada.checkpoint, "save_file", disk_full)
-        assert main(_train_args(tiny_data, out)) == 2
+        assert main(train_args(tiny_data, out)) == 2
     error = _one_line(capsys)
     assert "No space left on device" in error and "--resume" in error and "checkpoint is kept" in error
     assert (out / "resume" / "state.safetensors").is_file() and not (out / "model.safetensors").exists()
-    assert main(_train_args(tiny_data, out, "--resume")) == 0  # the retry the message names
+    assert main(train_args(tiny_data, out, "--resume")) == 0  # the retry the message names
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
 
     # Weights and config are replaced together: a save failing after the weights leaves the old run whole.
     before = _files(run_copy)
     with monkeypatch.context() as patch:
         patch.setattr(cada.checkpoint, "write_json", disk_full)
-        assert main(_train_args(tiny_data, run_copy, "--overwrite", "--seed", "1")) == 2
+        assert main(train_args(tiny_data, run_copy, "--overwrite", "--seed", "1")) == 2
     capsys.readouterr()
     assert {k: v for k, v in _files(run_copy).items() if k.parts[0] != "resume"} == before
     assert not list(tmp_path.glob(".run.*"))
@@ -201,11 +183,11 @@ def test_3_resume_refuses_other_data_of_the_same_count(tiny_data, tmp_path, monk
 
     run = tmp_path / "run"
     with stop_after_steps(1):
-        assert main(_train_args(tiny_data, run)) == 130
+        assert main(train_args(tiny_data, run)) == 130
     capsys.readouterr()
-    assert main(_train_args(changed, run, "--resume")) == 2
+    assert main(train_args(changed, run, "--resume")) == 2
     assert "training data differ" in _one_line(capsys)
-    assert main(_train_args(tiny_data, run, "--resume")) == 0
+    assert main(train_args(tiny_data, run, "--resume")) == 0
 
 
 # -- 9: names that are not UTF-8 are written escaped, every output file atomically --------------------------------
@@ -398,14 +380,14 @@ def test_13_sigterm_stops_a_long_pass_within_a_batch(
 
     monkeypatch.setattr(target, "normalize", normalize_and_signal)
     run = tmp_path / "run"
-    assert main(_train_args(tiny_data, run, "--method", method)) == 130
+    assert main(train_args(tiny_data, run, "--method", method)) == 130
     error = capsys.readouterr().err
     assert f"training stopped while {phase}" in error
     assert len(calls) == 1
     if resumable:
         assert "--resume" in error and (run / "resume" / "state.safetensors").is_file()
         monkeypatch.setattr(target, "normalize", original)
-        assert main(_train_args(tiny_data, run, "--method", method, "--resume")) == 0
+        assert main(train_args(tiny_data, run, "--method", method, "--resume")) == 0
         assert (run / "model.safetensors").is_file() and not (run / "resume").exists()
     else:
         assert "nothing to resume" in error
