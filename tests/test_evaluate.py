@@ -173,10 +173,10 @@ def test_original_resolution_upsamples_maps_to_each_masks_size(tiny_data, tiny_d
     shutil.copytree(tiny_data, root)
     for path in root.glob("*/test/*/*.png"):
         size = (96, 80) if path.parts[-4] == "weave" else (72, 72)
-        Image.open(path).resize(size, Image.BILINEAR).save(path)
+        Image.open(path).resize(size, Image.Resampling.BILINEAR).save(path)
     for path in root.glob("*/ground_truth/*/*.png"):
         size = (96, 80) if path.parts[-4] == "weave" else (72, 72)
-        Image.open(path).resize(size, Image.NEAREST).save(path)
+        Image.open(path).resize(size, Image.Resampling.NEAREST).save(path)
     samples = mvtec_samples(root, "test")
     outputs = collect(tiny_detector, samples, progress=False, pixel_resolution="original", cache_dir=None)
     weave = outputs.class_names == "weave"

@@ -130,6 +130,8 @@ class Ablation:
     @staticmethod
     def aligned(aligner: Aligner, outputs: EvalOutputs) -> EvalOutputs:
         """Cached outputs with (u, spread) of `aligner`, from their cached align features."""
+        if outputs.align_features is None:
+            raise ValueError("re-aligning needs the align features: collect the outputs with keep_features=True")
         class_names = list(outputs.class_names) if aligner.needs_class_names else None
         with torch.inference_mode():
             u, gamma = aligner.stats(outputs.align_features, class_names)

@@ -40,7 +40,7 @@ def split_holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[li
     if fraction == 0:
         return list(samples), []
     rng = np.random.default_rng(seed)
-    held = set()
+    held: set[int] = set()
     for name in sorted({s.class_name for s in samples}):
         members = [i for i, s in enumerate(samples) if s.class_name == name]
         count = min(len(members) - 1, round(fraction * len(members)))
@@ -270,7 +270,7 @@ class Detector:
         images, samples = load_all(samples, settings.image_size, cache_dir=cache_dir)
         base_schedule = settings.base.resolved(len(images), world_size())
         if on_start is not None:
-            on_start(len(images), base_schedule.iters)
+            on_start(len(images), base_schedule.iterations(len(images)))
         generator = torch.Generator().manual_seed(settings.seed)
         session = None
         if checkpoint_dir is not None:

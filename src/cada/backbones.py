@@ -48,6 +48,9 @@ class Encoder(nn.Module):
     input is converted by an exact per-channel affine held in buffers (saved, moved and exported with the model).
     """
 
+    in_scale: torch.Tensor | None
+    in_shift: torch.Tensor | None
+
     def __init__(self, name, stem, stages, out_idx, channels, strides, in_mean=IMAGENET_MEAN, in_std=IMAGENET_STD):
         super().__init__()
         self.name = name
@@ -76,7 +79,7 @@ class Encoder(nn.Module):
         # Convolutions run about 1.7x faster channels-last on CPU; the features go out in the ordinary
         # layout because the (non-depthwise) layers that read them are faster that way.
         x = x.contiguous(memory_format=torch.channels_last)
-        if self.in_scale is not None:
+        if self.in_scale is not None and self.in_shift is not None:
             x = x * self.in_scale + self.in_shift
         x = self.stem(x)
         feats = []

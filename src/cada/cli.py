@@ -157,9 +157,11 @@ def cmd_calibrate(args) -> int:
         images, samples = load_all(samples, size, cache_dir=_cache_dir(args))
         detector.calibrate(images, args.fpr, source=f"{len(samples)} normal images in {', '.join(args.normal)}")
     update_config(args.run, calibration=detector.calibration)  # the weights stay as they are
-    print_calibration(detector.calibration)
+    calibration = detector.calibration
+    assert calibration is not None  # calibrate set it
+    print_calibration(calibration)
     print(
-        f"kept the {len(detector.calibration['normal_scores'])} normal calibration scores in the run: "
+        f"kept the {len(calibration['normal_scores'])} normal calibration scores in the run: "
         "`cada predict --fpr F` decides at another false-positive rate without recalibrating"
     )
     if previous:
@@ -265,7 +267,7 @@ def cmd_serve(args) -> int:
         )
     except OSError as error:  # the port is taken, the address is not this machine's, a port below 1024...
         raise ValueError(f"cannot listen on {args.host} port {args.port}: {error.strerror or error}") from None
-    host, port = server.server_address[:2]
+    host, port = str(server.server_address[0]), server.server_address[1]
     print(
         f"serving {printable(args.model)} on http://{host}:{port}/ (POST /predict, GET /health, GET /info); "
         + (
@@ -396,10 +398,10 @@ def cmd_ablate(args) -> int:
     base_seconds = time.perf_counter() - started
 
     def run_tables(ablation: Ablation, tables) -> dict:
-        report = {}
+        report: dict[str, list[dict]] = {}
         base = ablation.base_rows()["absolute-unified"]
         for title, variants in tables:
-            entries = [("base (no alignment)", base, None)]
+            entries: list[tuple[str, dict, float | None]] = [("base (no alignment)", base, None)]
             for variant in variants:
                 rows, seconds = ablation.run(variant)
                 entries.append((variant.label, rows["absolute-unified"], seconds))

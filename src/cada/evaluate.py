@@ -71,14 +71,14 @@ class EvalOutputs:
     @cached_property
     def anomalous_pixels(self) -> np.ndarray:
         """Per image, how many of its ground-truth pixels (at the resolution of the pixel metrics) are anomalous."""
-        if self.at_original_resolution:
+        if self.original_anomalous is not None:
             return self.original_anomalous
         return self.masks.flatten(1).sum(1).numpy()
 
     @cached_property
     def pixels(self) -> np.ndarray:
         """Per image, how many ground-truth pixels it has at the resolution of the pixel metrics."""
-        if self.at_original_resolution:
+        if self.original_sizes is not None:
             return self.original_sizes.prod(axis=1)
         return np.full(len(self.samples), self.masks[0].numel())
 
@@ -87,7 +87,7 @@ class EvalOutputs:
     ) -> dict:
         """Pixel metrics of the images at `index` (all with masks); maps aligned by (u, spread) if `aligned`."""
         alignment = (u, spread) if aligned else ()
-        if self.at_original_resolution:
+        if self.original_sizes is not None:
             maps = _OriginalMaps(self.maps, index, self.original_sizes[index], *alignment)
             return pixel_metrics(maps, _OriginalMasks([self.samples[i] for i in index]), fpr_limit)
         return pixel_metrics(_Rows(self.maps, index, *alignment), _Rows(self.masks, index), fpr_limit)
@@ -121,7 +121,8 @@ def collect(
         )
     positions = batch_shard(len(samples), batch_size) if distributed else list(range(len(samples)))
     mine = [samples[i] for i in positions]
-    kept, maps, masks, has_mask, scores, u, spread, features = [], [], [], [], [], [], [], []
+    kept: list[int] = []
+    maps, masks, has_mask, scores, u, spread, features = [], [], [], [], [], [], []
     batches = iterate_batches(
         mine, detector.settings.image_size, batch_size, cache_dir=cache_dir, pin_memory=detector.device.type == "cuda"
     )
@@ -153,8 +154,10 @@ def collect(
             torch.cat(maps),
             torch.cat(masks),
             torch.cat(has_mask).numpy(),
-            *(torch.cat(values).numpy() for values in (scores, u, spread)),
-            torch.cat(features) if keep_features else None,
+            base_scores=torch.cat(scores).numpy(),
+            u=torch.cat(u).numpy(),
+            spread=torch.cat(spread).numpy(),
+            align_features=torch.cat(features) if keep_features else None,
         )
     if pixel_resolution == "original":
         sizes, counts = [], []
@@ -198,7 +201,7 @@ class DistributedEvalOutputs(EvalOutputs):
                 for key, values in (("scores", scores), ("u", u), ("spread", spread))
             },
         }
-        pieces = [None] * world_size()
+        pieces: list[dict] = [{}] * world_size()
         dist.all_gather_object(pieces, mine)
         positions = np.concatenate([p["positions"] for p in pieces])
         if not len(positions):

@@ -64,7 +64,7 @@ def choose_threshold(
         if not 0 <= fpr < 1:
             raise ValueError(f"--fpr must be in [0, 1), got {fpr}")
         scores = stored_scores(calibration)
-        if scores is None:
+        if calibration is None or scores is None:
             state = (
                 "has no calibration"
                 if calibration is None

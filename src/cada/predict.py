@@ -88,7 +88,7 @@ def full_size_outputs(
     mask = None if threshold is None else np.empty((height, width), np.uint8)
     for start, strip in upsampled_strips(aligned_map, height, width):
         rows = slice(start, start + len(strip))
-        if picture is not None:
+        if picture is not None and image is not None:
             picture[rows] = overlay(image[rows], strip)
         if mask is not None:
             mask[rows] = (strip >= threshold).astype(np.uint8) * 255
@@ -137,7 +137,7 @@ def predict_paths(
     names = [_output_name(path, used) for path in files] if overlays or masks else []
     positions = batch_shard(len(files), batch_size) if world_size() > 1 else list(range(len(files)))
     samples = [Sample(files[i], 0, "") for i in positions]
-    rows = []
+    numbered: list[tuple[int, dict]] = []  # (file index, row): processes' rows are merged in file order
     started = time.perf_counter()
     with (
         warnings.catch_warnings(record=True) as caught,
@@ -173,13 +173,14 @@ def predict_paths(
                         )
                     else:
                         aligned_map = maps[position].numpy()
-                        picture = overlay(batch["image"][position].permute(1, 2, 0).numpy(), aligned_map)
+                        image = batch["image"][position].permute(1, 2, 0).numpy()
+                        picture = overlay(image, aligned_map) if overlays else None
                         mask = (aligned_map >= threshold).astype(np.uint8) * 255 if masks else None
-                    if overlays:
+                    if picture is not None:
                         _write_png(out / "overlays" / f"{name}.png", picture)
-                    if masks:
+                    if mask is not None:
                         _write_png(out / "masks" / f"{name}.png", mask)
-                rows.append((index, row))
+                numbered.append((index, row))
             bar.update((len(batch["index"]) + len(batch["errors"])) * world_size())
     # A bad file is skipped, not fatal: it is listed in the JSON with the reason.
     skipped = [
@@ -190,12 +191,12 @@ def predict_paths(
             warnings.warn(warning.message, warning.category)
     seconds = time.perf_counter() - started
     if world_size() > 1:  # every process scored its batches; rank 0 writes them all, in file order
-        gathered = [None] * world_size()
-        dist.all_gather_object(gathered, (rows, skipped, seconds))
-        rows = [row for part in gathered for row in part[0]]
+        gathered: list[tuple] = [()] * world_size()
+        dist.all_gather_object(gathered, (numbered, skipped, seconds))
+        numbered = [row for part in gathered for row in part[0]]
         skipped = [message for part in gathered for message in part[1]]
         seconds = max(part[2] for part in gathered)
-    rows = [row for _, row in sorted(rows, key=lambda item: item[0])]
+    rows = [row for _, row in sorted(numbered, key=lambda item: item[0])]
     summary = {
         "threshold": threshold,
         "output_size": output_size,
@@ -301,8 +302,9 @@ def load_model(
         detector = Detector.load(target, device=device, precision=precision)
         scorer, image_size, calibration = detector_scorer(detector), detector.settings.image_size, detector.calibration
         description = {"run": str(target)}
-        if hasattr(detector.aligner, "reference_distance"):  # an aligner with an unfamiliar-product signal (knn)
-            description["unfamiliar_reference_distance"] = float(detector.aligner.reference_distance)
+        reference = getattr(detector.aligner, "reference_distance", None)
+        if reference is not None:  # an aligner with an unfamiliar-product signal (knn)
+            description["unfamiliar_reference_distance"] = float(reference)
         settings, where = detector.settings.to_dict(), "in the run"
     chosen, source = choose_threshold(calibration, fpr, threshold, where)
     description["threshold_source"] = source

@@ -26,6 +26,7 @@ import json
 import threading
 from email.parser import BytesParser
 from email.policy import HTTP
+from email.utils import collapse_rfc2231_value
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -86,7 +87,8 @@ class Service:
         if len(images) > MAX_IMAGES:
             raise RequestError(413, f"{len(images)} images in one request; at most {MAX_IMAGES}")
         size = self.model.image_size
-        pictures, inputs, sizes = [], [], []
+        pictures: list[np.ndarray | None] = []  # the overlays' backgrounds, when asked for
+        inputs, sizes = [], []
         for name, data in images:
             with self._decoding:
                 try:
@@ -113,8 +115,9 @@ class Service:
                 "threshold": threshold,
                 **{key: values[i].item() for key, values in columns.items()},
             }
-            if overlays:
-                row["overlay_png"] = base64.b64encode(_overlay_png(pictures[i], maps[i])).decode("ascii")
+            picture = pictures[i]
+            if picture is not None:
+                row["overlay_png"] = base64.b64encode(_overlay_png(picture, maps[i])).decode("ascii")
             predictions.append(row)
         return {"threshold": threshold, "threshold_source": self.model.threshold_source, "predictions": predictions}
 
@@ -126,13 +129,14 @@ def _small(rgb: np.ndarray) -> np.ndarray:
     if scale >= 1:
         return rgb
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
 
 
 def _overlay_png(rgb: np.ndarray, aligned_map: torch.Tensor) -> bytes:
     """The heatmap over the image at the image's size: the map upsampled bilinearly (as evaluate's
     --pixel-resolution original), PNG bytes."""
     picture, _ = full_size_outputs(aligned_map, rgb.shape[0], rgb.shape[1], rgb)
+    assert picture is not None  # an image was given
     buffer = io.BytesIO()
     Image.fromarray(picture).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -148,11 +152,10 @@ def _multipart_images(body: bytes, content_type: str) -> list[tuple[str, bytes]]
     images = []
     for number, part in enumerate(message.iter_parts(), 1):
         data = part.get_payload(decode=True)
-        if data is None:
+        if not isinstance(data, bytes):
             raise RequestError(400, f"part {number} of the multipart body holds no file")
-        images.append(
-            (part.get_filename() or part.get_param("name", header="content-disposition") or f"image {number}", data)
-        )
+        field = part.get_param("name", header="content-disposition")
+        images.append((part.get_filename() or (collapse_rfc2231_value(field) if field else f"image {number}"), data))
     return images
 
 
@@ -298,6 +301,11 @@ class Handler(BaseHTTPRequestHandler):
             left -= len(chunk)
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    quiet = False  # True: no line per request on stderr
+
+
 def make_server(
     model: LoadedModel,
     source: str,
@@ -305,10 +313,9 @@ def make_server(
     port: int = 8080,
     max_request_bytes: int = MAX_REQUEST_BYTES,
     quiet: bool = False,
-) -> ThreadingHTTPServer:
+) -> Server:
     """The server, bound and ready for serve_forever(); port 0 picks a free port (server.server_address)."""
     handler = type("CadaHandler", (Handler,), {"service": Service(model, source, max_request_bytes)})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
+    server = Server((host, port), handler)
     server.quiet = quiet
     return server

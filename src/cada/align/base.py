@@ -40,6 +40,7 @@ class Aligner(nn.Module):
 
     name: str = ""
     needs_class_names = False  # only the class-aware upper-bound reference reads test-time class names
+    min_spread: torch.Tensor  # buffers, declared for the type checker
 
     def __init__(self):
         super().__init__()
@@ -132,7 +133,9 @@ class Head(nn.Module):
 
     @property
     def output_layer(self) -> nn.Linear:
-        return self.mlp[-1]
+        layer = self.mlp[-1]
+        assert isinstance(layer, nn.Linear)
+        return layer
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.convs(features).mean(dim=(2, 3)))

@@ -25,6 +25,12 @@ QUERY_CHUNK = 256  # test images compared with the whole training set at once
 
 @ALIGNERS.register("knn")
 class KNNAligner(Aligner):
+    centre: torch.Tensor
+    train_descriptors: torch.Tensor
+    train_scores: torch.Tensor
+    train_map_means: torch.Tensor
+    reference_distance: torch.Tensor
+
     def __init__(self, channels: int, settings):
         super().__init__()
         self.neighbours = settings.neighbours

@@ -70,7 +70,7 @@ def max_image_pixels() -> int:
 
 
 @contextmanager
-def _pixel_limit(path: str | Path, limit: int):
+def _pixel_limit(path: str | Path | BinaryIO, limit: int):
     """PIL's decompression-bomb check at cada's limit, as a BadImageError naming the file.
 
     PIL only warns between its limit and twice it, so its warning is made an error, and its limit is cada's while
@@ -91,50 +91,50 @@ def _pixel_limit(path: str | Path, limit: int):
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def read_image(path: str | Path | BinaryIO, name: str | None = None) -> Image.Image:
+def read_image(path: str | Path | BinaryIO, name: str | Path | None = None) -> Image.Image:
     """Open an image fully (so truncated files fail here) and apply its EXIF orientation.
 
     `path` may also be a binary file object (an upload held in memory), then named `name` in messages.
     Refused with a BadImageError naming the file: unreadable or truncated files, files over the pixel limit
     (max_image_pixels), and float images with NaN or infinite pixels (there is no honest way to show them).
     """
-    name = path if name is None else name
-    with _opened(path, name) as image:
+    label = path if name is None else name
+    with _opened(path, label) as image:
         image.load()
         if image.mode == "F" and not np.isfinite(np.asarray(image)).all():
-            raise BadImageError(f"cannot read image {name}: it has NaN or infinite pixel values")
+            raise BadImageError(f"cannot read image {label}: it has NaN or infinite pixel values")
         return ImageOps.exif_transpose(image)
 
 
 @contextmanager
-def _opened(path: str | Path | BinaryIO, name: str | Path | None = None):
+def _opened(path: str | Path | BinaryIO, name: str | Path | BinaryIO | None = None):
     """The PIL image of `path`, opened under the pixel limit; any failure to read it is a BadImageError naming
     the file (or `name`)."""
-    name = path if name is None else name
+    label = path if name is None else name
     limit = max_image_pixels()
     try:
-        with _pixel_limit(name, limit), Image.open(path) as image:
+        with _pixel_limit(label, limit), Image.open(path) as image:
             yield image
     except BadImageError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise BadImageError(f"cannot read image {name}: {error}") from error
+        raise BadImageError(f"cannot read image {label}: {error}") from error
 
 
 def rgb_array(path: str | Path | BinaryIO, name: str | None = None) -> np.ndarray:
     """The image as RGB uint8 H x W x 3 at its own size (EXIF orientation applied); BadImageError if unusable."""
-    name = path if name is None else name
+    label = path if name is None else name
     try:
         return _to_rgb_array(read_image(path, name))
     except BadImageError:
         raise
     except ValueError as error:
-        raise BadImageError(f"cannot read image {name}: {error}") from None
+        raise BadImageError(f"cannot read image {label}: {error}") from None
 
 
 def resize_rgb(rgb: np.ndarray, size: int) -> torch.Tensor:
     """RGB uint8 H x W x 3 -> uint8 tensor 3 x size x size, resized exactly as training resizes (PIL bilinear)."""
-    resized = Image.fromarray(rgb).resize((size, size), Image.BILINEAR)
+    resized = Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.array(resized)).permute(2, 0, 1).contiguous()
 
 
@@ -158,7 +158,7 @@ def load_mask(path: str | Path, size: int, image_size: tuple[int, int]) -> torch
                 f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image is {image_size[0]}x{image_size[1]}: "
                 "the aspect ratios differ, so it cannot be this image's mask"
             )
-    binary = Image.fromarray(_binary(mask).astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
+    binary = Image.fromarray(_binary(mask).astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)
     return torch.from_numpy(np.array(binary) > 0)
 
 
@@ -297,7 +297,8 @@ def load_all(
     samples: Sequence[Sample], size: int, strict: bool = False, cache_dir: str | Path | None = "auto", workers: int = 1
 ) -> tuple[torch.Tensor, list[Sample]]:
     """All images as one uint8 tensor N x 3 x size x size (for training sets), with the samples kept."""
-    images, kept = [], []
+    images: list[torch.Tensor] = []
+    kept: list[Sample] = []
     for batch in iterate_batches(samples, size, batch_size=32, workers=workers, strict=strict, cache_dir=cache_dir):
         images.append(batch["image"])
         kept.extend(samples[i] for i in batch["index"].tolist())

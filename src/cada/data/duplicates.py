@@ -39,7 +39,8 @@ def find_duplicates(train: Sequence[Sample], test: Sequence[Sample]) -> list[tup
     pairs = []
     for sample in test:
         path = Path(sample.path)
-        candidates = by_size.get(_size(path), [])
+        size = _size(path)
+        candidates = by_size.get(size, []) if size is not None else []
         try:
             pairs += [(other, path) for other in candidates if _digest(other, digests) == _digest(path, digests)]
         except OSError:

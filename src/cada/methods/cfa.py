@@ -94,6 +94,7 @@ class CFA(BaseMethod):
     # 300 (the attraction keeps pulling them in), a pasted defect ~6-8: targets of order 1, between RevDist's
     # (0.1) and UniAD's (10) scales, so alpha 1.
     score_scale = 1.0
+    centroids: torch.Tensor  # D x grid^2, a buffer
 
     def __init__(
         self,

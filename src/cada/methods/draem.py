@@ -346,6 +346,8 @@ def _cpu(settings) -> None:
 @METHODS.register("draem", options=DraemOptions, presets={"paper": _paper, "cpu": _cpu})
 class DRAEM(BaseMethod):
     score_scale = 0.1  # the map is a probability in 0..1, like RevDist's cosine distances
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
 
     def __init__(
         self,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from functools import partial
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -94,8 +95,9 @@ class ReContrast(BaseMethod):
         # the BatchNorm statistics of training are those of both branches together).
         embedding = self.bottleneck([torch.cat(pair) for pair in zip(adapted, frozen)])
         halves = [d.chunk(2) for d in self.decoder(embedding)]  # (from trainable, from frozen) per scale
-        rebuilt = [head(h[0]) for head, h in zip(self.heads[0], halves)]
-        rebuilt += [head(h[1]) for head, h in zip(self.heads[1], halves)]
+        heads = [cast(nn.ModuleList, branch) for branch in self.heads]
+        rebuilt = [head(h[0]) for head, h in zip(heads[0], halves)]
+        rebuilt += [head(h[1]) for head, h in zip(heads[1], halves)]
         return list(frozen) + [a.detach() for a in adapted], rebuilt, embedding.chunk(2)[1]
 
     def forward(self, x: torch.Tensor) -> MethodOutput:

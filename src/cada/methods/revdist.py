@@ -35,6 +35,7 @@ class Bottleneck(nn.Module):
     def __init__(self, in_channels: int, planes: int, stride: int = 1, upsample: bool = False, act=nn.ReLU):
         super().__init__()
         width, out_channels = planes * WIDTH_FACTOR, planes * EXPANSION
+        middle: nn.Module
         if stride == 2 and upsample:
             middle = nn.ConvTranspose2d(width, width, 2, stride=2, bias=False)
         else:
@@ -47,8 +48,9 @@ class Bottleneck(nn.Module):
             nn.Conv2d(width, out_channels, 1, bias=False),
             nn.BatchNorm2d(out_channels),
         )
-        self.shortcut = nn.Identity()
+        self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
+            projection: nn.Module
             if stride == 2 and upsample:
                 projection = nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2, bias=False)
             else:
@@ -111,12 +113,16 @@ class ReverseDecoder(nn.Module):
 
 def cosine_distance_map(encoded: list[torch.Tensor], decoded: list[torch.Tensor], size: int) -> torch.Tensor:
     """Mean over scales of the per-position 1 - cosine, bilinearly upsampled to size x size."""
-    total = None
-    for target, rebuilt in zip(encoded, decoded):
-        distance = 1 - F.cosine_similarity(target, rebuilt, dim=1).unsqueeze(1)
-        distance = F.interpolate(distance, size=(size, size), mode="bilinear", align_corners=False)
-        total = distance if total is None else total + distance
-    return (total / len(encoded)).squeeze(1)
+    distances = [
+        F.interpolate(
+            1 - F.cosine_similarity(target, rebuilt, dim=1).unsqueeze(1),
+            size=(size, size),
+            mode="bilinear",
+            align_corners=False,
+        )
+        for target, rebuilt in zip(encoded, decoded)
+    ]
+    return (sum(distances[1:], distances[0]) / len(encoded)).squeeze(1)
 
 
 def flattened_cosine_loss(encoded: list[torch.Tensor], decoded: list[torch.Tensor]) -> torch.Tensor:
