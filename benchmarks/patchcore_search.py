@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from cada.methods.patchcore import chunk_rows, nearest_neighbours
+from cada.neighbours import chunk_rows, nearest_neighbours
 
 
 def chunked_reference(queries: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

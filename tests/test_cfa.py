@@ -58,6 +58,8 @@ def test_nearest_distances_match_the_full_distance_matrix_with_gradients():
     (grad,) = torch.autograd.grad(chosen.sum(), descriptors)
     (grad_full,) = torch.autograd.grad(full.sum(), descriptors)
     assert torch.allclose(grad, grad_full, rtol=1e-3, atol=1e-3)
+    with torch.no_grad():  # inference: the search's own distances, no recomputation
+        assert torch.allclose(model.nearest_squared_distances(descriptors, 4), full, rtol=1e-4, atol=1e-3)
 
 
 def test_memory_bank_is_the_mean_initial_descriptor(images):

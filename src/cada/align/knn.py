@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from cada.align.base import MEAN, SCORE, ZSCORE_WIDTH, Aligner, zscore_alignment
+from cada.neighbours import nearest_neighbours
 from cada.registry import ALIGNERS
 
 REFERENCE_QUANTILE = 0.99  # of the leave-one-out nearest distances in training: the "familiar" level
-QUERY_CHUNK = 256  # test images compared with the whole training set at once
 
 
 @ALIGNERS.register("knn")
@@ -53,17 +53,9 @@ class KNNAligner(Aligner):
     def neighbours_of(self, descriptors: torch.Tensor, exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(distances B x k, indices B x k) of the k nearest training images (Euclidean between unit descriptors)."""
         k = min(self.neighbours, len(self.train_descriptors) - int(exclude_self))
-        distances, indices = [], []
-        for start in range(0, len(descriptors), QUERY_CHUNK):
-            chunk = descriptors[start : start + QUERY_CHUNK]
-            squared = (2 - 2 * chunk @ self.train_descriptors.T).clamp(min=0)
-            if exclude_self:  # leave-one-out over the training set itself: rows start..start+len(chunk)
-                rows = torch.arange(len(chunk), device=chunk.device)
-                squared[rows, rows + start] = float("inf")
-            nearest = squared.topk(k, dim=1, largest=False)
-            distances.append(nearest.values.sqrt())
-            indices.append(nearest.indices)
-        return torch.cat(distances), torch.cat(indices)
+        rows = torch.arange(len(descriptors), device=descriptors.device)
+        exclude = (rows, rows) if exclude_self else None  # leave-one-out over the training set itself
+        return nearest_neighbours(descriptors, self.train_descriptors, k, exclude=exclude)
 
     def normal_statistics(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of the image scores of the training images at `indices` (B x k)."""

@@ -29,12 +29,10 @@ from torch import nn
 from cada.backbones import create_encoder
 from cada.config import BaseTraining
 from cada.engine import FeatureSource, Trainer
-from cada.engine.device import full_precision
 from cada.engine.loop import LossOf
 from cada.methods.base import BaseMethod, MethodOutput
+from cada.neighbours import nearest_neighbours
 from cada.registry import METHODS
-
-DISTANCE_CHUNK = 4  # images per chunk of the (patches x centroids) distance matrix: 64 MiB each at 256 px
 
 
 class CoordConv(nn.Module):
@@ -138,18 +136,13 @@ class CFA(BaseMethod):
         distance matrix (top-k passes gradient to the chosen entries only), for a fraction of the memory.
         """
         descriptors = descriptors.float()  # distances in float32 whatever the autocast: they cancel in half
-        centroids = self.centroids  # D x M
-        centroid_norms = centroids.pow(2).sum(dim=0)
-        with torch.no_grad(), full_precision(descriptors.device):
-            chunks = []
-            for chunk in descriptors.detach().split(DISTANCE_CHUNK):
-                distances = chunk.pow(2).sum(dim=-1, keepdim=True) + centroid_norms - 2 * chunk @ centroids
-                chunks.append(distances.topk(count, dim=-1, largest=False))
-            values = torch.cat([c.values for c in chunks])
-            indices = torch.cat([c.indices for c in chunks])
+        centroids = self.centroids.t()  # M x D
+        with torch.no_grad():
+            values, indices = nearest_neighbours(descriptors.detach().flatten(0, 1), centroids, count, squared=True)
+        values, indices = values.view(*descriptors.shape[:2], -1), indices.view(*descriptors.shape[:2], -1)
         if not (torch.is_grad_enabled() and descriptors.requires_grad):
-            return values.clamp_min(0)
-        chosen = centroids.t()[indices]  # B x P x count x D
+            return values
+        chosen = centroids[indices]  # B x P x count x D
         return (descriptors.unsqueeze(2) - chosen).pow(2).sum(dim=-1)
 
     def soft_boundary_loss(self, descriptors: torch.Tensor) -> torch.Tensor:
