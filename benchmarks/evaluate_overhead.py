@@ -84,7 +84,7 @@ def main() -> None:
         )
         times["figure"] = time.perf_counter() - started
         started = time.perf_counter()
-        write_report(Path(scratch) / "report", results, outputs, detector, figure)
+        write_report(Path(scratch) / "report", results, outputs, detector, [("Image scores per class", figure)])
         times["HTML report"] = time.perf_counter() - started
 
     print(f"{n} test images of {args.data}, {args.threads} threads, image cache: {args.cache}")

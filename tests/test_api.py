@@ -33,7 +33,7 @@ def test_training_info_records_what_happened(trained):
 def test_save_load_round_trips_bit_exactly(trained, tiny_data, tmp_path):
     images, _ = load_all(mvtec_samples(tiny_data, "test"), 64)
     trained.save(tmp_path / "run")
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "model.safetensors", "train_log.csv"]
     loaded = Detector.load(tmp_path / "run")
     for name, tensor in trained._modules().state_dict().items():
         assert torch.equal(tensor, loaded._modules().state_dict()[name]), name

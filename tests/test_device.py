@@ -154,3 +154,38 @@ def test_onnx_runs_on_the_cuda_provider_only_when_onnxruntime_has_it():
     assert onnx_providers("cpu", with_cuda) == cpu_only
     with pytest.raises(ValueError, match="cpu, cuda or cuda:N"):
         onnx_providers("mps", with_cuda)
+
+
+def test_the_fp16_loss_scale_goes_into_the_checkpoint_and_comes_back(tmp_path):
+    """fp16 training scales its loss (GradScaler); a resumed run continues with the scale it had, not a fresh one."""
+    from cada.engine import Checkpointing, Trainer
+    from cada.engine.samplers import PassSampler
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    data = torch.randn(8, 4)
+    session = Checkpointing(tmp_path, model, {"toy": 1}, every=2)
+    session.enter("base")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = Trainer(session, progress=False)
+    trainer.loop(
+        "toy",
+        3,
+        optimizer,
+        torch.Generator().manual_seed(0),
+        lambda iteration, batch: model(data[batch]).pow(2).mean(),
+        PassSampler(len(data), 2),
+        settings=None,
+        precision=torch.float16,
+    )
+    saved = json.loads((tmp_path / "state.json").read_text())
+    scale = saved["scaler"]["scale"]
+    assert saved["iteration"] == 2 and scale < 2.0**16  # backed off from GradScaler's initial 2^16 (an overflow)
+    resumed = Checkpointing(tmp_path, model, {"toy": 1}, resume=True)
+    resumed.enter("base")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    step, losses = resumed.begin_loop(
+        "toy", 3, torch.optim.SGD(model.parameters(), lr=0.1), None, torch.Generator(), PassSampler(8, 2), scaler
+    )
+    assert (step, len(losses), scaler.get_scale()) == (2, 2, scale)
+    assert [row["step"] for row in resumed.log] == [1, 2]  # the training log up to the checkpoint

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from cada.cli import main
+from cada.engine.log import read_log
 
 from helpers import stop_after_steps, train_args
 
@@ -24,6 +25,10 @@ def _assert_same_tensors(first: dict, second: dict) -> None:
     assert first.keys() == second.keys()
     different = [key for key in first if not torch.equal(first[key], second[key])]
     assert not different, f"{len(different)} of {len(first)} tensors differ, e.g. {different[:3]}"
+
+
+def _log(run: Path) -> list[tuple]:
+    return [(row["stage"], row["step"], row["loss"], row["lr"]) for row in read_log(run / "train_log.csv")]
 
 
 def _weights(run: Path) -> dict:
@@ -59,6 +64,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_data, tmp_path, monkey
         resumed = json.loads((run / "config.json").read_text())["training"]
         for key in ("base_loss_first_last", "aligner_loss_first_last", "mean_image_stats"):
             assert resumed[key] == expected[key]
+        assert _log(run) == _log(whole)  # every step once, the same losses and learning rates
         assert not (run / "resume").exists()
 
 

@@ -37,14 +37,10 @@ def build(name: str, settings=None) -> BaseMethod:
     return create_method(name, settings.backbone, settings.image_size, **settings.method_options())
 
 
-def trains_weights(model: BaseMethod) -> bool:
-    return type(model).objective is not BaseMethod.objective
-
-
 @pytest.mark.parametrize("name", METHODS.names())
 def test_one_step_lowers_the_loss_of_a_batch(name, images):
     model, settings = build(name), tiny(name).base.resolved(len(images))
-    if not trains_weights(model):
+    if not model.trains_by_gradient():
         pytest.skip(f"{name} has no gradient training")
     generator = torch.Generator().manual_seed(0)
     groups, loss_of = model.objective(images, settings, generator, 4.0, Trainer(progress=False))
@@ -111,7 +107,7 @@ def test_training_and_inference_keep_every_tensor_on_the_device(name, images):
     trainer = Trainer(progress=False, device="meta")
     base = settings.base.resolved(len(images))
     generator = torch.Generator().manual_seed(0)
-    if trains_weights(model):
+    if model.trains_by_gradient():
         groups, loss_of = model.objective(images, base, generator, 4.0, trainer)
         model.train()
         loss = loss_of(0, torch.arange(4))

@@ -93,6 +93,7 @@ def test_1_an_existing_run_is_replaced_only_with_overwrite_and_by_one_writer(tin
     assert config["calibration"] is None and sorted(p.name for p in run_copy.iterdir()) == [
         "config.json",
         "model.safetensors",
+        "train_log.csv",
     ]
     assert not list(tmp_path.glob(".run.*"))  # no staging folder left beside it
 
@@ -156,7 +157,7 @@ def test_2_a_failed_save_keeps_the_checkpoint_and_the_old_run(tiny_data, run_cop
     assert "No space left on device" in error and "--resume" in error and "checkpoint is kept" in error
     assert (out / "resume" / "state.safetensors").is_file() and not (out / "model.safetensors").exists()
     assert main(train_args(tiny_data, out, "--resume")) == 0  # the retry the message names
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "train_log.csv"]
 
     # Weights and config are replaced together: a save failing after the weights leaves the old run whole.
     before = _files(run_copy)

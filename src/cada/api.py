@@ -27,6 +27,15 @@ from cada.data.layouts import find_samples
 from cada.data.mvtec import Sample
 from cada.engine import Checkpointing, Trainer, is_main, world_size
 from cada.engine.device import device_name, peak_memory_gib, precision_name, resolve_device, resolve_precision
+from cada.engine.log import (
+    LOG_FILE,
+    TENSORBOARD_FOLDER,
+    csv_text,
+    read_log,
+    require_tensorboard,
+    write_tensorboard,
+)
+from cada.files import atomic_write
 from cada.inference import infer_maps
 from cada.methods import BaseMethod, create_method
 from cada.scoring import align, image_score
@@ -201,6 +210,7 @@ class Detector:
         # How the one decision threshold was chosen; None until calibrated (see `calibrate`).
         self.calibration: dict | None = None
         self.training_info: dict = {}
+        self.training_log: list[dict] = []  # per optimiser step (cada.engine.log), from `fit`; saved as a CSV
         # True after `fit` or `Detector.load`. Set it yourself only to time an untrained model (benchmarks/speed.py).
         self.fitted = False
         self.to(self.device)
@@ -306,6 +316,7 @@ class Detector:
                 features, image_stats, [s.class_name for s in samples], generator, progress, trainer
             )
         peak = peak_memory_gib(self.device)
+        self.training_log = list(trainer.log)
         if session is not None and not keep_checkpoint:
             session.complete()
         self.fitted = True
@@ -316,10 +327,10 @@ class Detector:
             "n_images": len(samples),
             "classes": sorted({s.class_name for s in samples}),
             # The resolved schedule: steps of the effective batch (PatchCore trains none: one pass).
-            "base_iters": None if settings.method == "patchcore" else base_schedule.iters,
-            "base_epochs": None
-            if settings.method == "patchcore"
-            else round(base_schedule.passes(len(images), world_size()), 2),
+            "base_iters": base_schedule.iters if self.method.trains_by_gradient() else None,
+            "base_epochs": round(base_schedule.passes(len(images), world_size()), 2)
+            if self.method.trains_by_gradient()
+            else None,
             "base_seconds": round(base_seconds, 1),
             "aligner_seconds": round(time.perf_counter() - started, 1),
             # None for a method without gradient training (PatchCore): it has no loss to report.
@@ -497,17 +508,28 @@ class Detector:
     def _modules(self) -> nn.ModuleDict:
         return nn.ModuleDict({"method": self.method, "aligner": self.aligner})
 
-    def save(self, folder: str | Path, overwrite: bool = False) -> Path:
-        """Write the run folder (weights + config.json) in one step; an existing run is replaced only with
-        `overwrite`, and a folder that is neither a run nor empty never (see `cada.checkpoint`)."""
+    def save(self, folder: str | Path, overwrite: bool = False, tensorboard: bool = False) -> Path:
+        """Write the run folder (weights + config.json, and the training log of `fit` as train_log.csv, with
+        `tensorboard` also as TensorBoard scalars in RUN/tensorboard) in one step; an existing run is replaced only
+        with `overwrite`, and a folder that is neither a run nor empty never (see `cada.checkpoint`)."""
         self._require_fitted("save")
+        if tensorboard:
+            require_tensorboard()
+        rows = self.training_log
+
+        def write_log(staging: Path) -> None:
+            if rows:
+                atomic_write(staging / LOG_FILE, csv_text(rows))
+            if rows and tensorboard:
+                write_tensorboard(rows, staging / TENSORBOARD_FOLDER)
+
         config = {
             "settings": self.settings.to_dict(),
             "calibration": self.calibration,
             "training": self.training_info,
             "aligner_state": self.aligner.config_state(),
         }
-        return checkpoint.save_run(folder, self._modules().state_dict(), config, overwrite)
+        return checkpoint.save_run(folder, self._modules().state_dict(), config, overwrite, write_log)
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "auto", precision: str = "auto") -> Detector:
@@ -533,5 +555,11 @@ class Detector:
         detector.to(detector.device)  # buffers resized while loading (a memory bank, the knn aligner's)
         detector.calibration = calibration
         detector.training_info = config.get("training", {})
+        log = Path(folder) / LOG_FILE
+        if log.is_file():  # runs from before the log, and PatchCore + knn (nothing trained by steps), have none
+            try:
+                detector.training_log = read_log(log)
+            except ValueError as error:  # an auxiliary file: the model itself is sound
+                warnings.warn(f"{error}; loading the run without its training log")
         detector.fitted = True
         return detector.eval()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -104,8 +105,15 @@ def recover_swap(folder: str | Path) -> None:
             shutil.rmtree(leftover)
 
 
-def save_run(folder: str | Path, state: dict[str, torch.Tensor], config: dict, overwrite: bool = False) -> Path:
-    """Write the run (weights + config) to `folder` as one step; see the module docstring for the rules."""
+def save_run(
+    folder: str | Path,
+    state: dict[str, torch.Tensor],
+    config: dict,
+    overwrite: bool = False,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write the run (weights + config) to `folder` as one step; see the module docstring for the rules.
+    `extra(staging_folder)` writes more of the run's files (the training log) before the config."""
     folder = Path(folder)
     with folder_lock(folder):
         recover_swap(folder)
@@ -115,6 +123,8 @@ def save_run(folder: str | Path, state: dict[str, torch.Tensor], config: dict, o
         try:
             tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
             atomic_write(staging / WEIGHTS_FILE, lambda path: save_file(tensors, str(path)))
+            if extra is not None:
+                extra(staging)
             write_json(
                 staging / CONFIG_FILE,
                 {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": _versions(), **config},

@@ -25,6 +25,7 @@ from cada.config import Settings
 from cada.files import check_output, os_error, printable, write_json
 from cada.registry import ALIGNERS, METHODS
 from cada.workflows import (
+    LOGGERS,
     evaluate,
     find_split,
     make_settings,
@@ -133,6 +134,7 @@ def cmd_train(args) -> int:
         overwrite=args.overwrite,
         device=args.device,
         precision=args.precision,
+        logger=args.logger,
     )
     return 0
 
@@ -394,6 +396,7 @@ def cmd_ablate(args) -> int:
             overwrite=args.overwrite,
             device=args.device,
             precision=args.precision,
+            logger=args.logger,
         )
     base_seconds = time.perf_counter() - started
 
@@ -521,6 +524,13 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing run in --out, once the new one is complete"
+    )
+    parser.add_argument(
+        "--logger",
+        choices=LOGGERS,
+        default="csv",
+        help="the per-step training log saved with the run: csv (RUN/train_log.csv) or tensorboard (that, and "
+        "TensorBoard scalars in RUN/tensorboard; needs the tensorboard package)",
     )
     _add_data_options(parser)
     _add_device_options(parser)

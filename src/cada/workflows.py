@@ -21,6 +21,7 @@ from cada.config import Settings
 from cada.config import preset as make_preset
 from cada.files import check_output, folder_lock, os_error, printable, write_json
 
+LOGGERS = ("csv", "tensorboard")  # the training log: the CSV always, TensorBoard scalars as well on request
 # The options of `make_settings` that the command line gives (argparse's names).
 SETTING_OPTIONS = (
     "preset",
@@ -211,9 +212,11 @@ def train(
     overwrite: bool = False,
     device: str = "auto",
     precision: str = "auto",
+    logger: str = "csv",
 ):
     """Train and save the run in `out` (rank 0 writes it, holding the folder's lock throughout); the Detector.
-    `device`, `precision`: where and how the networks run (cada.engine.device).
+    `device`, `precision`: where and how the networks run (cada.engine.device). `logger`: "csv" saves the
+    per-step training log as RUN/train_log.csv, "tensorboard" also as TensorBoard scalars (cada.engine.log).
 
     With `checkpoint_every` (0: only on interrupt), checkpoints go to out/resume and `resume` continues from them.
     An existing run in `out` is replaced only with `overwrite`, and only once the new one is complete."""
@@ -224,6 +227,12 @@ def train(
     from cada.engine.resume import STATE_TENSORS, require_checkpoint
 
     data, out = Path(data), Path(out)
+    if logger not in LOGGERS:
+        raise ValueError(f"--logger must be one of {', '.join(LOGGERS)}, got {logger!r}")
+    if logger == "tensorboard":
+        from cada.engine.log import require_tensorboard
+
+        require_tensorboard()  # before the slow part
     check_output(out, "--out", "folder", inputs=[data])
     with folder_lock(out) if is_main() else nullcontext():
         if is_main():
@@ -246,7 +255,7 @@ def train(
             batch = settings.base.batch_size * world_size()
             schedule = (
                 "one pass, no iterations"
-                if settings.method == "patchcore"
+                if not detector.method.trains_by_gradient()
                 else f"{iters} iters of batch {batch} = {settings.base.passes(n_images, world_size()):.1f} passes "
                 f"over {n_images} images"
             )
@@ -287,7 +296,7 @@ def train(
             print_calibration(detector.calibration)
         if is_main():
             try:
-                detector.save(out, overwrite=overwrite)
+                detector.save(out, overwrite=overwrite, tensorboard=logger == "tensorboard")
             except OSError as error:
                 kept = (
                     f"the training checkpoint is kept in {printable(checkpoint_folder)}: once that is fixed, "
@@ -382,9 +391,9 @@ def evaluate(
         say(format_decisions(results))
     say("per product, at one pooled threshold (oracle: each product's training z-score, class names known):")
     say(format_per_product(results))
-    figure = None
+    figures = []  # (title, PNG) for the report
     if plots_dir or report_dir:
-        from cada.report.plots import score_distributions
+        from cada.report.plots import loss_curves, score_distributions
 
         folder = plots_dir or report_dir
         assert folder is not None
@@ -398,10 +407,15 @@ def evaluate(
             detector.settings.align,
         )
         say(f"wrote {figure}")
+        figures.append(("Image scores per class", figure))
+        if detector.training_log:
+            figure = loss_curves(detector.training_log, folder / "loss_curves.png")
+            say(f"wrote {figure}")
+            figures.append(("Training loss", figure))
     if report_dir:
         from cada.report.html import write_report
 
-        say(f"wrote {write_report(report_dir, results, outputs, detector, figure)}")
+        say(f"wrote {write_report(report_dir, results, outputs, detector, figures)}")
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(json_path, results)

@@ -9,6 +9,7 @@ when training starts. BatchNorm normalises with each process's own slice, as und
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from cada.engine.device import autocast
 from cada.engine.distributed import describe_distribution, is_distributed, is_main, lr_factor, world_size
+from cada.engine.log import log_row
 from cada.engine.resume import Checkpointing
 from cada.engine.samplers import PassSampler
 
@@ -92,6 +94,8 @@ class Trainer:
     ):
         self.session, self.progress = session, progress
         self.device, self.precision = torch.device(device), precision
+        # One row per optimiser step of every loop (cada.engine.log); a resumed session brings its rows so far.
+        self.log: list[dict] = session.log if session is not None else []
 
     def autocast(self):
         """The base method's forward passes in the run's precision (the aligners train in float32)."""
@@ -130,10 +134,11 @@ class Trainer:
         """
         objective = _wrap(module, optimizer, loss_of, find_unused_parameters)
         session = self.session
+        scaler = torch.amp.GradScaler(self.device.type) if precision == torch.float16 else None
         losses: list[float] = []
         start = 0
         if session is not None:
-            start, losses = session.begin_loop(name, iters, optimizer, scheduler, generator, sampler)
+            start, losses = session.begin_loop(name, iters, optimizer, scheduler, generator, sampler, scaler)
         if is_distributed() and is_main():
             print(describe_distribution(name, sampler.global_batch // world_size(), optimizer, settings), flush=True)
         bar = tqdm(
@@ -144,8 +149,9 @@ class Trainer:
             initial=start,
             total=iters,
         )
-        scaler = torch.amp.GradScaler(self.device.type) if precision == torch.float16 else None
         for iteration in bar:
+            step_started = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
             batch = sampler(generator)
             with autocast(self.device, precision):
                 loss = objective(iteration, batch).float()
@@ -167,9 +173,11 @@ class Trainer:
             else:
                 loss_value = loss.item()
             losses.append(loss_value)
+            seconds = time.perf_counter() - step_started
+            self.log.append(log_row(name, iteration + 1, loss_value, lr, sampler.global_batch / seconds))
             bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
             if session is not None:
-                session.after_step(iteration + 1, iters, optimizer, scheduler, generator, sampler, losses, stop)
+                session.after_step(iteration + 1, iters, optimizer, scheduler, generator, sampler, losses, stop, scaler)
         bar.close()
         _sync_buffers(objective)
         return losses

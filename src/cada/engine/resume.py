@@ -2,13 +2,14 @@
 
 With a `Checkpointing` session (``cada train --out RUN`` sets one up in RUN/resume, handed to the `Trainer`), rank 0
 writes every `every` steps the model weights, the optimiser state, the scheduler step, the iteration, the random
-state (the run's generator, torch's global generator and the rest of the current pass over the images) and the loss
-history to RUN/resume/state.safetensors, plus a readable copy of the non-tensor part in state.json. Nothing is
-pickled: the optimiser state is flattened to named tensors, its structure is JSON. The one file is written via a
-temporary file and a rename, so a kill mid-write leaves the previous checkpoint intact. SIGINT/SIGTERM stop the
-run after writing a checkpoint at the current step (`TrainingInterrupted`). The long passes outside the step
-loop (encoding the training images, PatchCore's coreset, the training-set maps) call `Trainer.stop_point` between
-batches, so a signal stops them within a batch too, keeping the last checkpoint written.
+state (the run's generator, torch's global generator and the rest of the current pass over the images), fp16's
+loss scale, the loss history and the training log (cada.engine.log) to RUN/resume/state.safetensors, plus a
+readable copy of the non-tensor part in state.json. Nothing is pickled: the optimiser state is flattened to named
+tensors, its structure is JSON. The one file is written via a temporary file and a rename, so a kill mid-write
+leaves the previous checkpoint intact. SIGINT/SIGTERM stop the run after writing a checkpoint at the current step
+(`TrainingInterrupted`). The long passes outside the step loop (encoding the training images, PatchCore's coreset,
+the training-set maps) call `Trainer.stop_point` between batches, so a signal stops them within a batch too,
+keeping the last checkpoint written.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from cada.files import atomic_write
 # -- checkpoints and resume ---------------------------------------------------------------------------------
 
 RESUME_FORMAT = "cada-resume"
-RESUME_VERSION = 1
+RESUME_VERSION = 2  # 2: the training log and the fp16 loss scale
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
 
@@ -126,6 +127,7 @@ class Checkpointing:
         self.resume_hint = resume_hint
         self.stage: str | None = None
         self.finished: dict[str, dict] = {}
+        self.log: list[dict] = []  # the training log (cada.engine.log), shared with the Trainer
         self.saved: dict | None = None  # the checkpoint resumed from
         self.saved_tensors: dict[str, torch.Tensor] = {}
         self._stop = threading.Event()
@@ -165,6 +167,7 @@ class Checkpointing:
                 f"same ones (or {START_AGAIN}): " + "; ".join(differences)
             )
         self.saved, self.saved_tensors, self.finished = saved, tensors, dict(saved["finished"])
+        self.log[:] = saved["log"]
 
     def resumed_stage(self) -> str | None:
         return None if self.saved is None else self.saved["stage"]
@@ -201,7 +204,9 @@ class Checkpointing:
     def enter(self, stage: str) -> None:
         self.stage = stage
 
-    def begin_loop(self, name: str, iters: int, optimizer, scheduler, generator, sampler) -> tuple[int, list[float]]:
+    def begin_loop(
+        self, name: str, iters: int, optimizer, scheduler, generator, sampler, scaler=None
+    ) -> tuple[int, list[float]]:
         """Restore this loop's state if the checkpoint is in the current stage: (first step, losses so far)."""
         saved = self.saved
         if saved is None or saved["stage"] != self.stage:
@@ -215,6 +220,8 @@ class Checkpointing:
         if scheduler is not None and saved["scheduler"] is not None:
             scheduler.last_epoch = saved["scheduler"]["last_epoch"]
             scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
         sampler.load_state(
             {
                 key.removeprefix("sampler/"): value
@@ -250,11 +257,20 @@ class Checkpointing:
         )
 
     def after_step(
-        self, done: int, iters: int, optimizer, scheduler, generator, sampler, losses: list[float], stop: bool
+        self,
+        done: int,
+        iters: int,
+        optimizer,
+        scheduler,
+        generator,
+        sampler,
+        losses: list[float],
+        stop: bool,
+        scaler=None,
     ) -> None:
         due = self.every > 0 and done % self.every == 0 and done < iters
         if stop or due:
-            self.write(done, iters, optimizer, scheduler, generator, sampler, losses)
+            self.write(done, iters, optimizer, scheduler, generator, sampler, losses, scaler)
         if stop:
             raise TrainingInterrupted(
                 f"training stopped at {self.stage} step {done} of {iters}; checkpoint in {self.folder}. "
@@ -269,7 +285,9 @@ class Checkpointing:
         self.stage = next_stage
         self.write(0, 0, None, None, generator, None, [])
 
-    def write(self, done: int, iters: int, optimizer, scheduler, generator, sampler, losses: list[float]) -> None:
+    def write(
+        self, done: int, iters: int, optimizer, scheduler, generator, sampler, losses: list[float], scaler=None
+    ) -> None:
         """Rank 0 writes the checkpoint (one atomic file, then a readable JSON copy); the others wait for it."""
         if is_main():
             tensors = {f"model/{key}": value for key, value in self.modules.state_dict().items()}
@@ -295,6 +313,8 @@ class Checkpointing:
                 "finished": self.finished,
                 "optimizer": structure,
                 "scheduler": None if scheduler is None else {"last_epoch": scheduler.last_epoch},
+                "scaler": None if scaler is None else _json_safe(scaler.state_dict()),  # fp16: the loss scale
+                "log": self.log,
             }
             text = json.dumps(state)
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -303,7 +323,7 @@ class Checkpointing:
                 self.folder / STATE_TENSORS,  # the commit point
                 lambda path: save_file(tensors, str(path), metadata={"format": RESUME_FORMAT, "state": text}),
             )
-            readable = {key: value for key, value in state.items() if key not in ("losses", "finished")}
+            readable = {key: value for key, value in state.items() if key not in ("losses", "finished", "log")}
             readable["n_losses"] = len(losses)
             readable["finished_stages"] = sorted(self.finished)
             atomic_write(self.folder / STATE_JSON, json.dumps(readable, indent=2) + "\n")

@@ -49,6 +49,12 @@ class BaseMethod(nn.Module):
         self.eval()
         return losses
 
+    @classmethod
+    def trains_by_gradient(cls) -> bool:
+        """False for a method that overrides `fit` without an `objective` (PatchCore: one pass builds its bank):
+        it has no iterations, losses or learning rates to report."""
+        return cls.objective is not BaseMethod.objective
+
     def objective(
         self, images: torch.Tensor, settings, generator: torch.Generator, cache_gib: float, trainer: Trainer
     ) -> tuple[list[dict], LossOf]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -126,9 +127,14 @@ def _gallery(outputs: EvalOutputs, indices: list[int], scores: np.ndarray, thres
 
 
 def write_report(
-    folder: str | Path, results: dict, outputs: EvalOutputs, detector, figure: Path | None = None, per_side: int = 8
+    folder: str | Path,
+    results: dict,
+    outputs: EvalOutputs,
+    detector,
+    figures: Sequence[tuple[str, Path]] = (),
+    per_side: int = 8,
 ) -> Path:
-    """Write FOLDER/report.html and return its path."""
+    """Write FOLDER/report.html and return its path; `figures`: (title, PNG file) shown in that order."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     aligned = detector.settings.align != "none"
@@ -156,10 +162,10 @@ def write_report(
         "training images (class names known): the ceiling of any alignment of this base.</p>",
         _per_product_table(results),
     ]
-    if figure is not None and Path(figure).is_file():
+    for title, figure in figures:
         data = base64.b64encode(Path(figure).read_bytes()).decode()
         sections += [
-            "<h2>Image scores per class</h2>",
+            f"<h2>{html.escape(title)}</h2>",
             f'<img src="data:image/png;base64,{data}" style="max-width:100%">',
         ]
     legend = (

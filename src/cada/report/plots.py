@@ -1,4 +1,4 @@
-"""Per-class image-score distributions before and after alignment (the paper's Fig. 5)."""
+"""Per-class image-score distributions before and after alignment (the paper's Fig. 5); the training loss curves."""
 
 from __future__ import annotations
 
@@ -102,3 +102,38 @@ def _tensor(values: np.ndarray):
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(values))
+
+
+def loss_curves(rows: list[dict], path: str | Path) -> Path:
+    """One PNG, one panel per training stage (cada.engine.log rows): the loss of every step (light) and its
+    running mean over 5% of the stage (dark), on a log scale when every loss is positive; the learning rate on
+    the right axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = list(dict.fromkeys(row["stage"] for row in rows))
+    figure, axes = plt.subplots(1, len(stages), figsize=(5.5 * len(stages), 3.4), squeeze=False)
+    for axis, stage in zip(axes[0], stages):
+        steps = np.array([row["step"] for row in rows if row["stage"] == stage])
+        losses = np.array([row["loss"] for row in rows if row["stage"] == stage])
+        window = max(1, len(losses) // 20)
+        running = np.convolve(losses, np.ones(window) / window, mode="valid")
+        axis.plot(steps, losses, color=NORMAL_COLOUR, alpha=0.3, lw=0.8)
+        axis.plot(steps[window - 1 :], running, color=NORMAL_COLOUR, lw=1.8, label="loss")
+        if (losses > 0).all():
+            axis.set_yscale("log")
+        rates = axis.twinx()
+        rates.plot(steps, [row["lr"] for row in rows if row["stage"] == stage], color=ANOMALOUS_COLOUR, lw=1)
+        rates.set_ylabel("learning rate", color=ANOMALOUS_COLOUR)
+        axis.set_title(f"{stage}: {len(steps)} steps", fontsize=11, loc="left")
+        axis.set_xlabel("step")
+        axis.set_ylabel("loss")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
+    plt.close(figure)
+    return path
