@@ -70,3 +70,13 @@ def test_squared_distances_are_the_distances_before_the_root():
 def test_search_on_an_empty_bank_says_what_to_do():
     with pytest.raises(ValueError, match="empty"):
         nearest_neighbours(torch.randn(2, 4), torch.empty(0, 4))
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_the_traced_search_equals_the_tiled_one(k):
+    """What an exported graph runs (all queries at once, chunks of the bank) finds the same neighbours."""
+    generator = torch.Generator().manual_seed(k)
+    queries, bank = torch.randn(70, 8, generator=generator), torch.randn(90, 8, generator=generator)
+    expected = nearest_neighbours(queries, bank, k=k, chunk=13)
+    values, index = neighbours._nearest_traced(queries, bank, k, chunk=13)
+    assert torch.equal(index, expected[1]) and torch.allclose(values.sqrt(), expected[0], atol=1e-5)

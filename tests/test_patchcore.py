@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -196,6 +197,23 @@ def test_detector_save_load_round_trips_bit_exactly(tiny_data, images, tmp_path)
     loaded = assert_save_load_bit_exact(detector, tmp_path / "run", images[:6])
     assert "method.memory_bank" in loaded._modules().state_dict()
     assert loaded.method.options == detector.method.options
+
+
+def test_onnx_export_scores_a_batch_as_pytorch(tiny_data, images, tmp_path):
+    """The exported search handles any batch (the tracer saw one image): PatchCore's bank and the knn aligner."""
+    import onnxruntime
+
+    from cada.export import export_onnx
+
+    settings = tiny_patchcore(search_gib=1e-4)  # several bank chunks in the graph too
+    settings.align = "knn"
+    detector = Detector(settings, pretrained=False).fit(tiny_data, progress=False)
+    session = onnxruntime.InferenceSession(str(export_onnx(detector, tmp_path / "model.onnx")))
+    batch = load_all(mvtec_samples(tiny_data, "test"), 64)[0][:5]  # unseen: distances well above 0, where the
+    scores, maps = session.run(None, {"image": batch.numpy()})  # square root would magnify rounding
+    expected = detector.predict(batch)
+    assert np.abs(scores - expected.scores.numpy()).max() <= 1e-4
+    assert np.abs(maps - expected.maps.numpy()).max() <= 1e-4
 
 
 def test_command_line_trains_and_evaluates_patchcore(tiny_data, tmp_path, capsys):

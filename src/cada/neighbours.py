@@ -44,12 +44,38 @@ def nearest_neighbours(
 
     `exclude` = (query groups Q, bank groups N), integers: a query never matches a bank row of its own group
     (PatchCore's training-set maps leave each image's own patches out); a query with nothing left gets inf.
+
+    While torch's tracer records the search (ONNX export), `_nearest_traced` runs instead: the query tiles are
+    sized from the example's query count, which a traced graph would keep for every input.
     """
     if len(bank) == 0:
         raise ValueError("nothing to search: the bank is empty (fit the model first)")
     with full_precision(queries.device):
-        squares, indices = _nearest(queries.float(), bank, k, chunk, budget_gib, exclude)
+        if torch.jit.is_tracing():
+            squares, indices = _nearest_traced(queries.float(), bank, k, chunk or chunk_rows(QUERY_BLOCK, budget_gib))
+        else:
+            squares, indices = _nearest(queries.float(), bank, k, chunk, budget_gib, exclude)
     return (squares if squared else squares.sqrt()), indices
+
+
+def _nearest_traced(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The search as a graph for any number of queries: all queries at once against chunks of the bank (the
+    bank's size is the model's, so that loop is the same for every input); the k best kept by top-k."""
+    k = min(k, len(bank))
+    bank_sq = bank.pow(2).sum(dim=1)
+    values = indices = None
+    for start in range(0, len(bank), chunk):
+        partial = torch.addmm(
+            bank_sq[start : start + chunk].unsqueeze(0), queries, bank[start : start + chunk].T, alpha=-2.0
+        )
+        best, index = partial.topk(min(k, partial.shape[1]), dim=1, largest=False)
+        if values is None or indices is None:
+            values, indices = best, index + start
+        else:
+            values, order = torch.cat([values, best], dim=1).topk(k, dim=1, largest=False)
+            indices = torch.cat([indices, index + start], dim=1).gather(1, order)
+    assert values is not None and indices is not None
+    return (values + queries.pow(2).sum(dim=1, keepdim=True)).clamp_min(0), indices
 
 
 def tile_bytes(device: torch.device) -> int:
