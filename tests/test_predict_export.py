@@ -61,16 +61,40 @@ def test_onnx_export_matches_pytorch(calibrated_run, tiny_data, tmp_path):
     assert torch.equal(scores >= threshold, expected.decisions)
 
 
+def test_raw_image_graph_resizes_as_training_and_scores_the_same(calibrated_run, tiny_data, tmp_path):
+    """The raw graph takes each image at its own size (here enlarged, shrunk and stretched copies of test images)
+    and gives the scores of the PyTorch path, which resizes with Pillow."""
+    import onnxruntime
+
+    from cada.data.resize import resize_rgb
+
+    detector = Detector.load(calibrated_run)
+    onnx_file = export_onnx(detector, tmp_path / "raw.onnx", input="raw")
+    assert json.loads((tmp_path / "raw.json").read_text())["input_kind"] == "raw"
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for sample in mvtec_samples(tiny_data, "test")[::7]:
+        rgb = np.asarray(Image.open(sample.path).convert("RGB"))
+        height, width = (int(side) for side in rng.integers(20, 300, size=2))
+        rgb = np.asarray(Image.fromarray(rgb).resize((width, height)))
+        score, aligned_map = session.run(None, {"image": rgb})
+        expected = detector.predict(resize_rgb(rgb, 64)[None])
+        assert abs(float(score[0]) - float(expected.scores[0])) <= 1e-4, (height, width)
+        assert np.abs(aligned_map - expected.maps.numpy()).max() <= 1e-4
+
+
 def test_predict_runs_an_exported_model_with_the_same_outputs(calibrated_run, tiny_data, tmp_path):
-    assert main(["export", str(calibrated_run), "--out", str(tmp_path / "model.onnx")]) == 0
     folder = tiny_data / "marble" / "test"
-    assert main(["predict", str(tmp_path / "model.onnx"), str(folder), "--out", str(tmp_path / "a"), "--quiet"]) == 0
-    assert main(["predict", str(calibrated_run), str(folder), "--out", str(tmp_path / "b"), "--quiet"]) == 0
-    a = json.loads((tmp_path / "a" / "predictions.json").read_text())["predictions"]
-    b = json.loads((tmp_path / "b" / "predictions.json").read_text())["predictions"]
-    assert [r["path"] for r in a] == [r["path"] for r in b]
-    assert [r["anomalous"] for r in a] == [r["anomalous"] for r in b]
-    assert np.allclose([r["score"] for r in a], [r["score"] for r in b], atol=1e-4)
+    assert main(["predict", str(calibrated_run), str(folder), "--out", str(tmp_path / "torch"), "--quiet"]) == 0
+    expected = json.loads((tmp_path / "torch" / "predictions.json").read_text())["predictions"]
+    for kind in ("resized", "raw"):
+        model = tmp_path / f"{kind}.onnx"
+        assert main(["export", str(calibrated_run), "--out", str(model), "--input", kind]) == 0
+        assert main(["predict", str(model), str(folder), "--out", str(tmp_path / kind), "--quiet"]) == 0
+        rows = json.loads((tmp_path / kind / "predictions.json").read_text())["predictions"]
+        assert [r["path"] for r in rows] == [r["path"] for r in expected]
+        assert [r["anomalous"] for r in rows] == [r["anomalous"] for r in expected]
+        assert np.allclose([r["score"] for r in rows], [r["score"] for r in expected], atol=1e-4)
 
 
 def test_predictions_carry_u_and_spread_that_give_the_aligned_score(calibrated_run, tiny_data, tmp_path):

@@ -179,10 +179,15 @@ def cmd_export(args) -> int:
         import onnx  # noqa: F401 - torch's exporter needs it
     except ImportError:
         raise ValueError('ONNX export needs the onnx package: pip install -e ".[export]"') from None
+    if args.input == "raw":
+        try:
+            import onnxscript  # noqa: F401 - torch.export's ONNX translation (the raw graph's resize) needs it
+        except ImportError:
+            raise ValueError('--input raw needs the onnxscript package: pip install -e ".[export]"') from None
     protected = run_files(args.run)
     check_output(args.out, "--out", "file", protected=protected, overwrite=args.overwrite)
     check_output(sidecar_path(args.out), "--out's sidecar", "file", protected=protected, overwrite=args.overwrite)
-    out = export_onnx(Detector.load(args.run, device="cpu"), args.out)
+    out = export_onnx(Detector.load(args.run, device="cpu"), args.out, input=args.input)
     print(f"wrote {out} and {sidecar_path(out)}")
     return 0
 
@@ -667,6 +672,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("onnx",), default="onnx")
     export.add_argument(
         "--out", required=True, help="the .onnx file to write (threshold and preprocessing: .json beside it)"
+    )
+    export.add_argument(
+        "--input",
+        choices=("resized", "raw"),
+        default="resized",
+        help="resized: uint8 NCHW batches already resized to the run's image size (cada.data.resize's rule); raw: "
+        "one uint8 H x W x 3 RGB image of any size, resized inside the graph by the same rule, to the last bit",
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its .json)")
     export.set_defaults(func=cmd_export)

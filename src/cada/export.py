@@ -1,8 +1,12 @@
 """ONNX export: one graph from image to aligned map and image score, with alignment, smoothing and the
 image-score reduction inside; the threshold and the preprocessing go in a JSON file beside it.
 
-The graph takes uint8 images (B x 3 x S x S, RGB, already resized to S) so that a deployment only has to
-decode and resize; ImageNet normalisation happens inside.
+Two inputs (`--input`):
+- resized (default): uint8 images B x 3 x S x S (RGB, NCHW), already resized to S by `cada.data.resize`'s rule;
+  batches of any size. The deployment decodes and resizes.
+- raw: one uint8 RGB image H x W x 3 of any size; the graph resizes it by the same rule (`resize_uint8`, equal to
+  training's resize to the last bit), so the deployment only decodes. One image per call.
+ImageNet normalisation happens inside both.
 """
 
 from __future__ import annotations
@@ -16,12 +20,20 @@ import torch
 from torch import nn
 
 from cada.data.dataset import IMAGENET_MEAN, IMAGENET_STD
+from cada.data.resize import resize_uint8
 from cada.files import atomic_write
 from cada.inference import infer_maps
 from cada.scoring import align, image_score
 from cada.threshold import check_threshold
 
-OPSET = 17
+OPSET = 17  # the traced model (torch's tracer exports it wrongly at 18: measured, maps off by ~10)
+RAW_OPSET = 18  # torch.export's ONNX translation of the raw graph's resize needs 18; the model is converted to it
+INPUTS = ("resized", "raw")
+RESIZE_RULE = (
+    "Pillow's bilinear filter (antialiased when shrinking), horizontal pass then vertical, each rounded to 8 bits "
+    "(cada.data.resize)"
+)
+MAX_SIDE = 2**15  # the raw graph's largest accepted image side
 
 
 class ExportedDetector(nn.Module):
@@ -38,41 +50,48 @@ class ExportedDetector(nn.Module):
         return image_score(aligned_maps, self.top_fraction), aligned_maps
 
 
+class RawImageFront(nn.Module):
+    """One RGB image H x W x 3 uint8 -> the model's input 1 x 3 x S x S, resized by cada's rule."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return resize_uint8(image.permute(2, 0, 1), self.size).unsqueeze(0)
+
+
 def sidecar_path(onnx_path: str | Path) -> Path:
     return Path(onnx_path).with_suffix(".json")
 
 
-def export_onnx(detector, out: str | Path, batch_size: int = 1) -> Path:
-    """Write OUT (.onnx) and OUT.json; the batch dimension is dynamic."""
+def export_onnx(detector, out: str | Path, batch_size: int = 1, input: str = "resized") -> Path:
+    """Write OUT (.onnx) and OUT.json; `input` "resized" (batch dimension dynamic) or "raw" (see the module
+    docstring)."""
+    if input not in INPUTS:
+        raise ValueError(f"--input must be one of {', '.join(INPUTS)}, got {input!r}")
     if detector.aligner.needs_class_names:
         raise ValueError(f"the {detector.aligner.name} aligner needs class names at test time and cannot be exported")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    module = ExportedDetector(detector).eval()
     size = detector.settings.image_size
-    example = torch.zeros(batch_size, 3, size, size, dtype=torch.uint8)
-    with warnings.catch_warnings():  # the tracer notes Python numbers fixed at export time: sizes, as intended
-        warnings.simplefilter("ignore")
-        atomic_write(
-            out,
-            lambda temporary: torch.onnx.export(
-                module,
-                (example,),
-                str(temporary),
-                input_names=["image"],
-                output_names=["score", "aligned_map"],
-                dynamic_axes={"image": {0: "batch"}, "score": {0: "batch"}, "aligned_map": {0: "batch"}},
-                opset_version=OPSET,
-                dynamo=False,
-            ),
-        )
+    if input == "raw":
+        atomic_write(out, lambda temporary: _export_raw(detector, temporary))
+    else:
+        atomic_write(out, lambda temporary: _export_model(detector, temporary, "image", batch_size))
+    layout = (
+        {"layout": "HWC, one image of any size", "resize": f"inside the graph: {RESIZE_RULE}"}
+        if input == "raw"
+        else {"layout": "NCHW", "resize": f"before the graph, to image_size: {RESIZE_RULE}"}
+    )
     sidecar = {
         "format": "cada-onnx",
         "input": "image",
+        "input_kind": input,
         "outputs": ["score", "aligned_map"],
         "preprocessing": {
             "image_size": size,
-            "resize": "bilinear",
+            **layout,
             "channels": "RGB",
             "dtype": "uint8",
             "normalisation_inside_graph": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
@@ -84,6 +103,58 @@ def export_onnx(detector, out: str | Path, batch_size: int = 1) -> Path:
     }
     atomic_write(sidecar_path(out), json.dumps(sidecar, indent=2) + "\n")
     return out
+
+
+def _export_model(detector, path: Path, input_name: str, batch_size: int = 1) -> None:
+    """The detector from resized uint8 images (NCHW, batch dynamic) to (score, aligned_map), traced."""
+    size = detector.settings.image_size
+    example = torch.zeros(batch_size, 3, size, size, dtype=torch.uint8)
+    with warnings.catch_warnings():  # the tracer notes Python numbers fixed at export time: sizes, as intended
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            ExportedDetector(detector).eval(),
+            (example,),
+            str(path),
+            input_names=[input_name],
+            output_names=["score", "aligned_map"],
+            dynamic_axes={input_name: {0: "batch"}, "score": {0: "batch"}, "aligned_map": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+def _export_raw(detector, path: Path) -> None:
+    """The raw-image graph: the resize front (torch.export, for its dynamic image size) joined to the traced
+    model (the tracer exports the aligners' stable sort, which torch.export's ONNX translation lacks)."""
+    import tempfile
+
+    import onnx
+    from onnx import compose, version_converter
+
+    with tempfile.TemporaryDirectory(prefix="cada-export-") as scratch:
+        front_path, model_path = Path(scratch) / "front.onnx", Path(scratch) / "model.onnx"
+        height, width = (torch.export.Dim(name, min=2, max=MAX_SIDE) for name in ("height", "width"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                RawImageFront(detector.settings.image_size),
+                (torch.zeros(97, 131, 3, dtype=torch.uint8),),
+                str(front_path),
+                input_names=["image"],
+                output_names=["resized"],
+                dynamic_shapes={"image": {0: height, 1: width}},
+                opset_version=RAW_OPSET,
+                dynamo=True,
+                verbose=False,
+            )
+        _export_model(detector, model_path, "resized_image")
+        front = onnx.load(str(front_path))
+        model = version_converter.convert_version(onnx.load(str(model_path)), RAW_OPSET)
+    front = compose.add_prefix(front, "resize/", rename_inputs=False, rename_outputs=False)
+    front.ir_version = model.ir_version = max(front.ir_version, model.ir_version)
+    joined = compose.merge_models(front, model, io_map=[("resized", "resized_image")])
+    onnx.checker.check_model(joined)
+    onnx.save(joined, str(path))
 
 
 def onnx_providers(device: str, available: list[str]) -> list:
@@ -118,6 +189,7 @@ def onnx_scorer(onnx_path: str | Path, device: str = "cpu"):
     try:
         sidecar = json.loads(sidecar_file.read_text())
         image_size, threshold = sidecar["preprocessing"]["image_size"], sidecar["threshold"]
+        raw = sidecar.get("input_kind", "resized") == "raw"
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(
             f"{sidecar_file} is not the JSON file `cada export` writes beside {onnx_path} "
@@ -133,7 +205,13 @@ def onnx_scorer(onnx_path: str | Path, device: str = "cpu"):
         ) from None
 
     def score(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores, maps = session.run(None, {"image": np.ascontiguousarray(images.numpy())})
+        if raw:  # one image H x W x 3 per call; already resized by the same rule, so the graph's resize keeps it
+            outputs = [
+                session.run(None, {"image": np.ascontiguousarray(image.permute(1, 2, 0).numpy())}) for image in images
+            ]
+            scores, maps = (np.concatenate(parts) for parts in zip(*outputs))
+        else:
+            scores, maps = session.run(None, {"image": np.ascontiguousarray(images.numpy())})
         return torch.from_numpy(scores), torch.from_numpy(maps)
 
     if threshold is not None:

@@ -35,7 +35,8 @@ import torch
 from PIL import Image
 
 from cada import __version__
-from cada.data.dataset import BadImageError, max_image_pixels, resize_rgb, rgb_array
+from cada.data.dataset import BadImageError, max_image_pixels, rgb_array
+from cada.data.resize import resize_rgb
 from cada.predict import LoadedModel, full_size_outputs
 from cada.serve_page import PAGE
 

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 # Bump when decoding, resizing or the entry format changes, so that no old entry is reused.
-LOADER_VERSION = 2  # 2: NaN/inf float pixels and 32-bit values beyond 0-65535 are refused, not cached as decoded
+# 2: NaN/inf float pixels and 32-bit values beyond 0-65535 are refused, not cached as decoded; 3: one resize rule
+# (cada.data.resize: one axis at a time), whatever the installed Pillow does with both axes at once
+LOADER_VERSION = 3
 ENV_VAR = "CADA_CACHE_DIR"
 _CHUNK = 1 << 20
 

@@ -15,6 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cada.data.cache import open_cache
 from cada.data.mvtec import Sample
+from cada.data.resize import resize_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -132,14 +133,8 @@ def rgb_array(path: str | Path | BinaryIO, name: str | None = None) -> np.ndarra
         raise BadImageError(f"cannot read image {label}: {error}") from None
 
 
-def resize_rgb(rgb: np.ndarray, size: int) -> torch.Tensor:
-    """RGB uint8 H x W x 3 -> uint8 tensor 3 x size x size, resized exactly as training resizes (PIL bilinear)."""
-    resized = Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR)
-    return torch.from_numpy(np.array(resized)).permute(2, 0, 1).contiguous()
-
-
 def load_image(path: str | Path, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """uint8 tensor 3 x size x size (bilinear resize) and the original (width, height)."""
+    """uint8 tensor 3 x size x size (`cada.data.resize`'s rule) and the original (width, height)."""
     rgb = rgb_array(path)
     return resize_rgb(rgb, size), (rgb.shape[1], rgb.shape[0])
 
