@@ -56,7 +56,7 @@ def test_onnx_export_matches_pytorch(calibrated_run, tiny_data, tmp_path):
     assert size == 64 and threshold == detector.threshold
     images, _ = load_all(mvtec_samples(tiny_data, "test"), 64)
     expected = detector.predict(images)
-    scores, maps = scorer(images)
+    scores, maps, _ = scorer(images)
     assert (maps - expected.maps).abs().max().item() <= 1e-4
     assert torch.equal(scores >= threshold, expected.decisions)
 
@@ -77,7 +77,7 @@ def test_raw_image_graph_resizes_as_training_and_scores_the_same(calibrated_run,
         rgb = np.asarray(Image.open(sample.path).convert("RGB"))
         height, width = (int(side) for side in rng.integers(20, 300, size=2))
         rgb = np.asarray(Image.fromarray(rgb).resize((width, height)))
-        score, aligned_map = session.run(None, {"image": rgb})
+        score, aligned_map, *_ = session.run(None, {"image": rgb})
         expected = detector.predict(resize_rgb(rgb, 64)[None])
         assert abs(float(score[0]) - float(expected.scores[0])) <= 1e-4, (height, width)
         assert np.abs(aligned_map - expected.maps.numpy()).max() <= 1e-4
@@ -94,7 +94,10 @@ def test_predict_runs_an_exported_model_with_the_same_outputs(calibrated_run, ti
         rows = json.loads((tmp_path / kind / "predictions.json").read_text())["predictions"]
         assert [r["path"] for r in rows] == [r["path"] for r in expected]
         assert [r["anomalous"] for r in rows] == [r["anomalous"] for r in expected]
-        assert np.allclose([r["score"] for r in rows], [r["score"] for r in expected], atol=1e-4)
+        assert rows[0].keys() == expected[0].keys()  # u, spread and the unfamiliar-product columns too
+        for column in ("score", "u", "spread", "nearest_distance"):
+            assert np.allclose([r[column] for r in rows], [r[column] for r in expected], atol=1e-4), column
+        assert [r["unfamiliar"] for r in rows] == [r["unfamiliar"] for r in expected]
 
 
 def test_predictions_carry_u_and_spread_that_give_the_aligned_score(calibrated_run, tiny_data, tmp_path):
@@ -198,7 +201,7 @@ def test_knn_run_reports_and_flags_unfamiliar_images(tiny_data, tmp_path):
     onnx_file = export_onnx(Detector.load(run), tmp_path / "knn.onnx")
     scorer, _, _, _ = onnx_scorer(onnx_file)
     images, _ = load_all(mvtec_samples(tiny_data, "test"), 64)
-    scores, _ = scorer(images)
+    scores, _, _ = scorer(images)
     assert torch.allclose(scores, Detector.load(run).predict(images).scores, atol=1e-4)
 
 

@@ -308,7 +308,7 @@ def test_onnx_and_pytorch_decide_alike_on_the_calibration_images(run, tiny_data,
     scorer, _, threshold, _ = onnx_scorer(export_onnx(detector, tmp_path / "model.onnx"))
     calibration, _ = load_all([s for s in mvtec_samples(tiny_data, "train")], 64)
     expected = detector.predict(calibration)
-    onnx_scores, _ = scorer(calibration)
+    onnx_scores, _, _ = scorer(calibration)
     assert threshold == detector.threshold and torch.equal(onnx_scores >= threshold, expected.decisions)
     assert (expected.scores - threshold).abs().min() > 10 * (onnx_scores - expected.scores).abs().max()
 

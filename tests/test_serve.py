@@ -203,7 +203,7 @@ def test_operating_point_and_exported_model(calibrated_run, tiny_data, tmp_path)
         info = json.loads(call(url + "/info")[2])
         assert info["threshold"] == -1e6 and info["threshold_source"] == "given with --threshold"
         (prediction,) = json.loads(call(url + "/predict", path.read_bytes())[2])["predictions"]
-        assert prediction["anomalous"] is True and "u" not in prediction  # the graph gives scores and maps only
+        assert prediction["anomalous"] is True and {"u", "spread"} <= prediction.keys()  # graph outputs too
     finally:
         server.shutdown()
         server.server_close()

@@ -36,18 +36,28 @@ RESIZE_RULE = (
 MAX_SIDE = 2**15  # the raw graph's largest accepted image side
 
 
+def output_names(detector) -> list[str]:
+    """The graph's outputs: aligned score B, aligned map B x S x S, the image's predicted normal statistics u and
+    spread (B each, as `cada predict` reports them) and, for an aligner with an unfamiliar-product signal (knn),
+    the distance to the nearest training image B."""
+    names = ["score", "aligned_map", "u", "spread"]
+    return names + ["nearest_distance"] if hasattr(detector.aligner, "reference_distance") else names
+
+
 class ExportedDetector(nn.Module):
-    """The detector's inference path as one module: uint8 images -> (aligned scores B, aligned maps B x S x S)."""
+    """The detector's inference path as one module: uint8 images -> the `output_names` tensors."""
 
     def __init__(self, detector):
         super().__init__()
         self.method, self.aligner = detector.method, detector.aligner
         self.sigma, self.top_fraction = detector.settings.smoothing_sigma, detector.settings.top_fraction
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps, u, spread, _ = infer_maps(self.method, self.aligner, images, self.sigma)
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        maps, u, spread, features = infer_maps(self.method, self.aligner, images, self.sigma)
         aligned_maps = align(maps, u, spread)
-        return image_score(aligned_maps, self.top_fraction), aligned_maps
+        outputs = (image_score(aligned_maps, self.top_fraction), aligned_maps, u, spread)
+        distance = self.aligner.nearest_distance(features)
+        return outputs if distance is None else (*outputs, distance)
 
 
 class RawImageFront(nn.Module):
@@ -88,7 +98,7 @@ def export_onnx(detector, out: str | Path, batch_size: int = 1, input: str = "re
         "format": "cada-onnx",
         "input": "image",
         "input_kind": input,
-        "outputs": ["score", "aligned_map"],
+        "outputs": output_names(detector),
         "preprocessing": {
             "image_size": size,
             **layout,
@@ -101,14 +111,17 @@ def export_onnx(detector, out: str | Path, batch_size: int = 1, input: str = "re
         "decision": "anomalous when score >= threshold",
         "settings": detector.settings.to_dict(),
     }
+    if hasattr(detector.aligner, "reference_distance"):  # beyond it, an image is unlike every training image
+        sidecar["unfamiliar_reference_distance"] = float(detector.aligner.reference_distance)
     atomic_write(sidecar_path(out), json.dumps(sidecar, indent=2) + "\n")
     return out
 
 
 def _export_model(detector, path: Path, input_name: str, batch_size: int = 1) -> None:
-    """The detector from resized uint8 images (NCHW, batch dynamic) to (score, aligned_map), traced."""
+    """The detector from resized uint8 images (NCHW, batch dynamic) to its `output_names`, traced."""
     size = detector.settings.image_size
     example = torch.zeros(batch_size, 3, size, size, dtype=torch.uint8)
+    outputs = output_names(detector)
     with warnings.catch_warnings():  # the tracer notes Python numbers fixed at export time: sizes, as intended
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -116,8 +129,8 @@ def _export_model(detector, path: Path, input_name: str, batch_size: int = 1) ->
             (example,),
             str(path),
             input_names=[input_name],
-            output_names=["score", "aligned_map"],
-            dynamic_axes={input_name: {0: "batch"}, "score": {0: "batch"}, "aligned_map": {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in [input_name, *outputs]},
             opset_version=OPSET,
             dynamo=False,
         )
@@ -190,6 +203,8 @@ def onnx_scorer(onnx_path: str | Path, device: str = "cpu"):
         sidecar = json.loads(sidecar_file.read_text())
         image_size, threshold = sidecar["preprocessing"]["image_size"], sidecar["threshold"]
         raw = sidecar.get("input_kind", "resized") == "raw"
+        names = sidecar.get("outputs", ["score", "aligned_map"])  # models exported before u and spread: two
+        reference = sidecar.get("unfamiliar_reference_distance")
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(
             f"{sidecar_file} is not the JSON file `cada export` writes beside {onnx_path} "
@@ -204,15 +219,19 @@ def onnx_scorer(onnx_path: str | Path, device: str = "cpu"):
             f"{str(error).strip().splitlines()[0]}"
         ) from None
 
-    def score(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(images: torch.Tensor) -> tuple:
         if raw:  # one image H x W x 3 per call; already resized by the same rule, so the graph's resize keeps it
-            outputs = [
+            parts = [
                 session.run(None, {"image": np.ascontiguousarray(image.permute(1, 2, 0).numpy())}) for image in images
             ]
-            scores, maps = (np.concatenate(parts) for parts in zip(*outputs))
+            outputs = [np.concatenate(values) for values in zip(*parts)]
         else:
-            scores, maps = session.run(None, {"image": np.ascontiguousarray(images.numpy())})
-        return torch.from_numpy(scores), torch.from_numpy(maps)
+            outputs = session.run(None, {"image": np.ascontiguousarray(images.numpy())})
+        values = {name: torch.from_numpy(array) for name, array in zip(names, outputs)}
+        columns = {name: values[name] for name in ("u", "spread", "nearest_distance") if name in values}
+        if "nearest_distance" in values and reference is not None:
+            columns["unfamiliar"] = values["nearest_distance"] > reference
+        return values["score"], values["aligned_map"], columns
 
     if threshold is not None:
         try:
