@@ -302,10 +302,10 @@ def test_threshold_has_a_margin_that_survives_rounding():
 
 def test_onnx_and_pytorch_decide_alike_on_the_calibration_images(run, tiny_data, tmp_path):
     pytest.importorskip("onnxruntime")
-    from cada.export import export_onnx, onnx_scorer
+    from cada.export import export_onnx, exported_scorer
 
     detector = Detector.load(run)
-    scorer, _, threshold, _ = onnx_scorer(export_onnx(detector, tmp_path / "model.onnx"))
+    scorer, _, threshold, _ = exported_scorer(export_onnx(detector, tmp_path / "model.onnx"))
     calibration, _ = load_all([s for s in mvtec_samples(tiny_data, "train")], 64)
     expected = detector.predict(calibration)
     onnx_scores, _, _ = scorer(calibration)

@@ -173,7 +173,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_export(args) -> int:
     from cada.api import Detector
-    from cada.export import export_onnx, sidecar_path
+    from cada.export import export_onnx, export_openvino, sidecar_path
 
     try:
         import onnx  # noqa: F401 - torch's exporter needs it
@@ -184,11 +184,24 @@ def cmd_export(args) -> int:
             import onnxscript  # noqa: F401 - torch.export's ONNX translation (the raw graph's resize) needs it
         except ImportError:
             raise ValueError('--input raw needs the onnxscript package: pip install -e ".[export]"') from None
+    if args.format == "openvino":
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            raise ValueError("--format openvino needs the openvino package: pip install openvino") from None
     protected = run_files(args.run)
-    check_output(args.out, "--out", "file", protected=protected, overwrite=args.overwrite)
-    check_output(sidecar_path(args.out), "--out's sidecar", "file", protected=protected, overwrite=args.overwrite)
-    out = export_onnx(Detector.load(args.run, device="cpu"), args.out, input=args.input)
-    print(f"wrote {out} and {sidecar_path(out)}")
+    out = Path(args.out)
+    outputs = [(out, "--out"), (sidecar_path(out), "--out's sidecar")]
+    if args.format == "openvino":
+        outputs.append((out.with_suffix(".bin"), "--out's weights"))
+    for path, option in outputs:
+        check_output(path, option, "file", protected=protected, overwrite=args.overwrite)
+    detector = Detector.load(args.run, device="cpu")
+    if args.format == "openvino":
+        export_openvino(detector, out, input=args.input)
+    else:
+        export_onnx(detector, out, input=args.input)
+    print("wrote " + ", ".join(str(path) for path, _ in outputs))
     return 0
 
 
@@ -242,8 +255,13 @@ def _check_predict_out(out: Path, model: Path, paths: list[str], overwrite: bool
     are replaced only with --overwrite (then their overlays and masks go, so old and new never mix)."""
     from cada.engine.distributed import is_distributed, is_main
     from cada.export import sidecar_path
+    from cada.predict import EXPORTED_SUFFIXES
 
-    model_files = [model, sidecar_path(model)] if model.suffix == ".onnx" else run_files(model)
+    model_files = (
+        [model, model.with_suffix(".bin"), sidecar_path(model)]
+        if model.suffix in EXPORTED_SUFFIXES
+        else run_files(model)
+    )
     check_output(out, "--out", "folder", inputs=paths, protected=model_files)
     earlier = [name for name in ("predictions.csv", "predictions.json", "overlays", "masks") if (out / name).exists()]
     if earlier and not overwrite:
@@ -637,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.set_defaults(func=cmd_calibrate)
 
     predict = commands.add_parser("predict", help="score images of any product: no class names, no layout")
-    predict.add_argument("model", help="run folder, or an exported .onnx file")
+    predict.add_argument("model", help="run folder, or an exported model (.onnx, or OpenVINO .xml)")
     predict.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     predict.add_argument("--out", required=True, help="folder for predictions.csv/.json (and overlays, masks)")
     predict.add_argument("--overlays", action="store_true", help="write a heatmap overlay PNG per image")
@@ -667,11 +685,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_options(predict)
     predict.set_defaults(func=cmd_predict)
 
-    export = commands.add_parser("export", help="one ONNX graph: image -> aligned map and image score")
+    export = commands.add_parser("export", help="one graph: image -> aligned map and image score (ONNX, OpenVINO)")
     export.add_argument("run", help="run folder")
-    export.add_argument("--format", choices=("onnx",), default="onnx")
     export.add_argument(
-        "--out", required=True, help="the .onnx file to write (threshold and preprocessing: .json beside it)"
+        "--format",
+        choices=("onnx", "openvino"),
+        default="onnx",
+        help="onnx (onnxruntime), or openvino: OpenVINO IR, OUT.xml with OUT.bin (needs the openvino package)",
+    )
+    export.add_argument(
+        "--out",
+        required=True,
+        help="the .onnx (or .xml) file to write (threshold and preprocessing: .json beside it)",
     )
     export.add_argument(
         "--input",
@@ -698,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.set_defaults(func=cmd_ablate, align="none")
 
     serve = commands.add_parser("serve", help="an HTTP API and a web page that score images (see README: Serving)")
-    serve.add_argument("model", help="run folder, or an exported .onnx file")
+    serve.add_argument("model", help="run folder, or an exported model (.onnx, or OpenVINO .xml)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     serve.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
     serve.add_argument(

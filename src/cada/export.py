@@ -12,6 +12,7 @@ ImageNet normalisation happens inside both.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -78,24 +79,55 @@ def sidecar_path(onnx_path: str | Path) -> Path:
 def export_onnx(detector, out: str | Path, batch_size: int = 1, input: str = "resized") -> Path:
     """Write OUT (.onnx) and OUT.json; `input` "resized" (batch dimension dynamic) or "raw" (see the module
     docstring)."""
+    out = _check_export(detector, out, input, ".onnx")
+    if input == "raw":
+        atomic_write(out, lambda temporary: _export_raw(detector, temporary))
+    else:
+        atomic_write(out, lambda temporary: _export_model(detector, temporary, "image", batch_size))
+    _write_sidecar(detector, out, input)
+    return out
+
+
+def export_openvino(detector, out: str | Path, input: str = "resized") -> Path:
+    """Write OUT (.xml, with its weights in OUT.bin) and OUT.json: the ONNX graph converted by OpenVINO's
+    converter (`openvino` package). The .bin is put in place before the .xml that names it."""
+    import tempfile
+
+    import openvino
+
+    out = _check_export(detector, out, input, ".xml")
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as scratch:
+        onnx_file = export_onnx(detector, Path(scratch) / "model.onnx", input=input)
+        staged = Path(scratch) / out.name
+        openvino.save_model(openvino.convert_model(str(onnx_file)), str(staged))
+        os.replace(staged.with_suffix(".bin"), out.with_suffix(".bin"))
+        os.replace(staged, out)
+    _write_sidecar(detector, out, input)
+    return out
+
+
+def _check_export(detector, out: str | Path, input: str, suffix: str) -> Path:
     if input not in INPUTS:
         raise ValueError(f"--input must be one of {', '.join(INPUTS)}, got {input!r}")
     if detector.aligner.needs_class_names:
         raise ValueError(f"the {detector.aligner.name} aligner needs class names at test time and cannot be exported")
     out = Path(out)
+    if out.suffix != suffix:
+        raise ValueError(f"--out {out}: this format's file ends in {suffix}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write_sidecar(detector, out: Path, input: str) -> None:
+    """OUT.json: the input, outputs, preprocessing, threshold and calibration, and the run's settings."""
     size = detector.settings.image_size
-    if input == "raw":
-        atomic_write(out, lambda temporary: _export_raw(detector, temporary))
-    else:
-        atomic_write(out, lambda temporary: _export_model(detector, temporary, "image", batch_size))
     layout = (
         {"layout": "HWC, one image of any size", "resize": f"inside the graph: {RESIZE_RULE}"}
         if input == "raw"
         else {"layout": "NCHW", "resize": f"before the graph, to image_size: {RESIZE_RULE}"}
     )
     sidecar = {
-        "format": "cada-onnx",
+        "format": "cada-onnx" if out.suffix == ".onnx" else "cada-openvino",
         "input": "image",
         "input_kind": input,
         "outputs": output_names(detector),
@@ -114,7 +146,6 @@ def export_onnx(detector, out: str | Path, batch_size: int = 1, input: str = "re
     if hasattr(detector.aligner, "reference_distance"):  # beyond it, an image is unlike every training image
         sidecar["unfamiliar_reference_distance"] = float(detector.aligner.reference_distance)
     atomic_write(sidecar_path(out), json.dumps(sidecar, indent=2) + "\n")
-    return out
 
 
 def _export_model(detector, path: Path, input_name: str, batch_size: int = 1) -> None:
@@ -189,16 +220,13 @@ def onnx_providers(device: str, available: list[str]) -> list:
     return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
 
 
-def onnx_scorer(onnx_path: str | Path, device: str = "cpu"):
-    """(scorer, image_size, threshold, description) for cada.predict, running the graph with onnxruntime on
-    `device` (see onnx_providers)."""
-    import onnxruntime
-    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf
-
-    onnx_path = Path(onnx_path)
-    sidecar_file = sidecar_path(onnx_path)
+def exported_scorer(model_path: str | Path, device: str = "cpu"):
+    """(scorer, image_size, threshold, description) for cada.predict of an exported model: a .onnx file run with
+    onnxruntime on `device` (see onnx_providers), or an OpenVINO .xml run on the CPU."""
+    model_path = Path(model_path)
+    sidecar_file = sidecar_path(model_path)
     if not sidecar_file.is_file():
-        raise FileNotFoundError(f"{sidecar_file} is missing: it holds the threshold and preprocessing of {onnx_path}")
+        raise FileNotFoundError(f"{sidecar_file} is missing: it holds the threshold and preprocessing of {model_path}")
     try:
         sidecar = json.loads(sidecar_file.read_text())
         image_size, threshold = sidecar["preprocessing"]["image_size"], sidecar["threshold"]
@@ -207,27 +235,21 @@ def onnx_scorer(onnx_path: str | Path, device: str = "cpu"):
         reference = sidecar.get("unfamiliar_reference_distance")
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(
-            f"{sidecar_file} is not the JSON file `cada export` writes beside {onnx_path} "
+            f"{sidecar_file} is not the JSON file `cada export` writes beside {model_path} "
             f"({type(error).__name__}: {error})"
         ) from None
-    try:
-        providers = onnx_providers(device, onnxruntime.get_available_providers())
-        session = onnxruntime.InferenceSession(str(onnx_path), providers=providers)
-    except (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf) as error:
-        raise ValueError(
-            f"{onnx_path} is not a model onnxruntime can load (damaged, or not an ONNX file?): "
-            f"{str(error).strip().splitlines()[0]}"
-        ) from None
+    if model_path.suffix == ".xml":
+        run, description = _openvino_runner(model_path, device, names)
+    else:
+        run, description = _onnx_runner(model_path, device)
 
     def score(images: torch.Tensor) -> tuple:
         if raw:  # one image H x W x 3 per call; already resized by the same rule, so the graph's resize keeps it
-            parts = [
-                session.run(None, {"image": np.ascontiguousarray(image.permute(1, 2, 0).numpy())}) for image in images
-            ]
+            parts = [run(np.ascontiguousarray(image.permute(1, 2, 0).numpy())) for image in images]
             outputs = [np.concatenate(values) for values in zip(*parts)]
         else:
-            outputs = session.run(None, {"image": np.ascontiguousarray(images.numpy())})
-        values = {name: torch.from_numpy(array) for name, array in zip(names, outputs)}
+            outputs = run(np.ascontiguousarray(images.numpy()))
+        values = {name: torch.from_numpy(np.asarray(array)) for name, array in zip(names, outputs)}
         columns = {name: values[name] for name in ("u", "spread", "nearest_distance") if name in values}
         if "nearest_distance" in values and reference is not None:
             columns["unfamiliar"] = values["nearest_distance"] > reference
@@ -238,4 +260,47 @@ def onnx_scorer(onnx_path: str | Path, device: str = "cpu"):
             check_threshold(threshold)
         except ValueError as error:
             raise ValueError(f"{sidecar_file}: {error}") from None
-    return score, image_size, threshold, {"model": str(onnx_path), "providers": session.get_providers()}
+    if reference is not None:
+        description["unfamiliar_reference_distance"] = reference
+    return score, image_size, threshold, {"model": str(model_path), **description}
+
+
+def _onnx_runner(path: Path, device: str):
+    """(input array -> output arrays in the graph's order, description) with onnxruntime."""
+    import onnxruntime
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf
+
+    try:
+        providers = onnx_providers(device, onnxruntime.get_available_providers())
+        session = onnxruntime.InferenceSession(str(path), providers=providers)
+    except (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf) as error:
+        raise ValueError(
+            f"{path} is not a model onnxruntime can load (damaged, or not an ONNX file?): "
+            f"{str(error).strip().splitlines()[0]}"
+        ) from None
+    return (lambda array: session.run(None, {"image": array})), {"providers": session.get_providers()}
+
+
+def _openvino_runner(path: Path, device: str, names: list[str]):
+    """(input array -> output arrays in `names` order, description) with OpenVINO on the CPU, in float32 (its
+    default on CPUs with bf16 instructions would be bf16)."""
+    if (device or "auto").strip().lower() not in ("auto", "cpu"):
+        raise ValueError(f"--device {device}: an OpenVINO model runs on the CPU here (--device cpu or auto)")
+    try:
+        import openvino
+    except ImportError:
+        raise ValueError(f"{path} is an OpenVINO model: pip install openvino") from None
+    try:
+        compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        ports = [compiled.output(name) for name in names]
+    except RuntimeError as error:
+        raise ValueError(
+            f"{path} is not a model OpenVINO can load (damaged, its .bin missing, or not one of cada's?): "
+            f"{str(error).strip().splitlines()[0]}"
+        ) from None
+
+    def run(array: np.ndarray) -> list[np.ndarray]:
+        result = compiled(array)
+        return [result[port] for port in ports]
+
+    return run, {"runtime": f"OpenVINO {openvino.__version__} (CPU, f32)"}

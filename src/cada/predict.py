@@ -42,6 +42,7 @@ OUTPUT_SIZES = ("original", "model")
 # optional third item adds per-image columns to the CSV and JSON (u and spread; the knn aligner's unfamiliar-product
 # signal).
 Scorer = Callable[[torch.Tensor], tuple]
+EXPORTED_SUFFIXES = (".onnx", ".xml")  # cada export: ONNX, OpenVINO IR
 
 
 def colour_map(values: np.ndarray) -> np.ndarray:
@@ -255,7 +256,7 @@ def detector_scorer(detector) -> Scorer:
 
 @dataclass
 class LoadedModel:
-    """What prediction needs of a run folder or an exported .onnx file, at the operating point chosen."""
+    """What prediction needs of a run folder or an exported model, at the operating point chosen."""
 
     scorer: Scorer
     image_size: int
@@ -273,16 +274,16 @@ def load_model(
     device: str = "auto",
     precision: str = "auto",
 ) -> LoadedModel:
-    """A run folder or an exported .onnx file, ready to score on `device` (a run also in `precision`; see
-    cada.engine.device); the threshold is the stored one, or the one at `fpr` over the stored calibration scores,
-    or `threshold` (see cada.operating_point)."""
+    """A run folder or an exported model (.onnx, or OpenVINO's .xml), ready to score on `device` (a run also in
+    `precision`; see cada.engine.device); the threshold is the stored one, or the one at `fpr` over the stored
+    calibration scores, or `threshold` (see cada.operating_point)."""
     target = Path(target)
-    if target.suffix == ".onnx":
-        from cada.export import onnx_scorer, sidecar_path
+    if target.suffix in EXPORTED_SUFFIXES:
+        from cada.export import exported_scorer, sidecar_path
         from cada.threshold import check_calibration
 
-        scorer, image_size, stored, description = onnx_scorer(target, device)
-        sidecar = json.loads(sidecar_path(target).read_text())  # read and checked by onnx_scorer
+        scorer, image_size, stored, description = exported_scorer(target, device)
+        sidecar = json.loads(sidecar_path(target).read_text())  # read and checked by exported_scorer
         try:
             calibration = check_calibration(sidecar.get("calibration"))
         except ValueError as error:
