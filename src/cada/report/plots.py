@@ -50,10 +50,7 @@ def score_distributions(
     drift low when most test images are anomalous): where the normal dots of some class sit above it and
     anomalous dots of another below it, one threshold cannot serve every class.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     classes = sorted(set(class_names))
     aligned = align(_tensor(base_scores), _tensor(u), _tensor(spread)).numpy()
@@ -80,12 +77,7 @@ def score_distributions(
         plt.Line2D([], [], color="black", label="median"),
     ]
     axes[0, 0].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, frameon=False)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
-    plt.close(figure)
-    return path
+    return _save(figure, path, dpi=120)
 
 
 def balanced_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -108,10 +100,7 @@ def loss_curves(rows: list[dict], path: str | Path) -> Path:
     """One PNG, one panel per training stage (cada.engine.log rows): the loss of every step (light) and its
     running mean over 5% of the stage (dark), on a log scale when every loss is positive; the learning rate on
     the right axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     stages = list(dict.fromkeys(row["stage"] for row in rows))
     figure, axes = plt.subplots(1, len(stages), figsize=(5.5 * len(stages), 3.4), squeeze=False)
@@ -131,9 +120,23 @@ def loss_curves(rows: list[dict], path: str | Path) -> Path:
         axis.set_xlabel("step")
         axis.set_ylabel("loss")
         axis.grid(alpha=0.3)
+    return _save(figure, path, dpi=110)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: str | Path, dpi: int) -> Path:
+    """The figure as a PNG at `path` (written atomically), then closed."""
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
-    plt.close(figure)
+    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=dpi, format="png"))
+    _pyplot().close(figure)
     return path
