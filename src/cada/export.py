@@ -12,6 +12,7 @@ ImageNet normalisation happens inside both.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -179,19 +180,26 @@ def _export_raw(detector, path: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="cada-export-") as scratch:
         front_path, model_path = Path(scratch) / "front.onnx", Path(scratch) / "model.onnx"
         height, width = (torch.export.Dim(name, min=2, max=MAX_SIDE) for name in ("height", "width"))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                RawImageFront(detector.settings.image_size),
-                (torch.zeros(97, 131, 3, dtype=torch.uint8),),
-                str(front_path),
-                input_names=["image"],
-                output_names=["resized"],
-                dynamic_shapes={"image": {0: height, 1: width}},
-                opset_version=RAW_OPSET,
-                dynamo=True,
-                verbose=False,
-            )
+        # torch.export logs a harmless note while it reasons about the symbolic image size; users need not see it
+        symbolic = logging.getLogger("torch.utils._sympy.interp")
+        level = symbolic.level
+        symbolic.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    RawImageFront(detector.settings.image_size),
+                    (torch.zeros(97, 131, 3, dtype=torch.uint8),),
+                    str(front_path),
+                    input_names=["image"],
+                    output_names=["resized"],
+                    dynamic_shapes={"image": {0: height, 1: width}},
+                    opset_version=RAW_OPSET,
+                    dynamo=True,
+                    verbose=False,
+                )
+        finally:
+            symbolic.setLevel(level)
         _export_model(detector, model_path, "resized_image")
         front = onnx.load(str(front_path))
         model = version_converter.convert_version(onnx.load(str(model_path)), RAW_OPSET)
