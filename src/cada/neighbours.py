@@ -52,6 +52,7 @@ def nearest_neighbours(
         raise ValueError("nothing to search: the bank is empty (fit the model first)")
     with full_precision(queries.device):
         if torch.jit.is_tracing():
+            assert exclude is None, "leaving groups out is for training-set maps, never exported"
             squares, indices = _nearest_traced(queries.float(), bank, k, chunk or chunk_rows(QUERY_BLOCK, budget_gib))
         else:
             squares, indices = _nearest(queries.float(), bank, k, chunk, budget_gib, exclude)
