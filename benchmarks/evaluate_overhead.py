@@ -33,7 +33,7 @@ def main() -> None:
 
     from cada.api import Detector
     from cada.data.dataset import iterate_batches, load_all
-    from cada.evaluate import collect, results_table
+    from cada.evaluate import collect, detector_results
     from cada.report.html import write_report
     from cada.report.plots import score_distributions
     from cada.workflows import find_split
@@ -60,28 +60,13 @@ def main() -> None:
     outputs = collect(detector, samples, progress=False, cache_dir=cache)
     times["evaluation pass"] = time.perf_counter() - started
 
-    aligners = ("none",) if detector.settings.align == "none" else ("none", detector.settings.align)
     started = time.perf_counter()
-    results = results_table(
-        outputs,
-        detector.settings.method,
-        aligners,
-        detector.thresholds,
-        detector.training_info.get("class_score_stats"),
-    )
+    results = detector_results(detector, outputs)
     times["metrics"] = time.perf_counter() - started
 
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
-        figure = score_distributions(
-            outputs.base_scores,
-            outputs.u,
-            outputs.spread,
-            outputs.labels,
-            outputs.class_names,
-            Path(scratch) / "score_distributions.png",
-            detector.settings.align,
-        )
+        figure = score_distributions(outputs, Path(scratch) / "score_distributions.png", detector.settings.align)
         times["figure"] = time.perf_counter() - started
         started = time.perf_counter()
         write_report(Path(scratch) / "report", results, outputs, detector, [("Image scores per class", figure)])

@@ -355,6 +355,19 @@ def threshold_metrics(
     return {**pooled, **spread}, {**averaged, **spread}, per_class
 
 
+def detector_results(detector, outputs: EvalOutputs) -> dict:
+    """`results_table` of a detector's outputs: its base map and, with an aligner, its aligned map, with the run's
+    thresholds and class-aware oracle."""
+    aligners = ("none",) if detector.settings.align == "none" else ("none", detector.settings.align)
+    return results_table(
+        outputs,
+        detector.settings.method,
+        aligners,
+        detector.thresholds,
+        detector.training_info.get("class_score_stats"),
+    )
+
+
 def results_table(
     outputs: EvalOutputs,
     method: str,

@@ -332,11 +332,11 @@ def evaluate(
     from cada.engine.distributed import is_main, world_size
     from cada.evaluate import (
         collect,
+        detector_results,
         format_decisions,
         format_per_class,
         format_per_product,
         format_table,
-        results_table,
     )
 
     if isinstance(detector, (str, Path)):
@@ -360,14 +360,7 @@ def evaluate(
             pass  # the training data moved or changed layout: nothing to compare with
     started = time.perf_counter()
     outputs = collect(detector, samples, progress=progress, cache_dir=cache_dir, pixel_resolution=pixel_resolution)
-    aligners = ("none",) if detector.settings.align == "none" else ("none", detector.settings.align)
-    results = results_table(
-        outputs,
-        detector.settings.method,
-        aligners,
-        detector.thresholds,
-        detector.training_info.get("class_score_stats"),
-    )
+    results = detector_results(detector, outputs)
     results["meta"] = {
         "data": printable(data),
         "n_test_images": len(outputs.samples),
@@ -397,15 +390,7 @@ def evaluate(
 
         folder = plots_dir or report_dir
         assert folder is not None
-        figure = score_distributions(
-            outputs.base_scores,
-            outputs.u,
-            outputs.spread,
-            outputs.labels,
-            outputs.class_names,
-            folder / "score_distributions.png",
-            detector.settings.align,
-        )
+        figure = score_distributions(outputs, folder / "score_distributions.png", detector.settings.align)
         say(f"wrote {figure}")
         figures.append(("Image scores per class", figure))
         if detector.training_log:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cada.evaluate import EvalOutputs
 from cada.files import atomic_write
 from cada.metrics import auroc
 from cada.scoring import align
@@ -35,16 +36,8 @@ def _strip(
     axis.grid(axis="y", alpha=0.3)
 
 
-def score_distributions(
-    base_scores: np.ndarray,
-    u: np.ndarray,
-    spread: np.ndarray,
-    labels: np.ndarray,
-    class_names: np.ndarray,
-    path: str | Path,
-    align_name: str = "cada",
-) -> Path:
-    """One PNG: top row the base image scores per class, bottom row the aligned ones.
+def score_distributions(outputs: EvalOutputs, path: str | Path, align_name: str = "cada") -> Path:
+    """One PNG of evaluation `outputs`: top row the base image scores per class, bottom row the aligned ones.
 
     The dashed line is the one pooled threshold with the best balanced accuracy (TPR - FPR, Youden's J; F1 would
     drift low when most test images are anomalous): where the normal dots of some class sit above it and
@@ -52,8 +45,9 @@ def score_distributions(
     """
     plt = _pyplot()
 
+    base_scores, labels, class_names = outputs.base_scores, outputs.labels, outputs.class_names
     classes = sorted(set(class_names))
-    aligned = align(_tensor(base_scores), _tensor(u), _tensor(spread)).numpy()
+    aligned = align(_tensor(base_scores), _tensor(outputs.u), _tensor(outputs.spread)).numpy()
     rows = [("base map (no alignment)", base_scores)]
     if align_name != "none":
         rows.append((f"aligned ({align_name})", aligned))
