@@ -298,7 +298,7 @@ class Detector:
                         f"resuming from {checkpoint_dir}: base training finished, continuing with the aligner",
                         flush=True,
                     )
-                base_losses, base_seconds = session.finished["base"]["losses"], session.finished["base"]["seconds"]
+                base_losses, base_seconds = session.losses_of(self.method.name), session.finished["base"]["seconds"]
             else:
                 if session is not None:
                     session.enter("base")
@@ -307,7 +307,7 @@ class Detector:
                 )
                 base_seconds = time.perf_counter() - started
                 if session is not None:
-                    session.finish_stage("base", base_losses, generator, "aligner", seconds=round(base_seconds, 1))
+                    session.finish_stage("base", generator, "aligner", seconds=round(base_seconds, 1))
             if session is not None:
                 session.enter("aligner")
             started = time.perf_counter()

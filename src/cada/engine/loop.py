@@ -177,7 +177,7 @@ class Trainer:
             self.log.append(log_row(name, iteration + 1, loss_value, lr, sampler.global_batch / seconds))
             bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
             if session is not None:
-                session.after_step(iteration + 1, iters, optimizer, scheduler, generator, sampler, losses, stop, scaler)
+                session.after_step(iteration + 1, iters, optimizer, scheduler, generator, sampler, stop, scaler)
         bar.close()
         _sync_buffers(objective)
         return losses

@@ -106,7 +106,8 @@ class Checkpointing:
 
     `modules` holds everything trained (the detector's method and aligner); `settings` (a dict) and `identity`
     (e.g. the number of training images) must match on resume. Stages ("base", "aligner") run in order; a
-    checkpoint records the stage, the step within it and what finished stages left (their losses).
+    checkpoint records the stage, the step within it and what finished stages left; the losses so far are those of
+    the training log it carries (`log`, shared with the Trainer).
     """
 
     def __init__(
@@ -232,7 +233,11 @@ class Checkpointing:
         if is_main():
             print(self.describe(), flush=True)
         self.saved = None  # restored once; later stages start fresh
-        return saved["iteration"], list(saved["losses"])
+        return saved["iteration"], self.losses_of(name)
+
+    def losses_of(self, name: str) -> list[float]:
+        """The losses logged so far by the loop called `name` (a method's name, or an aligner's head)."""
+        return [row["loss"] for row in self.log if row["stage"] == name]
 
     def request_stop(self) -> None:
         """Stop at the next step (after checkpointing it) or the next stop point: what SIGINT/SIGTERM do."""
@@ -264,30 +269,25 @@ class Checkpointing:
         scheduler,
         generator,
         sampler,
-        losses: list[float],
         stop: bool,
         scaler=None,
     ) -> None:
         due = self.every > 0 and done % self.every == 0 and done < iters
         if stop or due:
-            self.write(done, iters, optimizer, scheduler, generator, sampler, losses, scaler)
+            self.write(done, iters, optimizer, scheduler, generator, sampler, scaler)
         if stop:
             raise TrainingInterrupted(
                 f"training stopped at {self.stage} step {done} of {iters}; checkpoint in {self.folder}. "
                 f"Resume with: {self.resume_hint or 'the same command'} --resume"
             )
 
-    def finish_stage(
-        self, stage: str, losses: list[float], generator: torch.Generator, next_stage: str, **info
-    ) -> None:
+    def finish_stage(self, stage: str, generator: torch.Generator, next_stage: str, **info) -> None:
         """Record a finished stage and checkpoint the start of the next one."""
-        self.finished[stage] = {"losses": losses, **info}
+        self.finished[stage] = info
         self.stage = next_stage
-        self.write(0, 0, None, None, generator, None, [])
+        self.write(0, 0, None, None, generator, None)
 
-    def write(
-        self, done: int, iters: int, optimizer, scheduler, generator, sampler, losses: list[float], scaler=None
-    ) -> None:
+    def write(self, done: int, iters: int, optimizer, scheduler, generator, sampler, scaler=None) -> None:
         """Rank 0 writes the checkpoint (one atomic file, then a readable JSON copy); the others wait for it."""
         if is_main():
             tensors = {f"model/{key}": value for key, value in self.modules.state_dict().items()}
@@ -309,7 +309,6 @@ class Checkpointing:
                 "stage": self.stage,
                 "iteration": done,
                 "total": iters,
-                "losses": losses,
                 "finished": self.finished,
                 "optimizer": structure,
                 "scheduler": None if scheduler is None else {"last_epoch": scheduler.last_epoch},
@@ -323,8 +322,8 @@ class Checkpointing:
                 self.folder / STATE_TENSORS,  # the commit point
                 lambda path: save_file(tensors, str(path), metadata={"format": RESUME_FORMAT, "state": text}),
             )
-            readable = {key: value for key, value in state.items() if key not in ("losses", "finished", "log")}
-            readable["n_losses"] = len(losses)
+            readable = {key: value for key, value in state.items() if key not in ("finished", "log")}
+            readable["logged_steps"] = len(self.log)
             readable["finished_stages"] = sorted(self.finished)
             atomic_write(self.folder / STATE_JSON, json.dumps(readable, indent=2) + "\n")
         if is_distributed():
