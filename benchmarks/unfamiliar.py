@@ -35,13 +35,14 @@ def main() -> None:
     detector = Detector.load(args.run)
     size = detector.settings.image_size
     train, held_out = split_holdout(find_split(args.data, "train", quiet=True), args.holdout, detector.settings.seed)
-    features, statistics = detector.training_statistics(load_all(train, size)[0])
+    resize = detector.settings.resize
+    features, statistics = detector.training_statistics(load_all(train, size, resize=resize)[0])
     detector.aligner = create_aligner("knn", detector.method.align_channels, detector.settings.aligner)
     detector.aligner.fit(features, statistics, detector.settings.aligner, torch.Generator().manual_seed(0))
     reference = float(detector.aligner.reference_distance)
 
     def distances(samples) -> torch.Tensor:
-        images = load_all(samples, size)[0]
+        images = load_all(samples, size, resize=resize)[0]
         return torch.cat(
             [detector.aligner.nearest_distance(detector.infer(batch).align_features) for batch in images.split(16)]
         )

@@ -85,7 +85,7 @@ class Ablation:
         """`calibration_samples`: held-out normal images whose outputs are cached too, to calibrate thresholds."""
         started = time.perf_counter()
         self.detector = detector
-        images, kept = load_all(train_samples, detector.settings.image_size)
+        images, kept = load_all(train_samples, detector.settings.image_size, resize=detector.settings.resize)
         trained_on = detector.training_info.get("n_images")
         if trained_on is not None and trained_on != len(images):
             # the training-set maps must be of the very images the base was fitted on (PatchCore leaves each

@@ -67,16 +67,18 @@ ACCEPTED_IMAGES = (
 )
 
 
-def check_images(images, image_size: int) -> torch.Tensor:
+def check_images(images, image_size: int, resize: str = "squash") -> torch.Tensor:
     """What the Detector accepts as images -> uint8 N x 3 x S x S (S = image_size), as scikit-learn's check_array.
 
     Accepted: ACCEPTED_IMAGES. Float images must be finite and in [0, 1] (scaled to 0-255); integer images in
-    0-255. File paths (a str/Path or a list of them) are decoded and resized exactly as training does; arrays are
-    not resized: another size than the run's is refused. ValueError saying what is wrong otherwise.
+    0-255. File paths (a str/Path or a list of them) are decoded and resized exactly as training does (`resize`:
+    the run's squash or letterbox); arrays are not resized: another size than the run's is refused. ValueError
+    saying what is wrong otherwise.
     """
     if _is_paths(images):
         paths = [images] if isinstance(images, (str, Path)) else list(images)
-        return load_all([Sample(Path(path), 0, "") for path in paths], image_size, strict=True, cache_dir=None)[0]
+        samples = [Sample(Path(path), 0, "") for path in paths]
+        return load_all(samples, image_size, strict=True, cache_dir=None, resize=resize)[0]
     if isinstance(images, np.ndarray):
         if images.dtype == object or not (np.issubdtype(images.dtype, np.number) or images.dtype == bool):
             raise ValueError(f"images must be numeric arrays, got dtype {images.dtype}; accepted: {ACCEPTED_IMAGES}")
@@ -127,11 +129,12 @@ def _is_paths(images) -> bool:
     )
 
 
-def _batches(images, image_size: int, batch_size: int = 16) -> Iterable[torch.Tensor]:
+def _batches(images, settings: Settings, batch_size: int = 16) -> Iterable[torch.Tensor]:
     """Checked uint8 batches (see check_images) of one batch, file paths, or an iterable of batches."""
+    size, resize = settings.image_size, settings.resize
     if isinstance(images, (torch.Tensor, np.ndarray)) or _is_paths(images) or not hasattr(images, "__iter__"):
-        return check_images(images, image_size).split(batch_size)  # not iterable: check_images says what is wrong
-    return (check_images(batch, image_size) for batch in images)
+        return check_images(images, size, resize).split(batch_size)  # not iterable: check_images says what's wrong
+    return (check_images(batch, size, resize) for batch in images)
 
 
 def data_fingerprint(samples: Sequence[Sample], images: torch.Tensor, root=None) -> str:
@@ -277,7 +280,7 @@ class Detector:
             raise ValueError("resuming needs the checkpoint folder (checkpoint_dir)")
         settings = self.settings
         samples, held_out = split_holdout(samples, holdout, settings.seed)
-        images, samples = load_all(samples, settings.image_size, cache_dir=cache_dir)
+        images, samples = load_all(samples, settings.image_size, cache_dir=cache_dir, resize=settings.resize)
         base_schedule = settings.base.resolved(len(images), world_size())
         if on_start is not None:
             on_start(len(images), base_schedule.iterations(len(images)))
@@ -347,7 +350,9 @@ class Detector:
             "peak_device_memory_gib": None if peak is None else round(peak, 2),
         }
         if held_out:
-            held_out_images, held_out = load_all(held_out, settings.image_size, cache_dir=cache_dir)
+            held_out_images, held_out = load_all(
+                held_out, settings.image_size, cache_dir=cache_dir, resize=settings.resize
+            )
             self.calibrate(
                 held_out_images, fpr, source=f"{len(held_out)} training images held out ({holdout:.0%} per class)"
             )
@@ -410,7 +415,7 @@ class Detector:
 
     def _all_scores(self, images) -> tuple[np.ndarray, np.ndarray]:
         base, aligned = [], []
-        for batch in _batches(images, self.settings.image_size):
+        for batch in _batches(images, self.settings):
             result = self.infer(batch)
             base.append(result.base_scores)
             aligned.append(result.aligned_scores)
@@ -480,7 +485,7 @@ class Detector:
         maps, u, spread, features = infer_maps(
             self.method,
             self.aligner,
-            check_images(images, self.settings.image_size),
+            check_images(images, self.settings.image_size, self.settings.resize),
             self.settings.smoothing_sigma,
             class_names,
             self.precision,
@@ -494,7 +499,7 @@ class Detector:
         paths (decoded and resized as in training), or an iterable of batches. See check_images."""
         self._require_fitted("predict")
         scores, maps = [], []
-        for batch in _batches(images, self.settings.image_size, batch_size):
+        for batch in _batches(images, self.settings, batch_size):
             result = self.infer(batch)
             scores.append(result.aligned_scores)
             maps.append(result.aligned_maps)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from cada.config import Settings
+from cada.config import RESIZE_MODES, Settings
 from cada.files import check_output, os_error, printable, write_json
 from cada.registry import ALIGNERS, METHODS
 from cada.workflows import (
@@ -147,16 +147,16 @@ def cmd_calibrate(args) -> int:
 
     detector = Detector.load(args.run, device=args.device, precision=args.precision)
     previous = detector.calibration
-    size = detector.settings.image_size
+    size, resize = detector.settings.image_size, detector.settings.resize
     if args.val:
         samples = find_split(args.val, "test", args.format)
-        images, samples = load_all(samples, size, cache_dir=_cache_dir(args))
+        images, samples = load_all(samples, size, cache_dir=_cache_dir(args), resize=resize)
         detector.calibrate_f1(
             images, [s.label for s in samples], source=f"{len(samples)} labelled images of {args.val}"
         )
     else:
         samples = folder_samples(normal=args.normal)
-        images, samples = load_all(samples, size, cache_dir=_cache_dir(args))
+        images, samples = load_all(samples, size, cache_dir=_cache_dir(args), resize=resize)
         detector.calibrate(images, args.fpr, source=f"{len(samples)} normal images in {', '.join(args.normal)}")
     update_config(args.run, calibration=detector.calibration)  # the weights stay as they are
     calibration = detector.calibration
@@ -232,6 +232,7 @@ def cmd_predict(args) -> int:
         not args.quiet,
         model.description,
         args.output_size,
+        model.resize,
     )
     if not is_main():
         return 0
@@ -534,6 +535,12 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", help="encoder name (default: the preset's)")
     parser.add_argument("--weights", help="local encoder weights file (.pth or .safetensors)")
     parser.add_argument("--image-size", type=int)
+    parser.add_argument(
+        "--resize",
+        choices=RESIZE_MODES,
+        help="how images fit the square input: squash (each axis resized; the default) or letterbox (aspect ratio "
+        "kept, padded); recorded in the run and used for all its predictions",
+    )
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--iters", type=positive_int, help="base training iterations (default: the preset's)")
     length.add_argument(

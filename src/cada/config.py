@@ -92,11 +92,17 @@ class AlignTraining:
     neighbours: int = 20  # measured: 20 >= 10 >= 5 in pooled I-AUROC on realmix, realmix-extra and their mix
 
 
+RESIZE_MODES = ("squash", "letterbox")  # see cada.data.resize
+
+
 @dataclass
 class Settings:
     method: str = "revdist"
     backbone: str = "wide_resnet50_2"
     image_size: int = 256
+    # How an image fits the image_size square (cada.data.resize): "squash" (each axis resized) or "letterbox"
+    # (aspect ratio kept, padded). Training, evaluation, prediction and export all use the run's.
+    resize: str = "squash"
     # knn (k = 20) by measurement with the cpu preset's base on realmix, realmix-extra and their 6-product mix
     # (benchmarks/aligners.py, README); the paper's own aligner is `cada`, for reproduction.
     align: str = "knn"
@@ -159,6 +165,8 @@ class Settings:
                     f"{name} must be a {getattr(options, '__name__', 'registered options')} block, got {block!r}"
                 )
             _check_fields(block, name + ".")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
         if self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32 in {RANGES['image_size']}, got {self.image_size}")
         if ALIGNERS[self.align].extra.get("trained") and self.aligner.iters < 1:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from cada.align.class_aware import oracle_alignment
 from cada.data.dataset import iterate_batches, original_mask
 from cada.data.mvtec import Sample
+from cada.data.resize import crop_to_content
 from cada.engine.distributed import batch_shard, is_distributed, is_main, world_size
 from cada.metrics import HEADERS, METRICS, binary_metrics, distributed_pixel_metrics, pixel_metrics
 from cada.scoring import align
@@ -55,6 +56,7 @@ class EvalOutputs:
     # Pixel metrics at the ground truth's own resolution: per image (height, width) and anomalous pixel count.
     original_sizes: np.ndarray | None = None  # N x 2
     original_anomalous: np.ndarray | None = None  # N
+    resize: str = "squash"  # how the images were fitted to the maps' square (cada.data.resize): read when upsampling
 
     @property
     def labels(self) -> np.ndarray:
@@ -88,7 +90,7 @@ class EvalOutputs:
         """Pixel metrics of the images at `index` (all with masks); maps aligned by (u, spread) if `aligned`."""
         alignment = (u, spread) if aligned else ()
         if self.original_sizes is not None:
-            maps = _OriginalMaps(self.maps, index, self.original_sizes[index], *alignment)
+            maps = _OriginalMaps(self.maps, index, self.original_sizes[index], self.resize, *alignment)
             return pixel_metrics(maps, _OriginalMasks([self.samples[i] for i in index]), fpr_limit)
         return pixel_metrics(_Rows(self.maps, index, *alignment), _Rows(self.masks, index), fpr_limit)
 
@@ -124,7 +126,12 @@ def collect(
     kept: list[int] = []
     maps, masks, has_mask, scores, u, spread, features = [], [], [], [], [], [], []
     batches = iterate_batches(
-        mine, detector.settings.image_size, batch_size, cache_dir=cache_dir, pin_memory=detector.device.type == "cuda"
+        mine,
+        detector.settings.image_size,
+        batch_size,
+        cache_dir=cache_dir,
+        pin_memory=detector.device.type == "cuda",
+        resize=detector.settings.resize,
     )
     with tqdm(total=len(samples), desc="evaluating", disable=not (progress and is_main()), leave=False) as bar:
         for batch in batches:
@@ -159,6 +166,7 @@ def collect(
             spread=torch.cat(spread).numpy(),
             align_features=torch.cat(features) if keep_features else None,
         )
+    outputs.resize = detector.settings.resize
     if pixel_resolution == "original":
         sizes, counts = [], []
         for sample in tqdm(outputs.samples, desc="reading masks", disable=not progress, leave=False):
@@ -260,20 +268,22 @@ class _Rows:
 
 
 class _OriginalMaps:
-    """Images `index` of the S x S maps, aligned if (u, spread) are given, bilinearly upsampled to each one's
-    original (height, width) when read: one image at a time (see cada.metrics.pixel_metrics)."""
+    """Images `index` of the S x S maps, aligned if (u, spread) are given, cropped to the image (a letterbox's
+    padding off) and bilinearly upsampled to each one's original (height, width) when read: one image at a time
+    (see cada.metrics.pixel_metrics)."""
 
-    def __init__(self, maps: torch.Tensor, index: np.ndarray, sizes: np.ndarray, u=None, spread=None):
-        self.maps, self.index, self.sizes, self.u, self.spread = maps, index, sizes, u, spread
+    def __init__(self, maps: torch.Tensor, index: np.ndarray, sizes: np.ndarray, resize: str, u=None, spread=None):
+        self.maps, self.index, self.sizes, self.resize, self.u, self.spread = maps, index, sizes, resize, u, spread
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        small = self.maps[self.index[i]][None, None]
+        height, width = self.sizes[i].tolist()
+        small = crop_to_content(self.maps[self.index[i]], width, height, self.resize)[None, None]
         if self.u is not None:
             small = align(small, self.u[i : i + 1], self.spread[i : i + 1])
-        return F.interpolate(small, size=tuple(self.sizes[i].tolist()), mode="bilinear", align_corners=False)[0, 0]
+        return F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
 
 
 class _OriginalMasks:

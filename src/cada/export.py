@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from cada.data.dataset import IMAGENET_MEAN, IMAGENET_STD
-from cada.data.resize import resize_uint8
+from cada.data.resize import PAD_RGB, resize_uint8
 from cada.files import atomic_write
 from cada.inference import infer_maps
 from cada.scoring import align, image_score
@@ -34,6 +34,11 @@ INPUTS = ("resized", "raw")
 RESIZE_RULE = (
     "Pillow's bilinear filter (antialiased when shrinking), horizontal pass then vertical, each rounded to 8 bits "
     "(cada.data.resize)"
+)
+SQUASH_RULE = "squash: each axis resized to image_size"
+LETTERBOX_RULE = (
+    f"letterbox: the long side resized to image_size, the short one to round(short x image_size / long) (half up, at "
+    f"least 1), centred (offsets rounded down) on an image_size square of RGB {PAD_RGB}"
 )
 MAX_SIDE = 2**15  # the raw graph's largest accepted image side
 
@@ -63,14 +68,15 @@ class ExportedDetector(nn.Module):
 
 
 class RawImageFront(nn.Module):
-    """One RGB image H x W x 3 uint8 -> the model's input 1 x 3 x S x S, resized by cada's rule."""
+    """One RGB image H x W x 3 uint8 -> the model's input 1 x 3 x S x S, resized by cada's rule (squashed or
+    letterboxed, as the run was trained)."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, mode: str):
         super().__init__()
-        self.size = size
+        self.size, self.mode = size, mode
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return resize_uint8(image.permute(2, 0, 1), self.size).unsqueeze(0)
+        return resize_uint8(image.permute(2, 0, 1), self.size, self.mode).unsqueeze(0)
 
 
 def sidecar_path(onnx_path: str | Path) -> Path:
@@ -136,6 +142,7 @@ def _write_sidecar(detector, out: Path, input: str) -> None:
         "preprocessing": {
             "image_size": size,
             **layout,
+            "fit": LETTERBOX_RULE if detector.settings.resize == "letterbox" else SQUASH_RULE,
             "channels": "RGB",
             "dtype": "uint8",
             "normalisation_inside_graph": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
@@ -188,7 +195,7 @@ def _export_raw(detector, path: Path) -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
-                    RawImageFront(detector.settings.image_size),
+                    RawImageFront(detector.settings.image_size, detector.settings.resize),
                     (torch.zeros(97, 131, 3, dtype=torch.uint8),),
                     str(front_path),
                     input_names=["image"],

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from cada.data.dataset import BadImageError, image_size_of, iterate_batches, rgb_array
 from cada.data.folder import image_files
 from cada.data.mvtec import Sample
+from cada.data.resize import crop_to_content
 from cada.engine.distributed import batch_shard, is_main, world_size
 from cada.files import atomic_write, printable
 from cada.operating_point import choose_threshold, without_scores
@@ -118,11 +119,14 @@ def predict_paths(
     progress: bool = True,
     description: dict | None = None,
     output_size: str = "original",
+    resize: str = "squash",
 ) -> dict:
-    """Score every image under `paths`; write the CSV, the JSON and (optionally) overlays and masks to `out`.
+    """Score every image under `paths` (fitted to image_size by `resize`, the run's; see cada.data.resize); write
+    the CSV, the JSON and (optionally) overlays and masks to `out`.
 
     Rows carry each image's own width and height. Overlays and masks are written at that size (output_size
-    "original": the map upsampled bilinearly, the overlay over the image as read) or at the model's (`model`)."""
+    "original": the map, cropped to the image, upsampled bilinearly; the overlay over the image as read) or at the
+    model's (`model`: over the model's input, a letterbox's padding included)."""
     if output_size not in OUTPUT_SIZES:
         raise ValueError(f"output size must be one of {', '.join(OUTPUT_SIZES)}, got {output_size!r}")
     files = image_files(paths)
@@ -146,7 +150,7 @@ def predict_paths(
     ):
         warnings.simplefilter("always")
         # No image cache: production images are seen once, caching them would only fill the disk.
-        for batch in iterate_batches(samples, image_size, batch_size, cache_dir=None):
+        for batch in iterate_batches(samples, image_size, batch_size, cache_dir=None, resize=resize):
             scores, maps, *extra = scorer(batch["image"])
             columns = extra[0] if extra else {}
             for position, local in enumerate(batch["index"].tolist()):
@@ -170,7 +174,11 @@ def predict_paths(
                     name = names[index]
                     if output_size == "original":
                         picture, mask = full_size_outputs(
-                            maps[position], height, width, original, threshold if masks else None
+                            crop_to_content(maps[position], width, height, resize),
+                            height,
+                            width,
+                            original,
+                            threshold if masks else None,
                         )
                     else:
                         aligned_map = maps[position].numpy()
@@ -260,6 +268,7 @@ class LoadedModel:
 
     scorer: Scorer
     image_size: int
+    resize: str  # how images fit image_size (cada.data.resize)
     threshold: float | None
     threshold_source: str | None  # where the threshold comes from, in words (None: no threshold)
     calibration: dict | None  # as stored, without the calibration scores
@@ -297,11 +306,13 @@ def load_model(
                 "source": "its threshold field, set by hand",
             }
         settings, where = sidecar.get("settings"), f"in {sidecar_path(target).name}"
+        resize = (settings or {}).get("resize", "squash")
     else:
         from cada.api import Detector
 
         detector = Detector.load(target, device=device, precision=precision)
         scorer, image_size, calibration = detector_scorer(detector), detector.settings.image_size, detector.calibration
+        resize = detector.settings.resize
         description = {"run": str(target)}
         reference = getattr(detector.aligner, "reference_distance", None)
         if reference is not None:  # an aligner with an unfamiliar-product signal (knn)
@@ -309,4 +320,4 @@ def load_model(
         settings, where = detector.settings.to_dict(), "in the run"
     chosen, source = choose_threshold(calibration, fpr, threshold, where)
     description["threshold_source"] = source
-    return LoadedModel(scorer, image_size, chosen, source, without_scores(calibration), description, settings)
+    return LoadedModel(scorer, image_size, resize, chosen, source, without_scores(calibration), description, settings)

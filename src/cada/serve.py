@@ -36,7 +36,7 @@ from PIL import Image
 
 from cada import __version__
 from cada.data.dataset import BadImageError, max_image_pixels, rgb_array
-from cada.data.resize import resize_rgb
+from cada.data.resize import crop_to_content, resize_rgb
 from cada.predict import LoadedModel, full_size_outputs
 from cada.serve_page import PAGE
 
@@ -70,6 +70,7 @@ class Service:
             "cada_version": __version__,
             "model": self.source,
             "image_size": model.image_size,
+            "resize": model.resize,
             "threshold": model.threshold,
             "threshold_source": model.threshold_source,
             "decision": "anomalous when score >= threshold",
@@ -96,7 +97,7 @@ class Service:
                     rgb = rgb_array(io.BytesIO(data), name)
                 except BadImageError as error:
                     raise RequestError(400, str(error)) from None
-                inputs.append(resize_rgb(rgb, size))
+                inputs.append(resize_rgb(rgb, size, self.model.resize))
                 pictures.append(_small(rgb) if overlays else None)
                 sizes.append(rgb.shape[:2])
                 del rgb  # only the model's input (and a bounded overlay picture) is kept
@@ -118,7 +119,9 @@ class Service:
             }
             picture = pictures[i]
             if picture is not None:
-                row["overlay_png"] = base64.b64encode(_overlay_png(picture, maps[i])).decode("ascii")
+                height, width = sizes[i]
+                aligned_map = crop_to_content(maps[i], width, height, self.model.resize)
+                row["overlay_png"] = base64.b64encode(_overlay_png(picture, aligned_map)).decode("ascii")
             predictions.append(row)
         return {"threshold": threshold, "threshold_source": self.model.threshold_source, "predictions": predictions}
 

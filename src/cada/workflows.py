@@ -32,6 +32,7 @@ SETTING_OPTIONS = (
     "seed",
     "backbone",
     "image_size",
+    "resize",
     "iters",
     "epochs",
     "align_iters",
@@ -106,6 +107,7 @@ def make_settings(
     seed: int | None = None,
     backbone: str | None = None,
     image_size: int | None = None,
+    resize: str | None = None,
     iters: int | None = None,
     epochs: float | None = None,
     align_iters: int | None = None,
@@ -134,6 +136,8 @@ def make_settings(
         data["backbone"] = backbone
     if image_size is not None:
         data["image_size"] = image_size
+    if resize is not None:
+        data["resize"] = resize
     if iters is not None:
         data["base"].update(iters=iters, epochs=None)
     if epochs is not None:
@@ -260,7 +264,8 @@ def train(
                 f"over {n_images} images"
             )
             _say(
-                f"training {settings.method} ({settings.backbone}, {settings.image_size}px, {schedule}) "
+                f"training {settings.method} ({settings.backbone}, {settings.image_size}px"
+                f"{', letterboxed' if settings.resize == 'letterbox' else ''}, {schedule}) "
                 f"+ aligner {settings.align} on all classes of {data} mixed{processes}, on "
                 f"{device_name(detector.device)} in {detector.precision_name}"
             )
@@ -366,6 +371,7 @@ def evaluate(
         "n_test_images": len(outputs.samples),
         "backbone": detector.settings.backbone,
         "image_size": detector.settings.image_size,
+        "resize": detector.settings.resize,
         "pixel_resolution": pixel_resolution,
         "evaluate_seconds": round(time.perf_counter() - started, 1),
         "device": device_name(detector.device),

@@ -15,7 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cada.data.cache import open_cache
 from cada.data.mvtec import Sample
-from cada.data.resize import resize_rgb
+from cada.data.resize import content_box, resize_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -133,14 +133,16 @@ def rgb_array(path: str | Path | BinaryIO, name: str | None = None) -> np.ndarra
         raise BadImageError(f"cannot read image {label}: {error}") from None
 
 
-def load_image(path: str | Path, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """uint8 tensor 3 x size x size (`cada.data.resize`'s rule) and the original (width, height)."""
+def load_image(path: str | Path, size: int, resize: str = "squash") -> tuple[torch.Tensor, tuple[int, int]]:
+    """uint8 tensor 3 x size x size (`cada.data.resize`'s rule, squashed or letterboxed) and the original
+    (width, height)."""
     rgb = rgb_array(path)
-    return resize_rgb(rgb, size), (rgb.shape[1], rgb.shape[0])
+    return resize_rgb(rgb, size, resize), (rgb.shape[1], rgb.shape[0])
 
 
-def load_mask(path: str | Path, size: int, image_size: tuple[int, int]) -> torch.Tensor:
-    """bool tensor size x size, anomalous where the mask file is > 0 (nearest resize).
+def load_mask(path: str | Path, size: int, image_size: tuple[int, int], resize: str = "squash") -> torch.Tensor:
+    """bool tensor size x size, anomalous where the mask file is > 0 (nearest resize; placed as its image is by
+    `resize`, the letterbox's padding normal).
 
     A mask of another resolution than its image is accepted when its aspect ratio matches (it is resized
     like the image); otherwise it cannot be the image's mask and we say so.
@@ -153,8 +155,11 @@ def load_mask(path: str | Path, size: int, image_size: tuple[int, int]) -> torch
                 f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image is {image_size[0]}x{image_size[1]}: "
                 "the aspect ratios differ, so it cannot be this image's mask"
             )
-    binary = Image.fromarray(_binary(mask).astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)
-    return torch.from_numpy(np.array(binary) > 0)
+    left, top, width, height = content_box(*image_size, size, resize)
+    binary = Image.fromarray(_binary(mask).astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)
+    placed = torch.zeros(size, size, dtype=torch.bool)
+    placed[top : top + height, left : left + width] = torch.from_numpy(np.array(binary) > 0)
+    return placed
 
 
 def _binary(mask: Image.Image) -> np.ndarray:
@@ -191,12 +196,16 @@ def normalize(images: torch.Tensor, device: torch.device | str | None = None) ->
 class ImageSet(torch.utils.data.Dataset):
     """Samples -> dict(image uint8, mask bool, has_mask, index). A bad file yields an `error` entry instead.
 
-    cache_dir: 'auto' (the default folder, see cada.data.cache), a folder, or None for no cache.
+    cache_dir: 'auto' (the default folder, see cada.data.cache), a folder, or None for no cache. resize: how an
+    image fits the size x size input (cada.data.resize).
     """
 
-    def __init__(self, samples: Sequence[Sample], size: int, cache_dir: str | Path | None = "auto"):
+    def __init__(
+        self, samples: Sequence[Sample], size: int, cache_dir: str | Path | None = "auto", resize: str = "squash"
+    ):
         self.samples = list(samples)
         self.size = size
+        self.resize = resize
         self.cache = open_cache(cache_dir)
 
     def __len__(self) -> int:
@@ -204,18 +213,20 @@ class ImageSet(torch.utils.data.Dataset):
 
     def _decode(self, sample: Sample) -> np.ndarray:
         """4 x size x size uint8: RGB and the 0/1 mask (zeros when there is no mask file)."""
-        image, original_size = load_image(sample.path, self.size)
+        image, original_size = load_image(sample.path, self.size, self.resize)
         both = np.zeros((4, self.size, self.size), np.uint8)
         both[:3] = image.numpy()
         if sample.mask_path is not None:
-            both[3] = load_mask(sample.mask_path, self.size, original_size).numpy()
+            both[3] = load_mask(sample.mask_path, self.size, original_size, self.resize).numpy()
         return both
 
     def _load(self, sample: Sample) -> np.ndarray:
         if self.cache is None:
             return self._decode(sample)
         try:
-            key = self.cache.key([sample.path, sample.mask_path], f"size={self.size}")
+            # Squashed entries keep the key they had before letterboxing existed.
+            settings = f"size={self.size}" + ("" if self.resize == "squash" else f"|resize={self.resize}")
+            key = self.cache.key([sample.path, sample.mask_path], settings)
         except OSError:
             return self._decode(sample)  # unreadable: decoding reports it with its path
         stored = self.cache.get(key, (4, self.size, self.size))
@@ -263,6 +274,7 @@ def iterate_batches(
     strict: bool = False,
     cache_dir: str | Path | None = "auto",
     pin_memory: bool = False,
+    resize: str = "squash",
 ) -> Iterator[dict]:
     """Batches of decoded images in sample order; decoding overlaps compute in `workers` processes. With
     `pin_memory` (for a CUDA device) the batches are in page-locked memory, so their copy to the GPU overlaps.
@@ -272,7 +284,7 @@ def iterate_batches(
     """
     max_image_pixels()  # a bad $CADA_MAX_IMAGE_PIXELS is one error here, not a skipped file per image
     loader = torch.utils.data.DataLoader(
-        ImageSet(samples, size, cache_dir),
+        ImageSet(samples, size, cache_dir, resize),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -289,12 +301,20 @@ def iterate_batches(
 
 
 def load_all(
-    samples: Sequence[Sample], size: int, strict: bool = False, cache_dir: str | Path | None = "auto", workers: int = 1
+    samples: Sequence[Sample],
+    size: int,
+    strict: bool = False,
+    cache_dir: str | Path | None = "auto",
+    workers: int = 1,
+    resize: str = "squash",
 ) -> tuple[torch.Tensor, list[Sample]]:
     """All images as one uint8 tensor N x 3 x size x size (for training sets), with the samples kept."""
     images: list[torch.Tensor] = []
     kept: list[Sample] = []
-    for batch in iterate_batches(samples, size, batch_size=32, workers=workers, strict=strict, cache_dir=cache_dir):
+    batches = iterate_batches(
+        samples, size, batch_size=32, workers=workers, strict=strict, cache_dir=cache_dir, resize=resize
+    )
+    for batch in batches:
         images.append(batch["image"])
         kept.extend(samples[i] for i in batch["index"].tolist())
     if not images:

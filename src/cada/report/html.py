@@ -100,7 +100,7 @@ def _per_class_table(results: dict) -> str:
 def _tile(outputs: EvalOutputs, index: int, size: int) -> np.ndarray:
     """Image | heatmap overlay (fixed aligned scale) | ground-truth mask, side by side."""
     sample = outputs.samples[index]
-    image = load_image(sample.path, size)[0].permute(1, 2, 0).numpy()
+    image = load_image(sample.path, size, outputs.resize)[0].permute(1, 2, 0).numpy()
     u, spread = (torch.from_numpy(values[index : index + 1]) for values in (outputs.u, outputs.spread))
     aligned_map = align(outputs.maps[index : index + 1], u, spread)[0]
     mask = outputs.masks[index].numpy()
