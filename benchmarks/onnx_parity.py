@@ -60,7 +60,7 @@ def main() -> None:
         for sample in samples:
             rgb = rgb_array(sample.path)
             sizes.add(rgb.shape[:2])
-            resized = resize_rgb(rgb, detector.settings.image_size, detector.settings.resize)[None]
+            resized = resize_rgb(rgb, detector.settings.input_size, detector.settings.resize)[None]
             scores["PyTorch"].append(float(detector.predict(resized).scores[0]))
             for label, path in models.items():
                 raw = label.endswith("raw")

@@ -33,7 +33,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     detector = Detector.load(args.run)
-    size = detector.settings.image_size
+    size = detector.settings.input_size
     train, held_out = split_holdout(find_split(args.data, "train", quiet=True), args.holdout, detector.settings.seed)
     resize = detector.settings.resize
     features, statistics = detector.training_statistics(load_all(train, size, resize=resize)[0])

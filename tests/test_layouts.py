@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import cada.data.dataset as dataset
+from cada.config import Settings
 from cada.data import (
     BadImageError,
     Sample,
@@ -164,20 +165,16 @@ def test_auto_picks_each_layout_and_reads_it_like_mvtec(trees, layout):
 class _StubDetector:
     """Anomaly map = image brightness; enough to run the real evaluation code on each layout."""
 
-    settings = SimpleNamespace(image_size=SIZE)
+    settings = Settings(image_size=SIZE)
     device = torch.device("cpu")
     aligner = SimpleNamespace(needs_class_names=False)
 
     def infer(self, images, class_names=None):
+        from cada.inference import BatchResult
+
         maps = images.float().mean(dim=1) / 255
         n = len(images)
-        return SimpleNamespace(
-            maps=maps,
-            base_scores=maps.flatten(1).amax(dim=1),
-            u=torch.zeros(n),
-            spread=torch.ones(n),
-            align_features=torch.zeros(n, 1, 1, 1),
-        )
+        return BatchResult(maps, maps.flatten(1).amax(dim=1), torch.zeros(n), torch.ones(n), torch.zeros(n, 1, 1, 1))
 
 
 def test_evaluation_numbers_are_the_same_in_every_layout(trees):

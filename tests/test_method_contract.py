@@ -9,7 +9,7 @@ from cada import Detector
 from cada.align import create_aligner
 from cada.data.dataset import normalize
 from cada.engine import Trainer, make_optimizer
-from cada.inference import infer_maps
+from cada.inference import infer
 from cada.methods import METHODS, BaseMethod, create_method
 
 from helpers import assert_save_load_bit_exact, square_means, tiny_preset
@@ -120,7 +120,8 @@ def test_training_and_inference_keep_every_tensor_on_the_device(name, images):
     model.eval()
     aligner = create_aligner("cada", model.align_channels, settings.aligner).to("meta")
     with torch.no_grad():
-        maps, u, spread, features = infer_maps(model, aligner, images[:2], settings.smoothing_sigma)
+        result = infer(model, aligner, images[:2], settings)
+        maps, u, spread, features = result.maps, result.u, result.spread, result.align_features
         training = model.training_output(normalize(images[:2], "meta"), torch.arange(2, device="meta"))
     assert maps.device.type == u.device.type == spread.device.type == training.anomaly_map.device.type == "meta"
     assert maps.shape == training.anomaly_map.shape == (2, 64, 64) and u.shape == spread.shape == (2,)

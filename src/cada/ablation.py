@@ -85,6 +85,10 @@ class Ablation:
         """`calibration_samples`: held-out normal images whose outputs are cached too, to calibrate thresholds."""
         started = time.perf_counter()
         self.detector = detector
+        if detector.settings.tile > 1:
+            raise ValueError(
+                "ablations re-fit aligners on one view per image; a tiled run (tile > 1) has several: not supported"
+            )
         images, kept = load_all(train_samples, detector.settings.image_size, resize=detector.settings.resize)
         trained_on = detector.training_info.get("n_images")
         if trained_on is not None and trained_on != len(images):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cada import checkpoint
+from cada import checkpoint, tiles
 from cada.align import Aligner, create_aligner
 from cada.align.base import SCORE, map_statistics
 from cada.align.class_aware import class_score_statistics
@@ -36,9 +36,8 @@ from cada.engine.log import (
     write_tensorboard,
 )
 from cada.files import atomic_write
-from cada.inference import infer_maps
+from cada.inference import BatchResult, infer
 from cada.methods import BaseMethod, create_method
-from cada.scoring import align, image_score
 from cada.threshold import check_calibration, threshold_at_fpr, threshold_f1
 
 
@@ -131,7 +130,7 @@ def _is_paths(images) -> bool:
 
 def _batches(images, settings: Settings, batch_size: int = 16) -> Iterable[torch.Tensor]:
     """Checked uint8 batches (see check_images) of one batch, file paths, or an iterable of batches."""
-    size, resize = settings.image_size, settings.resize
+    size, resize = settings.input_size, settings.resize
     if isinstance(images, (torch.Tensor, np.ndarray)) or _is_paths(images) or not hasattr(images, "__iter__"):
         return check_images(images, size, resize).split(batch_size)  # not iterable: check_images says what's wrong
     return (check_images(batch, size, resize) for batch in images)
@@ -148,25 +147,6 @@ def data_fingerprint(samples: Sequence[Sample], images: torch.Tensor, root=None)
         digest.update(os.fsencode(path) + b"\0" + sample.class_name.encode("utf-8", "surrogateescape") + b"\0")
     digest.update(images.contiguous().numpy().data)  # the buffer itself, no copy
     return digest.hexdigest()
-
-
-@dataclass
-class BatchResult:
-    """Per-image outputs of one batch. `maps` is the smoothed base map; aligned = (maps - u) / spread."""
-
-    maps: torch.Tensor  # B x H x W
-    base_scores: torch.Tensor  # B
-    u: torch.Tensor  # B
-    spread: torch.Tensor  # B, gamma - u kept away from zero
-    align_features: torch.Tensor  # B x C x h x w, what the aligner read
-
-    @property
-    def aligned_scores(self) -> torch.Tensor:
-        return align(self.base_scores, self.u, self.spread)
-
-    @property
-    def aligned_maps(self) -> torch.Tensor:
-        return align(self.maps, self.u, self.spread)
 
 
 @dataclass
@@ -280,7 +260,11 @@ class Detector:
             raise ValueError("resuming needs the checkpoint folder (checkpoint_dir)")
         settings = self.settings
         samples, held_out = split_holdout(samples, holdout, settings.seed)
-        images, samples = load_all(samples, settings.image_size, cache_dir=cache_dir, resize=settings.resize)
+        images, samples = load_all(samples, settings.input_size, cache_dir=cache_dir, resize=settings.resize)
+        class_names = [s.class_name for s in samples]
+        if settings.tile > 1:  # the base and the aligner train on the tiles (cada.tiles)
+            images = tiles.cut(images, settings.image_size, settings.tile, settings.tile_overlap)
+            class_names = [name for name in class_names for _ in range(settings.tile * settings.tile)]
         base_schedule = settings.base.resolved(len(images), world_size())
         if on_start is not None:
             on_start(len(images), base_schedule.iterations(len(images)))
@@ -315,9 +299,7 @@ class Detector:
                 session.enter("aligner")
             started = time.perf_counter()
             features, image_stats = self.training_statistics(images, progress, trainer)
-            aligner_losses = self.fit_aligner(
-                features, image_stats, [s.class_name for s in samples], generator, progress, trainer
-            )
+            aligner_losses = self.fit_aligner(features, image_stats, class_names, generator, progress, trainer)
         peak = peak_memory_gib(self.device)
         self.training_log = list(trainer.log)
         if session is not None and not keep_checkpoint:
@@ -341,7 +323,10 @@ class Detector:
             "aligner_loss_first_last": [aligner_losses[0], aligner_losses[-1]] if aligner_losses else None,
             "mean_image_stats": dict(zip(("mean", "max", "std", "score"), image_stats.mean(dim=0).tolist())),
             # The class-aware reference of `cada evaluate` (its oracle row); nothing at prediction reads class names.
-            "class_score_stats": class_score_statistics(image_stats[:, SCORE], [s.class_name for s in samples]),
+            # (tiled: of each image's largest tile score, as its test images are scored)
+            "class_score_stats": class_score_statistics(
+                tiles.per_image(image_stats[:, SCORE], settings.tile).amax(dim=1), [s.class_name for s in samples]
+            ),
             "processes": world_size(),
             "effective_batch": settings.base.batch_size * world_size(),
             # Where it trained (informative only: a run loads on any device).
@@ -351,7 +336,7 @@ class Detector:
         }
         if held_out:
             held_out_images, held_out = load_all(
-                held_out, settings.image_size, cache_dir=cache_dir, resize=settings.resize
+                held_out, settings.input_size, cache_dir=cache_dir, resize=settings.resize
             )
             self.calibrate(
                 held_out_images, fpr, source=f"{len(held_out)} training images held out ({holdout:.0%} per class)"
@@ -482,16 +467,8 @@ class Detector:
         `class_names` is read only by the class-aware reference aligner (CaDA-A); the detector itself never needs it.
         """
         self._require_fitted("infer")
-        maps, u, spread, features = infer_maps(
-            self.method,
-            self.aligner,
-            check_images(images, self.settings.image_size, self.settings.resize),
-            self.settings.smoothing_sigma,
-            class_names,
-            self.precision,
-        )
-        scores = image_score(maps, self.settings.top_fraction)
-        return BatchResult(maps.cpu(), scores.cpu(), u.cpu(), spread.cpu(), features.cpu())
+        checked = check_images(images, self.settings.input_size, self.settings.resize)
+        return infer(self.method, self.aligner, checked, self.settings, class_names, self.precision).cpu()
 
     def predict(self, images, batch_size: int = 16) -> Prediction:
         """Aligned image scores and maps (and decisions, once a threshold is set) of `images`: one image or a batch

@@ -147,7 +147,7 @@ def cmd_calibrate(args) -> int:
 
     detector = Detector.load(args.run, device=args.device, precision=args.precision)
     previous = detector.calibration
-    size, resize = detector.settings.image_size, detector.settings.resize
+    size, resize = detector.settings.input_size, detector.settings.resize
     if args.val:
         samples = find_split(args.val, "test", args.format)
         images, samples = load_all(samples, size, cache_dir=_cache_dir(args), resize=resize)
@@ -540,6 +540,17 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         choices=RESIZE_MODES,
         help="how images fit the square input: squash (each axis resized; the default) or letterbox (aspect ratio "
         "kept, padded); recorded in the run and used for all its predictions",
+    )
+    parser.add_argument(
+        "--tile",
+        type=int,
+        metavar="N",
+        help="for large images with small defects: cut each image into N x N tiles of --image-size (the image "
+        "fitted to a larger square first), train and score the tiles, combine their results per image "
+        "(default: 1, no tiles)",
+    )
+    parser.add_argument(
+        "--tile-overlap", type=float, metavar="F", help="with --tile: the fraction of a tile its neighbour shares"
     )
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--iters", type=positive_int, help="base training iterations (default: the preset's)")

@@ -103,6 +103,10 @@ class Settings:
     # How an image fits the image_size square (cada.data.resize): "squash" (each axis resized) or "letterbox"
     # (aspect ratio kept, padded). Training, evaluation, prediction and export all use the run's.
     resize: str = "squash"
+    # Tiles per side for large images with small defects (1: none), and the fraction of a tile its neighbour shares;
+    # see cada.tiles. The images are fitted to input_size, then cut into tiles of image_size.
+    tile: int = 1
+    tile_overlap: float = 0.0
     # knn (k = 20) by measurement with the cpu preset's base on realmix, realmix-extra and their 6-product mix
     # (benchmarks/aligners.py, README); the paper's own aligner is `cada`, for reproduction.
     align: str = "knn"
@@ -149,6 +153,13 @@ class Settings:
         they existed (e.g. `patchcore`) get their defaults; unknown names are refused, naming them."""
         return _from_dict(cls, data, "").validate()
 
+    @property
+    def input_size(self) -> int:
+        """The side of the square every image is fitted to: image_size, or with tiles the square they are cut from."""
+        from cada.tiles import input_size
+
+        return input_size(self.image_size, self.tile, self.tile_overlap)
+
     def method_options(self) -> dict:
         """Constructor options of the chosen method beyond (backbone, image_size): its own architecture/loss."""
         own = self.method_blocks.get(self.method)
@@ -167,6 +178,8 @@ class Settings:
             _check_fields(block, name + ".")
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        if self.tile_overlap and self.tile == 1:
+            raise ValueError(f"tile_overlap ({self.tile_overlap}) is the overlap of tiles: set tile above 1 too")
         if self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32 in {RANGES['image_size']}, got {self.image_size}")
         if ALIGNERS[self.align].extra.get("trained") and self.aligner.iters < 1:
@@ -194,6 +207,8 @@ def _default_blocks() -> dict[str, Any]:
 # being finite.
 RANGES = {
     "image_size": "[64, 1024]",  # and a multiple of 32
+    "tile": "[1, 16]",
+    "tile_overlap": "[0, 0.75]",
     "smoothing_sigma": "[0, 16]",  # 0: no smoothing
     "top_fraction": "[0, 1]",  # 0: the max pixel
     "seed": "[0, 4294967295]",

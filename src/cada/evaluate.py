@@ -57,6 +57,10 @@ class EvalOutputs:
     original_sizes: np.ndarray | None = None  # N x 2
     original_anomalous: np.ndarray | None = None  # N
     resize: str = "squash"  # how the images were fitted to the maps' square (cada.data.resize): read when upsampling
+    # Tiled runs (cada.tiles) align each tile by its own u and spread: their images' aligned scores and maps are
+    # kept as combined from the tiles. Otherwise None: aligned = (base - u) / spread.
+    aligned_scores: np.ndarray | None = None
+    aligned_maps: torch.Tensor | None = None
 
     @property
     def labels(self) -> np.ndarray:
@@ -88,11 +92,13 @@ class EvalOutputs:
         self, index: np.ndarray, u: torch.Tensor, spread: torch.Tensor, aligned: bool, fpr_limit: float
     ) -> dict:
         """Pixel metrics of the images at `index` (all with masks); maps aligned by (u, spread) if `aligned`."""
-        alignment = (u, spread) if aligned else ()
+        source, alignment = self.maps, (u, spread) if aligned else ()
+        if aligned and self.aligned_maps is not None:
+            source, alignment = self.aligned_maps, ()
         if self.original_sizes is not None:
-            maps = _OriginalMaps(self.maps, index, self.original_sizes[index], self.resize, *alignment)
+            maps = _OriginalMaps(source, index, self.original_sizes[index], self.resize, *alignment)
             return pixel_metrics(maps, _OriginalMasks([self.samples[i] for i in index]), fpr_limit)
-        return pixel_metrics(_Rows(self.maps, index, *alignment), _Rows(self.masks, index), fpr_limit)
+        return pixel_metrics(_Rows(source, index, *alignment), _Rows(self.masks, index), fpr_limit)
 
 
 def collect(
@@ -116,18 +122,19 @@ def collect(
     if pixel_resolution not in PIXEL_RESOLUTIONS:
         raise ValueError(f"pixel_resolution must be one of {PIXEL_RESOLUTIONS}, got {pixel_resolution!r}")
     distributed = is_distributed() and world_size() > 1
-    if distributed and (keep_features or pixel_resolution != "model"):
+    if distributed and (keep_features or pixel_resolution != "model" or detector.settings.tile > 1):
         raise ValueError(
-            "keeping the alignment features (ablations) and pixel metrics at the original resolution "
+            "keeping the alignment features (ablations), pixel metrics at the original resolution and tiled runs "
             "need a single-process evaluation"
         )
     positions = batch_shard(len(samples), batch_size) if distributed else list(range(len(samples)))
     mine = [samples[i] for i in positions]
     kept: list[int] = []
     maps, masks, has_mask, scores, u, spread, features = [], [], [], [], [], [], []
+    aligned_scores, aligned_maps = [], []  # tiled runs only (see EvalOutputs)
     batches = iterate_batches(
         mine,
-        detector.settings.image_size,
+        detector.settings.input_size,
         batch_size,
         cache_dir=cache_dir,
         pin_memory=detector.device.type == "cuda",
@@ -143,6 +150,9 @@ def collect(
             if keep_features:
                 features.append(result.align_features)
             maps.append(result.maps)
+            if result.aligned is not None:
+                aligned_scores.append(result.aligned[0])
+                aligned_maps.append(result.aligned[1])
             masks.append(batch["mask"])
             has_mask.append(batch["has_mask"])
             scores.append(result.base_scores)
@@ -151,7 +161,7 @@ def collect(
             bar.update(len(local) * world_size())
     if distributed:
         outputs = DistributedEvalOutputs.gather(
-            samples, kept, maps, masks, has_mask, scores, u, spread, detector.settings.image_size
+            samples, kept, maps, masks, has_mask, scores, u, spread, detector.settings.input_size
         )
     else:
         if not kept:
@@ -165,6 +175,8 @@ def collect(
             u=torch.cat(u).numpy(),
             spread=torch.cat(spread).numpy(),
             align_features=torch.cat(features) if keep_features else None,
+            aligned_scores=torch.cat(aligned_scores).numpy() if aligned_scores else None,
+            aligned_maps=torch.cat(aligned_maps) if aligned_maps else None,
         )
     outputs.resize = detector.settings.resize
     if pixel_resolution == "original":
@@ -300,6 +312,8 @@ class _OriginalMasks:
 
 
 def image_scores(outputs: EvalOutputs, index: np.ndarray, aligned: bool) -> np.ndarray:
+    if aligned and outputs.aligned_scores is not None:
+        return outputs.aligned_scores[index]
     scores = outputs.base_scores[index]
     return (
         align(

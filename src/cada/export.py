@@ -24,9 +24,9 @@ from torch import nn
 from cada.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from cada.data.resize import PAD_RGB, resize_uint8
 from cada.files import atomic_write
-from cada.inference import infer_maps
-from cada.scoring import align, image_score
+from cada.inference import image_distances, infer
 from cada.threshold import check_threshold
+from cada.tiles import stride_of
 
 OPSET = 17  # the traced model (torch's tracer exports it wrongly at 18: measured, maps off by ~10)
 RAW_OPSET = 18  # torch.export's ONNX translation of the raw graph's resize needs 18; the model is converted to it
@@ -56,14 +56,12 @@ class ExportedDetector(nn.Module):
 
     def __init__(self, detector):
         super().__init__()
-        self.method, self.aligner = detector.method, detector.aligner
-        self.sigma, self.top_fraction = detector.settings.smoothing_sigma, detector.settings.top_fraction
+        self.method, self.aligner, self.settings = detector.method, detector.aligner, detector.settings
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        maps, u, spread, features = infer_maps(self.method, self.aligner, images, self.sigma)
-        aligned_maps = align(maps, u, spread)
-        outputs = (image_score(aligned_maps, self.top_fraction), aligned_maps, u, spread)
-        distance = self.aligner.nearest_distance(features)
+        result = infer(self.method, self.aligner, images, self.settings)
+        outputs = (result.aligned_scores, result.aligned_maps, result.u, result.spread)
+        distance = image_distances(self.aligner, result.align_features, self.settings)
         return outputs if distance is None else (*outputs, distance)
 
 
@@ -128,7 +126,8 @@ def _check_export(detector, out: str | Path, input: str, suffix: str) -> Path:
 
 def _write_sidecar(detector, out: Path, input: str) -> None:
     """OUT.json: the input, outputs, preprocessing, threshold and calibration, and the run's settings."""
-    size = detector.settings.image_size
+    settings = detector.settings
+    size = settings.input_size
     layout = (
         {"layout": "HWC, one image of any size", "resize": f"inside the graph: {RESIZE_RULE}"}
         if input == "raw"
@@ -143,6 +142,15 @@ def _write_sidecar(detector, out: Path, input: str) -> None:
             "image_size": size,
             **layout,
             "fit": LETTERBOX_RULE if detector.settings.resize == "letterbox" else SQUASH_RULE,
+            **(
+                {
+                    "tiles": f"inside the graph: {settings.tile} x {settings.tile} tiles of {settings.image_size} "
+                    f"pixels, {stride_of(settings.image_size, settings.tile_overlap)} apart, results combined per "
+                    "image (cada.tiles)"
+                }
+                if settings.tile > 1
+                else {}
+            ),
             "channels": "RGB",
             "dtype": "uint8",
             "normalisation_inside_graph": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
@@ -159,7 +167,7 @@ def _write_sidecar(detector, out: Path, input: str) -> None:
 
 def _export_model(detector, path: Path, input_name: str, batch_size: int = 1) -> None:
     """The detector from resized uint8 images (NCHW, batch dynamic) to its `output_names`, traced."""
-    size = detector.settings.image_size
+    size = detector.settings.input_size
     example = torch.zeros(batch_size, 3, size, size, dtype=torch.uint8)
     outputs = output_names(detector)
     with warnings.catch_warnings():  # the tracer notes Python numbers fixed at export time: sizes, as intended
@@ -195,7 +203,7 @@ def _export_raw(detector, path: Path) -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
-                    RawImageFront(detector.settings.image_size, detector.settings.resize),
+                    RawImageFront(detector.settings.input_size, detector.settings.resize),
                     (torch.zeros(97, 131, 3, dtype=torch.uint8),),
                     str(front_path),
                     input_names=["image"],

@@ -1,30 +1,91 @@
-"""The one inference path, shared by `Detector.infer` and the ONNX export (export.ExportedDetector)."""
+"""The one inference path, shared by `Detector.infer` and the exported graph (export.ExportedDetector)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from cada import tiles
 from cada.data.dataset import normalize
 from cada.engine.device import autocast, module_device
-from cada.scoring import smooth
+from cada.scoring import align, image_score, smooth
 
 
-def infer_maps(
+@dataclass
+class BatchResult:
+    """Per-image outputs of one batch. `maps` is the smoothed base map; aligned = (maps - u) / spread, except for a
+    tiled run, whose tiles are aligned each by their own u and spread: there `aligned` holds the images' aligned
+    scores and maps as combined from their tiles (cada.tiles)."""
+
+    maps: torch.Tensor  # B x H x W
+    base_scores: torch.Tensor  # B
+    u: torch.Tensor  # B
+    spread: torch.Tensor  # B, gamma - u kept away from zero
+    align_features: torch.Tensor  # B (B x tiles with tiles) x C x h x w, what the aligner read
+    aligned: tuple[torch.Tensor, torch.Tensor] | None = None  # tiled runs: (aligned scores B, aligned maps B x H x W)
+
+    @property
+    def aligned_scores(self) -> torch.Tensor:
+        return align(self.base_scores, self.u, self.spread) if self.aligned is None else self.aligned[0]
+
+    @property
+    def aligned_maps(self) -> torch.Tensor:
+        return align(self.maps, self.u, self.spread) if self.aligned is None else self.aligned[1]
+
+    def cpu(self) -> BatchResult:
+        aligned = None if self.aligned is None else (self.aligned[0].cpu(), self.aligned[1].cpu())
+        return BatchResult(
+            self.maps.cpu(), self.base_scores.cpu(), self.u.cpu(), self.spread.cpu(), self.align_features.cpu(), aligned
+        )
+
+
+def infer(
     method,
     aligner,
     images: torch.Tensor,
-    smoothing_sigma: float,
+    settings,
     class_names: list[str] | None = None,
     precision: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """uint8 images B x 3 x S x S -> (smoothed base maps B x S x S, u B, spread = gamma - u kept from zero B, the
-    align features the aligner read), on the method's device. The method's forward pass runs under autocast to
-    `precision` (None: float32); its outputs, the smoothing and the aligner are float32. `class_names` only for
-    the class-aware reference aligner."""
+) -> BatchResult:
+    """uint8 images B x 3 x L x L (L = settings.input_size) -> their BatchResult, on the method's device. The
+    method's forward pass runs under autocast to `precision` (None: float32); its outputs, the smoothing and the
+    aligner are float32. `class_names` only for the class-aware reference aligner. A tiled run's images are cut
+    into tiles, and the tiles' results combined per image (cada.tiles)."""
+    count = settings.tile * settings.tile
+    if count > 1:
+        images = tiles.cut(images, settings.image_size, settings.tile, settings.tile_overlap)
+        class_names = None if class_names is None else [name for name in class_names for _ in range(count)]
     device = module_device(method)
     with autocast(device, precision):
         output = method(normalize(images, device))
-    maps = smooth(output.anomaly_map.float(), smoothing_sigma)
+    maps = smooth(output.anomaly_map.float(), settings.smoothing_sigma)
     features = output.align_features.float()
     u, gamma = aligner.stats(features, class_names)
-    return maps, u, aligner.spread(u, gamma), features
+    spread = aligner.spread(u, gamma)
+    scores = image_score(maps, settings.top_fraction)
+    if count == 1:
+        return BatchResult(maps, scores, u, spread, features)
+    aligned_scores = tiles.per_image(align(scores, u, spread), settings.tile)
+    best = aligned_scores.argmax(dim=1, keepdim=True)  # each image's most anomalous tile gives its u and spread
+
+    def chosen(values: torch.Tensor) -> torch.Tensor:
+        return tiles.per_image(values, settings.tile).gather(1, best)[:, 0]
+
+    base_maps, aligned_maps = (
+        tiles.stitch(m, settings.image_size, settings.tile, settings.tile_overlap)
+        for m in (maps, align(maps, u, spread))
+    )
+    base_scores = tiles.per_image(scores, settings.tile).amax(dim=1)
+    return BatchResult(
+        base_maps, base_scores, chosen(u), chosen(spread), features, (aligned_scores.amax(dim=1), aligned_maps)
+    )
+
+
+def image_distances(aligner, features: torch.Tensor, settings) -> torch.Tensor | None:
+    """Each image's distance to the nearest training image (tiled: the largest of its tiles'), for an aligner with
+    that signal (knn); None otherwise."""
+    distance = aligner.nearest_distance(features)
+    if distance is None or settings.tile == 1:
+        return distance
+    return tiles.per_image(distance, settings.tile).amax(dim=1)

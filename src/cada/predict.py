@@ -248,12 +248,14 @@ def detector_scorer(detector) -> Scorer:
     """Aligned scores and maps, with each image's predicted normal statistics: u (the normal mean of its base map)
     and spread (gamma - u, its normal maximum above the mean, floored as the alignment uses it; aligned = (base - u)
     / spread). With an aligner that keeps training descriptors (knn), also each image's distance to the nearest
-    training image and whether it lies beyond the training set's reference level ("unfamiliar")."""
+    training image and whether it lies beyond the training set's reference level ("unfamiliar"). A tiled run's are
+    combined from its tiles (cada.tiles)."""
+    from cada.inference import image_distances
 
     def score(images: torch.Tensor) -> tuple:
         result = detector.infer(images)
         columns = {"u": result.u, "spread": result.spread}
-        distance = detector.aligner.nearest_distance(result.align_features.to(detector.device))
+        distance = image_distances(detector.aligner, result.align_features.to(detector.device), detector.settings)
         if distance is not None:
             distance = distance.cpu()
             columns.update(nearest_distance=distance, unfamiliar=distance > detector.aligner.reference_distance.cpu())
@@ -267,8 +269,8 @@ class LoadedModel:
     """What prediction needs of a run folder or an exported model, at the operating point chosen."""
 
     scorer: Scorer
-    image_size: int
-    resize: str  # how images fit image_size (cada.data.resize)
+    image_size: int  # the side of the square the scorer takes (with tiles, the square they are cut from)
+    resize: str  # how images fit that square (cada.data.resize)
     threshold: float | None
     threshold_source: str | None  # where the threshold comes from, in words (None: no threshold)
     calibration: dict | None  # as stored, without the calibration scores
@@ -311,7 +313,7 @@ def load_model(
         from cada.api import Detector
 
         detector = Detector.load(target, device=device, precision=precision)
-        scorer, image_size, calibration = detector_scorer(detector), detector.settings.image_size, detector.calibration
+        scorer, image_size, calibration = detector_scorer(detector), detector.settings.input_size, detector.calibration
         resize = detector.settings.resize
         description = {"run": str(target)}
         reference = getattr(detector.aligner, "reference_distance", None)

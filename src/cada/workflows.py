@@ -33,6 +33,8 @@ SETTING_OPTIONS = (
     "backbone",
     "image_size",
     "resize",
+    "tile",
+    "tile_overlap",
     "iters",
     "epochs",
     "align_iters",
@@ -108,6 +110,8 @@ def make_settings(
     backbone: str | None = None,
     image_size: int | None = None,
     resize: str | None = None,
+    tile: int | None = None,
+    tile_overlap: float | None = None,
     iters: int | None = None,
     epochs: float | None = None,
     align_iters: int | None = None,
@@ -138,6 +142,10 @@ def make_settings(
         data["image_size"] = image_size
     if resize is not None:
         data["resize"] = resize
+    if tile is not None:
+        data["tile"] = tile
+    if tile_overlap is not None:
+        data["tile_overlap"] = tile_overlap
     if iters is not None:
         data["base"].update(iters=iters, epochs=None)
     if epochs is not None:
@@ -261,11 +269,13 @@ def train(
                 "one pass, no iterations"
                 if not detector.method.trains_by_gradient()
                 else f"{iters} iters of batch {batch} = {settings.base.passes(n_images, world_size()):.1f} passes "
-                f"over {n_images} images"
+                f"over {n_images} {'tiles' if settings.tile > 1 else 'images'}"
             )
+            fitting = ", letterboxed" if settings.resize == "letterbox" else ""
+            if settings.tile > 1:
+                fitting += f", {settings.tile}x{settings.tile} tiles of {settings.input_size}px images"
             _say(
-                f"training {settings.method} ({settings.backbone}, {settings.image_size}px"
-                f"{', letterboxed' if settings.resize == 'letterbox' else ''}, {schedule}) "
+                f"training {settings.method} ({settings.backbone}, {settings.image_size}px{fitting}, {schedule}) "
                 f"+ aligner {settings.align} on all classes of {data} mixed{processes}, on "
                 f"{device_name(detector.device)} in {detector.precision_name}"
             )

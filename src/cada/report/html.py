@@ -101,8 +101,11 @@ def _tile(outputs: EvalOutputs, index: int, size: int) -> np.ndarray:
     """Image | heatmap overlay (fixed aligned scale) | ground-truth mask, side by side."""
     sample = outputs.samples[index]
     image = load_image(sample.path, size, outputs.resize)[0].permute(1, 2, 0).numpy()
-    u, spread = (torch.from_numpy(values[index : index + 1]) for values in (outputs.u, outputs.spread))
-    aligned_map = align(outputs.maps[index : index + 1], u, spread)[0]
+    if outputs.aligned_maps is not None:  # a tiled run's, combined from its tiles
+        aligned_map = outputs.aligned_maps[index]
+    else:
+        u, spread = (torch.from_numpy(values[index : index + 1]) for values in (outputs.u, outputs.spread))
+        aligned_map = align(outputs.maps[index : index + 1], u, spread)[0]
     mask = outputs.masks[index].numpy()
     mask_rgb = np.repeat((mask * 255).astype(np.uint8)[:, :, None], 3, axis=2)
     gap = np.full((size, 4, 3), 255, np.uint8)
@@ -140,7 +143,7 @@ def write_report(
     aligned = detector.settings.align != "none"
     scores = image_scores(outputs, np.arange(len(outputs.samples)), aligned)
     order = np.argsort(-scores, kind="stable")
-    size = detector.settings.image_size
+    size = detector.settings.input_size
     threshold = detector.threshold if aligned else (detector.calibration or {}).get("base_threshold")
     meta = results.get("meta", {})
     calibration = detector.calibration

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cada.evaluate import EvalOutputs
+from cada.evaluate import EvalOutputs, image_scores
 from cada.files import atomic_write
 from cada.metrics import auroc
-from cada.scoring import align
 
 NORMAL_COLOUR, ANOMALOUS_COLOUR = "#2b6cb0", "#d9480f"
 
@@ -47,7 +46,7 @@ def score_distributions(outputs: EvalOutputs, path: str | Path, align_name: str 
 
     base_scores, labels, class_names = outputs.base_scores, outputs.labels, outputs.class_names
     classes = sorted(set(class_names))
-    aligned = align(_tensor(base_scores), _tensor(outputs.u), _tensor(outputs.spread)).numpy()
+    aligned = image_scores(outputs, np.arange(len(base_scores)), aligned=True)
     rows = [("base map (no alignment)", base_scores)]
     if align_name != "none":
         rows.append((f"aligned ({align_name})", aligned))
@@ -82,12 +81,6 @@ def balanced_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     tpr = 1 - np.searchsorted(sorted_anomalous, candidates, side="left") / max(1, sorted_anomalous.size)
     fpr = 1 - np.searchsorted(sorted_normal, candidates, side="left") / max(1, sorted_normal.size)
     return float(candidates[np.argmax(tpr - fpr)])
-
-
-def _tensor(values: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(values))
 
 
 def loss_curves(rows: list[dict], path: str | Path) -> Path:
