@@ -15,6 +15,9 @@ from cada.config import preset
 from cada.engine.device import autocast, resolve_device, resolve_precision
 from cada.export import onnx_providers
 from cada.metrics import auroc
+from cada.registry import METHODS
+
+from helpers import tiny_preset
 
 
 def test_auto_is_the_processs_gpu_when_cuda_is_there(monkeypatch):
@@ -189,3 +192,33 @@ def test_the_fp16_loss_scale_goes_into_the_checkpoint_and_comes_back(tmp_path):
     )
     assert (step, len(losses), scaler.get_scale()) == (2, 2, scale)
     assert [row["step"] for row in resumed.log] == [1, 2]  # the training log up to the checkpoint
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_channels_last_weights_as_on_a_gpu_train_save_and_score_as_the_ordinary_layout(
+    method, tiny_data, images, tmp_path
+):
+    """On a CUDA GPU the networks' convolution weights are channels-last (engine.device.memory_format). Forced
+    here on the CPU: a training step runs, the run saves (safetensors wants contiguous tensors) and loads, and the
+    maps equal the ordinary layout's up to the convolution kernels' float rounding."""
+    import cada.api
+
+    settings = tiny_preset(method, iters=2)
+    ordinary = Detector(settings, pretrained=False).fit(tiny_data, progress=False)
+    expected = ordinary.infer(images[:4])
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(cada.api, "memory_format", lambda device: torch.channels_last)
+    try:
+        converted = ordinary.to("cpu")
+        weights = [p for p in converted.method.parameters() if p.dim() == 4]
+        assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+        result = converted.infer(images[:4])
+        scale = float(expected.maps.abs().max())
+        assert torch.allclose(result.maps, expected.maps, atol=1e-4 * scale, rtol=1e-4)
+        converted.save(tmp_path / "run")
+        trained = Detector(settings, pretrained=False).fit(tiny_data, progress=False)
+        assert trained.training_info["base_seconds"] >= 0 and torch.isfinite(trained.infer(images[:2]).maps).all()
+    finally:
+        monkeypatch.undo()
+    loaded = Detector.load(tmp_path / "run", device="cpu")
+    assert torch.allclose(loaded.infer(images[:4]).maps, expected.maps, atol=1e-4 * scale, rtol=1e-4)

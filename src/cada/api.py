@@ -26,7 +26,14 @@ from cada.data.dataset import load_all, normalize
 from cada.data.layouts import find_samples
 from cada.data.mvtec import Sample
 from cada.engine import Checkpointing, Trainer, is_main, world_size
-from cada.engine.device import device_name, peak_memory_gib, precision_name, resolve_device, resolve_precision
+from cada.engine.device import (
+    device_name,
+    memory_format,
+    peak_memory_gib,
+    precision_name,
+    resolve_device,
+    resolve_precision,
+)
 from cada.engine.log import (
     LOG_FILE,
     TENSORBOARD_FOLDER,
@@ -204,7 +211,7 @@ class Detector:
         self.device = resolve_device(device)
         if precision is not None:
             self.precision = resolve_precision(precision, self.device)
-        self._modules().to(self.device)
+        self._modules().to(self.device).to(memory_format=memory_format(self.device))
         return self
 
     @property
@@ -264,7 +271,7 @@ class Detector:
         class_names = [s.class_name for s in samples]
         if settings.tile > 1:  # the base and the aligner train on the tiles (cada.tiles)
             images = tiles.cut(images, settings.image_size, settings.tile, settings.tile_overlap)
-            class_names = [name for name in class_names for _ in range(settings.tile * settings.tile)]
+            class_names = tiles.per_tile(class_names, settings.tile)
         base_schedule = settings.base.resolved(len(images), world_size())
         if on_start is not None:
             on_start(len(images), base_schedule.iterations(len(images)))

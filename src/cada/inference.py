@@ -55,7 +55,7 @@ def infer(
     count = settings.tile * settings.tile
     if count > 1:
         images = tiles.cut(images, settings.image_size, settings.tile, settings.tile_overlap)
-        class_names = None if class_names is None else [name for name in class_names for _ in range(count)]
+        class_names = None if class_names is None else tiles.per_tile(class_names, settings.tile)
     device = module_device(method)
     with autocast(device, precision):
         output = method(normalize(images, device))

@@ -54,6 +54,11 @@ def stitch(maps: torch.Tensor, size: int, tiles: int, overlap: float) -> torch.T
     return torch.stack(placed).amax(dim=0)
 
 
+def per_tile(items: list, tiles: int) -> list:
+    """Per-image items (class names) -> the same for each of the images' tiles, in `cut`'s order."""
+    return [item for item in items for _ in range(tiles * tiles)]
+
+
 def per_image(values: torch.Tensor, tiles: int) -> torch.Tensor:
     """B*T per-tile values -> B x T."""
     return values.unflatten(0, (-1, tiles * tiles))
