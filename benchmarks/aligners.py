@@ -181,7 +181,7 @@ def main() -> None:
                 aligner.nearest_distance(outputs.align_features) for outputs in (ablation.calibration, ablation.test)
             ]
         if distances[0] is not None:  # how often known products' new normal images are called unfamiliar
-            reference = float(aligner.reference_distance)
+            reference = aligner.unfamiliar_reference
             rows[-1]["unfamiliar_held_out"] = float((distances[0] > reference).float().mean())
             rows[-1]["unfamiliar_test_normal"] = float(
                 (distances[1][torch.from_numpy(labels == 0)] > reference).float().mean()

@@ -48,7 +48,7 @@ def output_names(detector) -> list[str]:
     spread (B each, as `cada predict` reports them) and, for an aligner with an unfamiliar-product signal (knn),
     the distance to the nearest training image B."""
     names = ["score", "aligned_map", "u", "spread"]
-    return names + ["nearest_distance"] if hasattr(detector.aligner, "reference_distance") else names
+    return names + ["nearest_distance"] if detector.aligner.unfamiliar_reference is not None else names
 
 
 class ExportedDetector(nn.Module):
@@ -160,8 +160,8 @@ def _write_sidecar(detector, out: Path, input: str) -> None:
         "decision": "anomalous when score >= threshold",
         "settings": detector.settings.to_dict(),
     }
-    if hasattr(detector.aligner, "reference_distance"):  # beyond it, an image is unlike every training image
-        sidecar["unfamiliar_reference_distance"] = float(detector.aligner.reference_distance)
+    if detector.aligner.unfamiliar_reference is not None:  # beyond it, an image is unlike every training image
+        sidecar["unfamiliar_reference_distance"] = detector.aligner.unfamiliar_reference
     atomic_write(sidecar_path(out), json.dumps(sidecar, indent=2) + "\n")
 
 

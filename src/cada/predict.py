@@ -258,7 +258,7 @@ def detector_scorer(detector) -> Scorer:
         distance = image_distances(detector.aligner, result.align_features.to(detector.device), detector.settings)
         if distance is not None:
             distance = distance.cpu()
-            columns.update(nearest_distance=distance, unfamiliar=distance > detector.aligner.reference_distance.cpu())
+            columns.update(nearest_distance=distance, unfamiliar=distance > detector.aligner.unfamiliar_reference)
         return result.aligned_scores, result.aligned_maps, columns
 
     return score
@@ -316,9 +316,9 @@ def load_model(
         scorer, image_size, calibration = detector_scorer(detector), detector.settings.input_size, detector.calibration
         resize = detector.settings.resize
         description = {"run": str(target)}
-        reference = getattr(detector.aligner, "reference_distance", None)
+        reference = detector.aligner.unfamiliar_reference
         if reference is not None:  # an aligner with an unfamiliar-product signal (knn)
-            description["unfamiliar_reference_distance"] = float(reference)
+            description["unfamiliar_reference_distance"] = reference
         settings, where = detector.settings.to_dict(), "in the run"
     chosen, source = choose_threshold(calibration, fpr, threshold, where)
     description["threshold_source"] = source

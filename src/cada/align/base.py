@@ -78,7 +78,12 @@ class Aligner(nn.Module):
 
     def nearest_distance(self, features: torch.Tensor) -> torch.Tensor | None:
         """B distances to the nearest training image in the aligner's descriptor, for aligners that keep one (knn);
-        above `reference_distance` an image is unlike every training image: likely a product never trained on."""
+        above `unfamiliar_reference` an image is unlike every training image: likely a product never trained on."""
+        return None
+
+    @property
+    def unfamiliar_reference(self) -> float | None:
+        """The nearest_distance beyond which an image is "unfamiliar"; None for aligners without that signal."""
         return None
 
     # Non-tensor state (e.g. class names) goes to the run's config.json; tensors go to safetensors.

@@ -90,6 +90,10 @@ class KNNAligner(Aligner):
         distances, _ = self.neighbours_of(self.descriptor(features))
         return distances[:, 0]
 
+    @property
+    def unfamiliar_reference(self) -> float:
+        return float(self.reference_distance)
+
     def config_state(self) -> dict:
         return {"n_train": len(self.train_descriptors), "neighbours": self.neighbours}
 
