@@ -141,7 +141,7 @@ def _write_sidecar(detector, out: Path, input: str) -> None:
         "preprocessing": {
             "image_size": size,
             **layout,
-            "fit": LETTERBOX_RULE if detector.settings.resize == "letterbox" else SQUASH_RULE,
+            "fit": LETTERBOX_RULE if settings.resize == "letterbox" else SQUASH_RULE,
             **(
                 {
                     "tiles": f"inside the graph: {settings.tile} x {settings.tile} tiles of {settings.image_size} "
@@ -158,7 +158,7 @@ def _write_sidecar(detector, out: Path, input: str) -> None:
         "threshold": detector.threshold,
         "calibration": detector.calibration,
         "decision": "anomalous when score >= threshold",
-        "settings": detector.settings.to_dict(),
+        "settings": settings.to_dict(),
     }
     if detector.aligner.unfamiliar_reference is not None:  # beyond it, an image is unlike every training image
         sidecar["unfamiliar_reference_distance"] = detector.aligner.unfamiliar_reference
