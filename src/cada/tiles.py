@@ -16,6 +16,8 @@ Cutting and stitching are fixed slices and paddings, so the exported graph does 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -47,11 +49,11 @@ def stitch(maps: torch.Tensor, size: int, tiles: int, overlap: float) -> torch.T
     from the maps: traced for export, their shape is a tensor.)"""
     side = input_size(size, tiles, overlap)
     per_image = maps.unflatten(0, (-1, tiles * tiles))
-    placed = [
+    placed = (
         F.pad(per_image[:, index], (left, side - size - left, top, side - size - top), value=-torch.inf)
         for index, (top, left) in enumerate(_offsets(size, tiles, overlap))
-    ]
-    return torch.stack(placed).amax(dim=0)
+    )
+    return functools.reduce(torch.maximum, placed)  # two L x L maps per image in memory at a time, not T
 
 
 def per_tile(items: list, tiles: int) -> list:
