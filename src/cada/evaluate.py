@@ -88,6 +88,13 @@ class EvalOutputs:
             return self.original_sizes.prod(axis=1)
         return np.full(len(self.samples), self.masks[0].numel())
 
+    def aligned_map(self, index: int) -> torch.Tensor:
+        """Image `index`'s aligned map (a tiled run's as combined from its tiles)."""
+        if self.aligned_maps is not None:
+            return self.aligned_maps[index]
+        u, spread = (torch.from_numpy(values[index : index + 1]) for values in (self.u, self.spread))
+        return align(self.maps[index : index + 1], u, spread)[0]
+
     def pixel_metrics(
         self, index: np.ndarray, u: torch.Tensor, spread: torch.Tensor, aligned: bool, fpr_limit: float
     ) -> dict:

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from cada.data.dataset import load_image
@@ -20,7 +19,6 @@ from cada.evaluate import DECISIONS, EvalOutputs, image_scores
 from cada.files import atomic_write
 from cada.metrics import HEADERS, METRICS
 from cada.predict import HEATMAP_MAX, overlay
-from cada.scoring import align
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -101,11 +99,7 @@ def _tile(outputs: EvalOutputs, index: int, size: int) -> np.ndarray:
     """Image | heatmap overlay (fixed aligned scale) | ground-truth mask, side by side."""
     sample = outputs.samples[index]
     image = load_image(sample.path, size, outputs.resize)[0].permute(1, 2, 0).numpy()
-    if outputs.aligned_maps is not None:  # a tiled run's, combined from its tiles
-        aligned_map = outputs.aligned_maps[index]
-    else:
-        u, spread = (torch.from_numpy(values[index : index + 1]) for values in (outputs.u, outputs.spread))
-        aligned_map = align(outputs.maps[index : index + 1], u, spread)[0]
+    aligned_map = outputs.aligned_map(index)
     mask = outputs.masks[index].numpy()
     mask_rgb = np.repeat((mask * 255).astype(np.uint8)[:, :, None], 3, axis=2)
     gap = np.full((size, 4, 3), 255, np.uint8)
