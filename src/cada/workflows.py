@@ -131,21 +131,17 @@ def make_settings(
     data = make_preset(preset, method).to_dict()
     _merge(data, given)
     data["method"] = method
-    if align is not None:
-        data["align"] = align
-    if seed is not None:
-        data["seed"] = seed
+    named = {
+        "align": align,
+        "seed": seed,
+        "backbone": backbone,
+        "image_size": image_size,
+        "resize": resize,
+        "tile": tile,
+        "tile_overlap": tile_overlap,
+    }
     # `is not None`, not truthiness: 0 is a value to validate (and refuse), never "use the preset's".
-    if backbone is not None:
-        data["backbone"] = backbone
-    if image_size is not None:
-        data["image_size"] = image_size
-    if resize is not None:
-        data["resize"] = resize
-    if tile is not None:
-        data["tile"] = tile
-    if tile_overlap is not None:
-        data["tile_overlap"] = tile_overlap
+    data.update({name: value for name, value in named.items() if value is not None})
     if iters is not None:
         data["base"].update(iters=iters, epochs=None)
     if epochs is not None:
