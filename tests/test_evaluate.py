@@ -216,3 +216,25 @@ def test_normals_aligned_reference_is_the_pooled_auroc_when_normals_share_one_di
     assert block["normals_aligned_i_auroc"] == pytest.approx(binary_metrics(scores, labels)["auroc"])
     assert block["normals_aligned_i_auroc"] == pytest.approx((2 * per["easy"] + 6 * per["hard"]) / 8)
     assert block["normals_aligned_i_auroc"] < (per["easy"] + per["hard"]) / 2
+
+
+def test_per_defect_rows_rank_each_defect_type_against_its_products_normals():
+    """A product with an easy and a hard defect type: each type's I-AUROC is its own images against the product's
+    normals (another product's normals do not count), its recall is at the pooled threshold."""
+    import sklearn.metrics as skm
+
+    from cada.evaluate import per_product_decisions
+
+    scores = np.array([0.1, 0.2, 0.3, 0.4, 0.9, 0.8, 0.15, 0.35, 0.6, 5.0, 0.0])
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 1])
+    names = np.array(["a"] * 9 + ["b"] * 2)
+    defects = np.array(["good"] * 4 + ["crack"] * 2 + ["stain"] * 3 + ["good", "dent"])
+    block = per_product_decisions(scores, labels, names, threshold=0.5, defects=defects)
+    found = block["products"]["a"]["defects"]
+    assert list(found) == ["crack", "stain"]
+    assert found["crack"] == {"n": 2, "i_auroc": 1.0, "recall": 1.0}
+    stain = np.r_[scores[:4], scores[6:9]], np.r_[np.zeros(4), np.ones(3)]
+    assert found["stain"]["i_auroc"] == pytest.approx(skm.roc_auc_score(stain[1], stain[0]))
+    assert found["stain"]["recall"] == pytest.approx(1 / 3)
+    assert block["products"]["b"]["defects"] == {"dent": {"n": 1, "i_auroc": 0.0, "recall": 0.0}}
+    assert "defects" not in per_product_decisions(scores, labels, names, threshold=0.5)["products"]["a"]

@@ -437,6 +437,7 @@ def results_table(
         for protocol, metrics in zip(PROTOCOLS, (pooled, averaged)):
             rows.append({"method": method, "align": align_name, "protocol": protocol, **metrics})
     scores = {name: image_scores(outputs, everything, name != "none") for name in aligners}
+    defects = np.array([s.defect for s in outputs.samples])
     results = {"rows": rows, "per_class": per_class}
     oracle = oracle_scores(outputs, class_score_stats)
     if oracle is not None:
@@ -446,7 +447,7 @@ def results_table(
             for protocol, metrics in zip(PROTOCOLS, image_only_metrics(oracle, outputs.labels, class_names))
         ]
     results["per_product"] = {
-        name: per_product_decisions(values, outputs.labels, class_names, (thresholds or {}).get(name))
+        name: per_product_decisions(values, outputs.labels, class_names, (thresholds or {}).get(name), defects)
         for name, values in scores.items()
     }
     return results
@@ -475,10 +476,16 @@ def image_only_metrics(scores: np.ndarray, labels: np.ndarray, class_names: np.n
 
 
 def per_product_decisions(
-    scores: np.ndarray, labels: np.ndarray, class_names: np.ndarray, threshold: float | None
+    scores: np.ndarray,
+    labels: np.ndarray,
+    class_names: np.ndarray,
+    threshold: float | None,
+    defects: np.ndarray | None = None,
 ) -> dict:
     """Each product's I-AUROC, median normal score, and FPR and recall at ONE pooled threshold: the calibrated one
     when given, else the threshold at REFERENCE_FPR of the pooled test normals (an after-the-fact reference).
+    With `defects` (each image's defect type), each product also gets "defects": per defect type its image count,
+    I-AUROC against the product's normals and recall at that threshold, which says what the detector misses.
 
     "normals_aligned_i_auroc" is the mean of the products' I-AUROC weighted by their anomalous images: the pooled
     I-AUROC of any alignment that puts every product's normal scores on one distribution (each anomaly then
@@ -504,6 +511,8 @@ def per_product_decisions(
             "fpr": decisions["fpr"],
             "recall": decisions["recall"],
         }
+        if defects is not None:
+            products[name]["defects"] = _per_defect(scores, labels, index, defects, threshold)
         if ranking:
             count = int((labels[index] == 1).sum())
             weighted, anomalies = weighted + count * ranking["auroc"], anomalies + count
@@ -513,6 +522,26 @@ def per_product_decisions(
         "normals_aligned_i_auroc": weighted / anomalies if anomalies else None,
         "products": products,
     }
+
+
+def _per_defect(scores: np.ndarray, labels: np.ndarray, product: np.ndarray, defects: np.ndarray, threshold) -> dict:
+    """{defect type: {"n", "i_auroc" against the product's normals, "recall" at `threshold`}} of one product."""
+    normal = scores[product & (labels == 0)]
+    found = {}
+    for defect in sorted(set(defects[product & (labels == 1)])):
+        anomalous = scores[product & (labels == 1) & (defects == defect)]
+        both = np.concatenate([normal, anomalous])
+        ranking = _safe(binary_metrics, both, np.r_[np.zeros(len(normal), int), np.ones(len(anomalous), int)])
+        found[str(defect)] = {
+            "n": len(anomalous),
+            "i_auroc": ranking["auroc"] if ranking else None,
+            "recall": float((anomalous >= threshold).mean()),
+        }
+    return found
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
 
 
 def format_per_product(results: dict) -> str:
@@ -526,11 +555,16 @@ def format_per_product(results: dict) -> str:
         )
         for product, values in block["products"].items():
             median = "-" if values["median_normal_score"] is None else f"{values['median_normal_score']:.3g}"
-            rates = " ".join(
-                f"{key}={'-' if values[key] is None else f'{100 * values[key]:.1f}'}"
-                for key in ("i_auroc", "fpr", "recall")
-            )
+            rates = " ".join(f"{key}={_percent(values[key])}" for key in ("i_auroc", "fpr", "recall"))
             lines.append(f"    {product:<16} median normal {median:>8}  {rates}")
+            if len(values.get("defects", {})) > 1:  # one type would repeat the product's line
+                lines.append(
+                    "      by defect (n, i_auroc/recall): "
+                    + ", ".join(
+                        f"{defect} ({d['n']}) {_percent(d['i_auroc'])}/{_percent(d['recall'])}"
+                        for defect, d in values["defects"].items()
+                    )
+                )
     return "\n".join(lines)
 
 
@@ -551,15 +585,14 @@ def format_table(results: dict) -> str:
 
 def format_decisions(results: dict) -> str:
     """Decisions at the stored threshold: pooled and per-class-mean FPR, recall, precision, F1, FPR range."""
-    percent = lambda value: "-" if value is None else f"{100 * value:.1f}"  # noqa: E731
     lines = [f"{'align':<11} {'protocol':<17} {'FPR':>6} {'recall':>7} {'prec.':>6} {'F1':>6}  per-class FPR"]
     for row in results["rows"]:
         if row.get("fpr") is None and row.get("recall") is None:
             continue
         lines.append(
-            f"{row['align']:<11} {row['protocol']:<17} {percent(row['fpr']):>6} {percent(row['recall']):>7} "
-            f"{percent(row['precision']):>6} {percent(row['f1']):>6}  "
-            f"{percent(row['class_fpr_min'])}-{percent(row['class_fpr_max'])} (std {percent(row['class_fpr_std'])})"
+            f"{row['align']:<11} {row['protocol']:<17} {_percent(row['fpr']):>6} {_percent(row['recall']):>7} "
+            f"{_percent(row['precision']):>6} {_percent(row['f1']):>6}  "
+            f"{_percent(row['class_fpr_min'])}-{_percent(row['class_fpr_max'])} (std {_percent(row['class_fpr_std'])})"
         )
     return "\n".join(lines)
 
@@ -569,8 +602,6 @@ def format_per_class(results: dict) -> str:
     lines = []
     for align_name, classes in results["per_class"].items():
         for name, metrics in classes.items():
-            cells = " ".join(
-                f"{key}={'-' if metrics.get(key) is None else f'{100 * metrics[key]:.1f}'}" for key in METRICS
-            )
+            cells = " ".join(f"{key}={_percent(metrics.get(key))}" for key in METRICS)
             lines.append(f"  {align_name:<6} {name:<16} {cells}")
     return "\n".join(lines)

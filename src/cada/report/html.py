@@ -63,8 +63,20 @@ def _results_table(results: dict) -> str:
 
 
 def _per_product_table(results: dict) -> str:
-    """Per alignment and product: median normal score, FPR and recall at one pooled threshold."""
-    head = "".join(f"<th>{h}</th>" for h in ["align", "product", "median normal score", "FPR", "recall", "threshold"])
+    """Per alignment and product: median normal score, FPR and recall at one pooled threshold, and each defect
+    type's I-AUROC and recall."""
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in [
+            "align",
+            "product",
+            "median normal score",
+            "FPR",
+            "recall",
+            "by defect: n, I-AUROC / recall",
+            "threshold",
+        ]
+    )
     body = []
     for align_name, block in results.get("per_product", {}).items():
         for product, values in block["products"].items():
@@ -75,6 +87,10 @@ def _per_product_table(results: dict) -> str:
                 "–" if median is None else f"{median:.3g}",
                 _percent(values["fpr"]),
                 _percent(values["recall"]),
+                "; ".join(
+                    f"{defect} ({d['n']}) {_percent(d['i_auroc'])} / {_percent(d['recall'])}"
+                    for defect, d in values.get("defects", {}).items()
+                ),
                 f"{block['threshold']:.4g} ({block['threshold_source']})",
             ]
             css = ' class="aligned"' if align_name != "none" else ""
