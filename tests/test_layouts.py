@@ -184,6 +184,13 @@ def test_evaluation_numbers_are_the_same_in_every_layout(trees):
     for layout, root in trees.items():
         samples, _ = find_samples(root, "test")
         results[layout] = results_table(collect(_StubDetector(), samples, progress=False), "stub", ("none",))
+    # Defect types are named by each layout (MVTec's folders, VisA's "anomaly", BTAD's "ko"): same images.
+    defect_counts = {}
+    for layout, result in results.items():
+        for product in result["per_product"]["none"]["products"].values():
+            defects = product.pop("defects")
+            defect_counts.setdefault(layout, []).append(sum(d["n"] for d in defects.values()))
+    assert defect_counts["visa"] == defect_counts["mvtec"] == defect_counts["btad"] and all(defect_counts["mvtec"])
     assert results["visa"] == results["mvtec"] and results["btad"] == results["mvtec"]
     assert results["mvtec"]["rows"][0]["i_auroc"] is not None
 
