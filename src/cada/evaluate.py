@@ -540,8 +540,9 @@ def _per_defect(scores: np.ndarray, labels: np.ndarray, product: np.ndarray, def
     return found
 
 
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
+def percent(value: float | None, missing: str = "-") -> str:
+    """A rate in [0, 1] as a percentage with one decimal, `missing` for None (text and HTML reports)."""
+    return missing if value is None else f"{100 * value:.1f}"
 
 
 def format_per_product(results: dict) -> str:
@@ -555,13 +556,13 @@ def format_per_product(results: dict) -> str:
         )
         for product, values in block["products"].items():
             median = "-" if values["median_normal_score"] is None else f"{values['median_normal_score']:.3g}"
-            rates = " ".join(f"{key}={_percent(values[key])}" for key in ("i_auroc", "fpr", "recall"))
+            rates = " ".join(f"{key}={percent(values[key])}" for key in ("i_auroc", "fpr", "recall"))
             lines.append(f"    {product:<16} median normal {median:>8}  {rates}")
             if len(values.get("defects", {})) > 1:  # one type would repeat the product's line
                 lines.append(
                     "      by defect (n, i_auroc/recall): "
                     + ", ".join(
-                        f"{defect} ({d['n']}) {_percent(d['i_auroc'])}/{_percent(d['recall'])}"
+                        f"{defect} ({d['n']}) {percent(d['i_auroc'])}/{percent(d['recall'])}"
                         for defect, d in values["defects"].items()
                     )
                 )
@@ -590,9 +591,9 @@ def format_decisions(results: dict) -> str:
         if row.get("fpr") is None and row.get("recall") is None:
             continue
         lines.append(
-            f"{row['align']:<11} {row['protocol']:<17} {_percent(row['fpr']):>6} {_percent(row['recall']):>7} "
-            f"{_percent(row['precision']):>6} {_percent(row['f1']):>6}  "
-            f"{_percent(row['class_fpr_min'])}-{_percent(row['class_fpr_max'])} (std {_percent(row['class_fpr_std'])})"
+            f"{row['align']:<11} {row['protocol']:<17} {percent(row['fpr']):>6} {percent(row['recall']):>7} "
+            f"{percent(row['precision']):>6} {percent(row['f1']):>6}  "
+            f"{percent(row['class_fpr_min'])}-{percent(row['class_fpr_max'])} (std {percent(row['class_fpr_std'])})"
         )
     return "\n".join(lines)
 
@@ -602,6 +603,6 @@ def format_per_class(results: dict) -> str:
     lines = []
     for align_name, classes in results["per_class"].items():
         for name, metrics in classes.items():
-            cells = " ".join(f"{key}={_percent(metrics.get(key))}" for key in METRICS)
+            cells = " ".join(f"{key}={percent(metrics.get(key))}" for key in METRICS)
             lines.append(f"  {align_name:<6} {name:<16} {cells}")
     return "\n".join(lines)

@@ -6,6 +6,7 @@ Everything (figures, thumbnails) is embedded as base64 PNG, so the page is one f
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from cada.data.dataset import load_image
-from cada.evaluate import DECISIONS, EvalOutputs, image_scores
+from cada.evaluate import DECISIONS, EvalOutputs, image_scores, percent
 from cada.files import atomic_write
 from cada.metrics import HEADERS, METRICS
 from cada.predict import HEATMAP_MAX, overlay
@@ -39,8 +40,7 @@ def _png(array: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _percent(value) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
+_percent = functools.partial(percent, missing="–")
 
 
 def _results_table(results: dict) -> str:
