@@ -238,3 +238,73 @@ def test_per_defect_rows_rank_each_defect_type_against_its_products_normals():
     assert found["stain"]["recall"] == pytest.approx(1 / 3)
     assert block["products"]["b"]["defects"] == {"dent": {"n": 1, "i_auroc": 0.0, "recall": 0.0}}
     assert "defects" not in per_product_decisions(scores, labels, names, threshold=0.5)["products"]["a"]
+
+
+def test_calibration_check_warns_when_the_test_normals_contradict_the_target_fpr():
+    """Flagging 2 of 200 normals is what a 1% target gives by chance; 20 of 200, all from one product, is not:
+    the check names that product (20 of 100) and not the other (0 of 100)."""
+    from scipy.stats import binom
+
+    from cada.evaluate import calibration_check, format_calibration_check
+
+    labels = np.array([0] * 200 + [1] * 10)
+    names = np.array(["plate"] * 100 + ["tile"] * 100 + ["tile"] * 10)
+    scores = np.zeros(210)
+    scores[200:] = 5.0
+    scores[[0, 150]] = 2.0  # one normal of each product above the threshold
+    fine = calibration_check(scores, labels, names, threshold=1.0, target_fpr=0.01)
+    assert fine["holds"] and fine["pooled"]["flagged"] == 2 and fine["pooled"]["normals"] == 200
+    assert fine["pooled"]["p_value"] == pytest.approx(1 - binom.cdf(1, 200, 0.01))
+    assert format_calibration_check({"calibration_check": {"knn": fine}}) == []
+    scores[100:119] = 2.0  # 19 more of the tile normals
+    missed = calibration_check(scores, labels, names, threshold=1.0, target_fpr=0.01)
+    assert not missed["holds"] and missed["pooled"]["flagged"] == 21 and missed["products"]["tile"]["flagged"] == 20
+    assert missed["products"]["plate"]["p_value"] > 0.01 > missed["products"]["tile"]["p_value"]
+    (line,) = format_calibration_check({"calibration_check": {"knn": missed, "none": fine}})
+    assert line.startswith("warning (knn): the threshold calibrated at 1.0% FPR flags more test normals than chance")
+    assert "all products 10.5% (21 of 200), tile 20.0% (20 of 100)." in line and "plate" not in line
+    assert "cada calibrate RUN --normal DIR" in line
+
+
+def test_results_table_checks_thresholds_only_when_they_were_calibrated_at_a_target_fpr():
+    outputs = _outputs([0.0, 1.0])
+    thresholds = {"none": 0.55}  # class1's normals (offset 1.0) are all above it
+    checked = results_table(outputs, "revdist", ("none",), thresholds, target_fpr=0.01)
+    check = checked["calibration_check"]["none"]
+    assert not check["holds"] and check["products"]["class1"]["flagged"] == 20 and check["threshold"] == 0.55
+    assert check["products"]["class0"]["flagged"] == 0
+    assert "calibration_check" not in results_table(outputs, "revdist", ("none",), thresholds)
+    json.dumps(checked)  # the JSON report takes it as it is
+
+
+def test_evaluate_says_when_the_calibrated_threshold_fails_on_the_test_normals(
+    tiny_data, tiny_detector, tmp_path, capsys
+):
+    """A threshold below every test image (as calibration images far easier than the test normals would give):
+    the text report and the HTML report say so, the JSON holds the counts."""
+    import copy
+    import html
+
+    from cada.workflows import evaluate
+
+    detector = copy.deepcopy(tiny_detector)
+    detector.calibration = {
+        "threshold": -1e9,
+        "base_threshold": -1e9,
+        "how": "fpr",
+        "target_fpr": 0.01,
+        "n_normal": 100,
+        "n_anomalous": 0,
+        "source": "test",
+        "normal_scores": [],
+    }
+    results = evaluate(detector, tiny_data, progress=False, report_dir=tmp_path, cache_dir=None)
+    out, align_name = capsys.readouterr().out, detector.settings.align
+    flags = "the threshold calibrated at 1.0% FPR flags more test normals than chance allows (p < 0.01): all "
+    assert f"warning ({align_name}): {flags}" in out and f"warning (none): {flags}" in out
+    check = results["calibration_check"][align_name]
+    assert not check["holds"] and check["pooled"]["flagged"] == check["pooled"]["normals"] > 0
+    assert html.escape(flags) in (tmp_path / "report.html").read_text()
+    detector.calibration.update(threshold=1e9, base_threshold=1e9)
+    evaluate(detector, tiny_data, progress=False, cache_dir=None)
+    assert "warning (" not in capsys.readouterr().out

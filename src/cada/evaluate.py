@@ -39,6 +39,7 @@ DECISIONS = ("fpr", "recall", "precision", "f1")  # at the stored threshold, whe
 PIXEL_RESOLUTIONS = ("model", "original")
 ORACLE = "oracle"  # the class-aware reference row: per-product z-score of the image score (class names known)
 REFERENCE_FPR = 0.01  # without a calibrated threshold, the pooled threshold at this FPR on the test normals
+SIGNIFICANCE = 0.01  # a calibrated FPR target counts as missed when chance would flag as many normals this rarely
 
 
 @dataclass
@@ -390,12 +391,14 @@ def detector_results(detector, outputs: EvalOutputs) -> dict:
     """`results_table` of a detector's outputs: its base map and, with an aligner, its aligned map, with the run's
     thresholds and class-aware oracle."""
     aligners = ("none",) if detector.settings.align == "none" else ("none", detector.settings.align)
+    calibration = detector.calibration or {}
     return results_table(
         outputs,
         detector.settings.method,
         aligners,
         detector.thresholds,
         detector.training_info.get("class_score_stats"),
+        calibration.get("target_fpr") if calibration.get("how") == "fpr" else None,
     )
 
 
@@ -405,6 +408,7 @@ def results_table(
     aligners: tuple[str, ...],
     thresholds: dict[str, float] | None = None,
     class_score_stats: dict | None = None,
+    target_fpr: float | None = None,
 ) -> dict:
     """{"rows": [...], "per_class": {align: {class: metrics}}, "per_product": ...} for the base ("none") and each
     aligner.
@@ -413,6 +417,8 @@ def results_table(
     `class_score_stats` (the run's per-class training score statistics), "oracle" holds the rows of the class-aware
     ORACLE (image metrics only), the ceiling of any alignment of this base. "per_product" gives each product's
     median aligned normal score and its FPR and recall at one pooled threshold (see `per_product_decisions`).
+    With `target_fpr` (the thresholds were calibrated at that false-positive rate), "calibration_check" says per
+    threshold whether the test normals bear it out (see `calibration_check`).
     """
     class_names = outputs.class_names
     classes = sorted(set(class_names))
@@ -450,7 +456,40 @@ def results_table(
         name: per_product_decisions(values, outputs.labels, class_names, (thresholds or {}).get(name), defects)
         for name, values in scores.items()
     }
+    if target_fpr is not None and thresholds:
+        results["calibration_check"] = {
+            name: calibration_check(scores[name], outputs.labels, class_names, threshold, target_fpr)
+            for name, threshold in thresholds.items()
+            if name in scores
+        }
     return results
+
+
+def calibration_check(
+    scores: np.ndarray, labels: np.ndarray, class_names: np.ndarray, threshold: float, target_fpr: float
+) -> dict:
+    """How many test normals a threshold calibrated at `target_fpr` flags, pooled and per product, with the chance
+    of flagging at least as many if the target held (binomial tail). "holds" is False when that chance is below
+    SIGNIFICANCE, pooled or for a product: the calibration images then scored lower than these normals (on
+    realmix's magnetic_tile with PatchCore: held-out images whose other captures stayed in the bank)."""
+    from scipy.stats import binom
+
+    def counted(normal: np.ndarray) -> dict:
+        flagged = int((normal >= threshold).sum())
+        chance = float(binom.sf(flagged - 1, len(normal), target_fpr)) if flagged else 1.0
+        return {"normals": len(normal), "flagged": flagged, "fpr": flagged / len(normal), "p_value": chance}
+
+    normal = labels == 0
+    pooled = counted(scores[normal]) if normal.any() else None
+    products = {str(name): counted(scores[normal & (class_names == name)]) for name in sorted(set(class_names[normal]))}
+    missed = [block for block in [pooled, *products.values()] if block and block["p_value"] < SIGNIFICANCE]
+    return {
+        "target_fpr": target_fpr,
+        "threshold": float(threshold),
+        "holds": not missed,
+        "pooled": pooled,
+        "products": products,
+    }
 
 
 def oracle_scores(outputs: EvalOutputs, class_score_stats: dict | None) -> np.ndarray | None:
@@ -538,6 +577,26 @@ def _per_defect(scores: np.ndarray, labels: np.ndarray, product: np.ndarray, def
             "recall": float((anomalous >= threshold).mean()),
         }
     return found
+
+
+def format_calibration_check(results: dict) -> list[str]:
+    """One warning per calibrated threshold that the test normals contradict (empty when all hold)."""
+    lines = []
+    for name, check in results.get("calibration_check", {}).items():
+        blocks = [("all products", check["pooled"]), *check["products"].items()]
+        missed = ", ".join(
+            f"{label} {percent(block['fpr'])}% ({block['flagged']} of {block['normals']})"
+            for label, block in blocks
+            if block and block["p_value"] < SIGNIFICANCE
+        )
+        if missed:
+            lines.append(
+                f"warning ({name}): the threshold calibrated at {percent(check['target_fpr'])}% FPR flags more test "
+                f"normals than chance allows (p < {SIGNIFICANCE}): {missed}. The calibration images scored lower "
+                "than these normals (repeated captures of parts that stay in training? test normals unlike the "
+                "training ones?); calibrate on normals of other parts: cada calibrate RUN --normal DIR"
+            )
+    return lines
 
 
 def percent(value: float | None, missing: str = "-") -> str:

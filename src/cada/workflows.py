@@ -344,6 +344,7 @@ def evaluate(
     from cada.evaluate import (
         collect,
         detector_results,
+        format_calibration_check,
         format_decisions,
         format_per_class,
         format_per_product,
@@ -394,6 +395,8 @@ def evaluate(
     if detector.calibration:
         say(f"at the stored threshold ({detector.calibration['how']}, {detector.calibration['source']}):")
         say(format_decisions(results))
+        for line in format_calibration_check(results):
+            say(line)
     say("per product, at one pooled threshold (oracle: each product's training z-score, class names known):")
     say(format_per_product(results))
     figures = []  # (title, PNG) for the report

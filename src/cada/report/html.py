@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from cada.data.dataset import load_image
-from cada.evaluate import DECISIONS, EvalOutputs, image_scores, percent
+from cada.evaluate import DECISIONS, EvalOutputs, format_calibration_check, image_scores, percent
 from cada.files import atomic_write
 from cada.metrics import HEADERS, METRICS
 from cada.predict import HEATMAP_MAX, overlay
@@ -169,6 +169,7 @@ def write_report(
         "<h2>Results</h2><p>absolute-unified: all classes pooled, one threshold; model-unified: per class, then "
         "averaged. Percent.</p>",
         _results_table(results),
+        *(f"<p class=anomalous>{html.escape(line)}</p>" for line in format_calibration_check(results)),
         "<h2>Per class</h2>",
         _per_class_table(results),
         "<h2>Per product at one pooled threshold</h2><p>oracle: each product's image scores z-scored with its own "
