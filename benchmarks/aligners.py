@@ -47,6 +47,7 @@ def variants() -> list[Variant]:
         Variant("classifier", "classifier"),
         Variant("class-aware (CaDA-A)", "class-aware"),
         *(Variant(f"knn k={k}", "knn", {"neighbours": k}) for k in (5, 10, 20)),
+        *(Variant(f"knn-distance w={w}", "knn-distance", {"distance_weight": w}) for w in (0.25, 0.5, 1.0)),
         *(Variant(f"knn-level k={k}", "knn-level", {"neighbours": k}) for k in (5, 20)),
     ]
 

@@ -13,12 +13,13 @@ from cada.align import (
     ClassAware,
     ClassifierAligner,
     KNNAligner,
+    KNNDistance,
     NoAlign,
     create_aligner,
 )
 from cada.align.base import ZSCORE_WIDTH, Head, map_statistics
 from cada.config import AlignTraining
-from cada.scoring import align
+from cada.scoring import align, aligned_scores
 
 CLASS_STATS = torch.tensor([[0.05, 0.30, 0.04], [0.20, 0.60, 0.08], [0.40, 1.00, 0.12]])  # mean, max, std
 NAMES = ["bottle", "grid", "tile"]
@@ -149,9 +150,9 @@ def _products(n_per_product, seed, prototypes_seed=1, n_products=3, channels=16)
     return features, image_stats, labels
 
 
-def _knn(features, image_stats, neighbours=10):
-    settings = _settings(neighbours=neighbours)
-    aligner = create_aligner("knn", features.shape[1], settings)
+def _knn(features, image_stats, neighbours=10, name="knn", **changes):
+    settings = _settings(neighbours=neighbours, **changes)
+    aligner = create_aligner(name, features.shape[1], settings)
     assert isinstance(aligner, KNNAligner)
     aligner.fit(features, image_stats, settings, torch.Generator().manual_seed(0), progress=False)
     return aligner
@@ -195,6 +196,48 @@ def test_knn_state_round_trips_through_config_and_tensors():
     assert fresh.neighbours == 5
     for a, b in zip(aligner.stats(features), fresh.stats(features)):
         assert torch.equal(a, b)
+
+
+def _aligned(aligner, features, stats):
+    """Aligned image scores, with the aligner's score offset (as cada.inference adds it)."""
+    with torch.no_grad():
+        u, gamma = aligner.stats(features)
+        return aligned_scores(stats[:, SCORE], u, aligner.spread(u, gamma), aligner.score_offset(features))
+
+
+def test_knn_distance_adds_how_unlike_its_neighbours_an_image_is_to_the_score_only():
+    features, image_stats, _ = _products(40, seed=0)
+    plain = _knn(features, image_stats)
+    with_distance = _knn(features, image_stats, name="knn-distance", distance_weight=0.5)
+    assert isinstance(with_distance, KNNDistance) and with_distance.has_score_offset and not plain.has_score_offset
+    test_features, test_stats, test_labels = _products(40, seed=1)
+    # New normal images are as far from their nearest training image as training images are from theirs: the
+    # offset leaves them at the normal level of every product.
+    aligned = _aligned(with_distance, test_features, test_stats)
+    assert [aligned[test_labels == c].median().item() for c in range(3)] == pytest.approx([1.0] * 3, abs=0.15)
+    # The same images changed as a whole (every feature scaled), their own map scores unchanged: knn aligns them
+    # by their neighbours as before, knn-distance scores them higher, by more the farther they moved.
+    changed = [test_features * factor for factor in (1.5, 2.0)]
+    gains = [(_aligned(with_distance, f, test_stats) - _aligned(plain, f, test_stats)).median() for f in changed]
+    assert 0 < gains[0] < gains[1]
+    # The maps are knn's: (u, gamma) are the same, only the image score moves.
+    for a, b in zip(with_distance.stats(changed[1]), plain.stats(changed[1])):
+        assert torch.equal(a, b)
+    # With weight 0 it is knn exactly.
+    unweighted = _knn(features, image_stats, name="knn-distance", distance_weight=0.0)
+    assert torch.equal(_aligned(unweighted, test_features, test_stats), _aligned(plain, test_features, test_stats))
+
+
+def test_knn_distance_state_round_trips_through_config_and_tensors():
+    features, image_stats, _ = _products(20, seed=0)
+    aligner = _knn(features, image_stats, neighbours=5, name="knn-distance", distance_weight=0.7)
+    fresh = create_aligner("knn-distance", 16, _settings())
+    fresh.load_config_state(aligner.config_state())
+    fresh.load_state_dict(aligner.state_dict(), strict=True)
+    assert (fresh.neighbours, fresh.distance_weight) == (5, 0.7)
+    for a, b in zip(aligner.stats(features), fresh.stats(features)):
+        assert torch.equal(a, b)
+    assert torch.equal(aligner.score_offset(features), fresh.score_offset(features))
 
 
 def test_image_score_targets_put_normals_at_one_level_whatever_the_spikiness():

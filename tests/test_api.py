@@ -68,7 +68,9 @@ def test_same_seed_same_model(tiny_data, tiny_settings, trained):
         assert torch.equal(tensor, again._modules().state_dict()[name]), name
 
 
-@pytest.mark.parametrize("align", ["cada-sigma", "cada-score", "class-aware", "classifier", "knn", "knn-level"])
+@pytest.mark.parametrize(
+    "align", ["cada-sigma", "cada-score", "class-aware", "classifier", "knn", "knn-distance", "knn-level"]
+)
 def test_every_aligner_trains_saves_and_loads(tiny_data, tiny_settings, tmp_path, align):
     detector = Detector(tiny_settings(align=align)).fit(tiny_data, progress=False)
     images, samples = load_all(mvtec_samples(tiny_data, "test"), 64)

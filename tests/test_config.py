@@ -23,6 +23,12 @@ def test_cpu_preset_encoders():
     }
 
 
+def test_default_aligners_by_measurement():
+    # knn-distance for the default method; PatchCore keeps knn (README: the distance term cost it on mix6)
+    assert Settings().align == preset("cpu").align == preset("paper").align == "knn-distance"
+    assert preset("cpu", "patchcore").align == preset("paper", "patchcore").align == "knn"
+
+
 def test_cpu_preset_scales_large_mixes_and_keeps_small_ones_at_400_steps():
     for method in ("revdist", "recontrast", "uniad"):
         schedule = preset("cpu", method).base

@@ -91,7 +91,7 @@ def test_state_sized_while_fitting_is_made_on_the_aligners_device():
         aligner._set_classes(["a", "b"])
         tensors = [aligner.class_u, aligner.class_gamma, *aligner.parameters()]
         assert all(t.device.type == "meta" for t in tensors)
-    for name in ("knn", "knn-level"):
+    for name in ("knn", "knn-distance", "knn-level"):
         aligner = create_aligner(name, 8, settings).to("meta")
         aligner._allocate(5, 8)
         assert all(t.device.type == "meta" for t in aligner.buffers())

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from cada import Detector
+from cada.align import ALIGNERS, KNNAligner
 from cada.cli import main
 from cada.config import Settings
 from cada.data.dataset import load_all
@@ -38,7 +39,9 @@ def test_predict_writes_csv_json_overlays_and_masks_and_skips_bad_files(calibrat
     )
     with open(out / "predictions.csv") as handle:
         rows = list(csv.DictReader(handle))
-    extra = {"nearest_distance", "unfamiliar"} if DEFAULT_ALIGN == "knn" else set()  # knn's unfamiliar signal
+    aligner = ALIGNERS[DEFAULT_ALIGN].cls
+    extra = {"nearest_distance", "unfamiliar"} if issubclass(aligner, KNNAligner) else set()  # unfamiliar signal
+    extra |= {"score_offset"} if aligner.has_score_offset else set()  # knn-distance: the score is more than the map
     assert len(rows) == 5 and set(rows[0]) == {"path", "score", "anomalous", "width", "height", "u", "spread", *extra}
     threshold = json.loads((calibrated_run / "config.json").read_text())["calibration"]["threshold"]
     assert all(int(r["anomalous"]) == (float(r["score"]) >= threshold - 1e-6) for r in rows)
@@ -98,7 +101,7 @@ def test_predict_runs_an_exported_model_with_the_same_outputs(
         assert [r["path"] for r in rows] == [r["path"] for r in expected]
         assert [r["anomalous"] for r in rows] == [r["anomalous"] for r in expected]
         assert rows[0].keys() == expected[0].keys()  # u, spread and the unfamiliar-product columns too
-        for column in ("score", "u", "spread", "nearest_distance"):
+        for column in ("score", "u", "spread", "score_offset", "nearest_distance"):
             assert np.allclose([r[column] for r in rows], [r[column] for r in expected], atol=tolerance), column
         reference = json.loads((tmp_path / kind / "predictions.json").read_text())["unfamiliar_reference_distance"]
         clear = [abs(r["nearest_distance"] - reference) > tolerance for r in expected]  # not on the edge
@@ -107,22 +110,24 @@ def test_predict_runs_an_exported_model_with_the_same_outputs(
         ]
 
 
-def test_predictions_carry_u_and_spread_that_give_the_aligned_score(calibrated_run, tiny_data, tmp_path):
+def test_predictions_carry_u_spread_and_offset_that_give_the_aligned_score(calibrated_run, tiny_data, tmp_path):
     out = tmp_path / "out"
     folder = tiny_data / "washer" / "test"
     assert main(["predict", str(calibrated_run), str(folder), "--out", str(out), "--quiet"]) == 0
     rows = json.loads((out / "predictions.json").read_text())["predictions"]
     images, samples = load_all([s for s in mvtec_samples(tiny_data, "test") if s.class_name == "washer"], 64)
     result = Detector.load(calibrated_run).infer(images)
-    base = {
-        str(sample.path): values
-        for sample, values in zip(samples, zip(result.base_scores.tolist(), result.u.tolist(), result.spread.tolist()))
-    }
+    assert result.offset is not None  # the default aligner, knn-distance, scores the image as a whole too
+    values = zip(result.base_scores.tolist(), result.u.tolist(), result.spread.tolist(), result.offset.tolist())
+    base = {str(sample.path): value for sample, value in zip(samples, values)}
     assert len(rows) == len(base) > 0
     for row in rows:
-        base_score, u, spread = base[row["path"]]
+        base_score, u, spread, offset = base[row["path"]]
         assert row["spread"] > 0 and row["u"] == pytest.approx(u) and row["spread"] == pytest.approx(spread)
-        assert row["score"] == pytest.approx((base_score - row["u"]) / row["spread"], abs=1e-5)
+        assert row["score_offset"] == pytest.approx(offset)
+        assert row["score"] == pytest.approx((base_score - row["u"]) / row["spread"] + offset, abs=1e-5)
+    # the maps are aligned by u and spread alone: the offset is the image's, not its pixels'
+    assert torch.allclose(result.aligned_maps, (result.maps - result.u[:, None, None]) / result.spread[:, None, None])
 
 
 def test_evaluate_reports_decisions_at_the_stored_threshold(calibrated_run, tiny_data, tmp_path, capsys):

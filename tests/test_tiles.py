@@ -82,7 +82,7 @@ def test_predict_evaluate_and_exports_agree(tiled_run, tiny_data, tmp_path):
         assert "2 x 2 tiles" in json.loads(model.with_suffix(".json").read_text())["preprocessing"]["tiles"]
         assert main(["predict", str(model), str(folder), "--out", str(tmp_path / kind), "--quiet"]) == 0
         rows = json.loads((tmp_path / kind / "predictions.json").read_text())["predictions"]
-        for column in ("score", "u", "spread", "nearest_distance"):
+        for column in ("score", "u", "spread", "score_offset", "nearest_distance"):
             assert np.allclose([r[column] for r in rows], [r[column] for r in expected], atol=1e-4), column
     out = tmp_path / "results.json"
     args = ["evaluate", str(tiled_run), "--data", str(tiny_data), "--json", str(out), "--quiet"]

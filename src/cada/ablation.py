@@ -133,14 +133,17 @@ class Ablation:
 
     @staticmethod
     def aligned(aligner: Aligner, outputs: EvalOutputs) -> EvalOutputs:
-        """Cached outputs with (u, spread) of `aligner`, from their cached align features."""
+        """Cached outputs with (u, spread) and the score offset of `aligner`, from their cached align features."""
         if outputs.align_features is None:
             raise ValueError("re-aligning needs the align features: collect the outputs with keep_features=True")
         class_names = list(outputs.class_names) if aligner.needs_class_names else None
         with torch.inference_mode():
             u, gamma = aligner.stats(outputs.align_features, class_names)
             spread = aligner.spread(u, gamma)
-        return dataclasses.replace(outputs, u=u.numpy(), spread=spread.numpy())
+            offset = aligner.score_offset(outputs.align_features)
+        return dataclasses.replace(
+            outputs, u=u.numpy(), spread=spread.numpy(), offset=None if offset is None else offset.numpy()
+        )
 
     def run(self, variant: Variant) -> tuple[dict[str, dict], float]:
         """Fit the variant's aligner on the cached training statistics and evaluate it; (rows, seconds)."""

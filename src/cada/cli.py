@@ -630,7 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ALIGNERS,
         help="cada: the paper's (u, gamma) regressor; cada-sigma: (u, sigma); cada-score: gamma = the "
         "image score; knn: the k nearest "
-        "training images give the z-score (and flag unfamiliar products); class-aware: CaDA-A, "
+        "training images give the z-score (and flag unfamiliar products); knn-distance: knn plus how far the "
+        "image is from its nearest training image; class-aware: CaDA-A, "
         "needs class names at test (a reference); classifier: CaDA-B; none: the base alone "
         f"(default: the config's, else {Settings.align})",
     )

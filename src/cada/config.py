@@ -90,6 +90,8 @@ class AlignTraining:
     scale_lr: bool = False  # as BaseTraining.scale_lr
     # knn aligners: how many nearest training images give an image's normal score statistics.
     neighbours: int = 20  # measured: 20 >= 10 >= 5 in pooled I-AUROC on realmix, realmix-extra and their mix
+    # knn-distance: weight of the nearest-training-image distance's z-score added to the aligned score (README).
+    distance_weight: float = 0.5
 
 
 RESIZE_MODES = ("squash", "letterbox")  # see cada.data.resize
@@ -107,9 +109,9 @@ class Settings:
     # see cada.tiles. The images are fitted to input_size, then cut into tiles of image_size.
     tile: int = 1
     tile_overlap: float = 0.0
-    # knn (k = 20) by measurement with the cpu preset's base on realmix, realmix-extra and their 6-product mix
-    # (benchmarks/aligners.py, README); the paper's own aligner is `cada`, for reproduction.
-    align: str = "knn"
+    # knn-distance (k = 20) by measurement with the cpu preset's base on realmix, realmix-extra and their 6-product
+    # mix (benchmarks/aligners.py, README); the paper's own aligner is `cada`, for reproduction.
+    align: str = "knn-distance"
     base: BaseTraining = field(default_factory=BaseTraining)
     aligner: AlignTraining = field(default_factory=AlignTraining)
     smoothing_sigma: float = 4.0
@@ -235,6 +237,7 @@ RANGES = {
     "aligner.linears": "[1, 3]",
     "aligner.smooth_l1_alpha": "(0, 1000000]",
     "aligner.neighbours": "[2, 10000]",  # a mean and a spread of the neighbours' scores
+    "aligner.distance_weight": "[0, 100]",
 }
 
 

@@ -29,7 +29,7 @@ from cada.data.mvtec import Sample
 from cada.data.resize import crop_to_content
 from cada.engine.distributed import batch_shard, is_distributed, is_main, world_size
 from cada.metrics import HEADERS, METRICS, binary_metrics, distributed_pixel_metrics, pixel_metrics
-from cada.scoring import align
+from cada.scoring import align, aligned_scores
 from cada.threshold import decision_metrics, threshold_at_fpr
 
 PROTOCOLS = ("absolute-unified", "model-unified")
@@ -54,6 +54,7 @@ class EvalOutputs:
     u: np.ndarray
     spread: np.ndarray
     align_features: torch.Tensor | None = None  # N x C x h x w, kept for re-fitting aligners (ablations)
+    offset: np.ndarray | None = None  # N, added to the aligned image scores (Aligner.score_offset); None: nothing
     # Pixel metrics at the ground truth's own resolution: per image (height, width) and anomalous pixel count.
     original_sizes: np.ndarray | None = None  # N x 2
     original_anomalous: np.ndarray | None = None  # N
@@ -138,7 +139,7 @@ def collect(
     positions = batch_shard(len(samples), batch_size) if distributed else list(range(len(samples)))
     mine = [samples[i] for i in positions]
     kept: list[int] = []
-    maps, masks, has_mask, scores, u, spread, features = [], [], [], [], [], [], []
+    maps, masks, has_mask, scores, u, spread, offset, features = [], [], [], [], [], [], [], []
     aligned_scores, aligned_maps = [], []  # tiled runs only (see EvalOutputs)
     batches = iterate_batches(
         mine,
@@ -166,10 +167,11 @@ def collect(
             scores.append(result.base_scores)
             u.append(result.u)
             spread.append(result.spread)
+            offset.append(torch.zeros_like(result.u) if result.offset is None else result.offset)
             bar.update(len(local) * world_size())
     if distributed:
         outputs = DistributedEvalOutputs.gather(
-            samples, kept, maps, masks, has_mask, scores, u, spread, detector.settings.input_size
+            samples, kept, maps, masks, has_mask, scores, u, spread, offset, detector.settings.input_size
         )
     else:
         if not kept:
@@ -183,6 +185,7 @@ def collect(
             u=torch.cat(u).numpy(),
             spread=torch.cat(spread).numpy(),
             align_features=torch.cat(features) if keep_features else None,
+            offset=torch.cat(offset).numpy(),
             aligned_scores=torch.cat(aligned_scores).numpy() if aligned_scores else None,
             aligned_maps=torch.cat(aligned_maps) if aligned_maps else None,
         )
@@ -216,7 +219,7 @@ class DistributedEvalOutputs(EvalOutputs):
     local_rows: np.ndarray
 
     @classmethod
-    def gather(cls, samples, kept, maps, masks, has_mask, scores, u, spread, image_size: int):
+    def gather(cls, samples, kept, maps, masks, has_mask, scores, u, spread, offset, image_size: int):
         size = (0, image_size, image_size)
         local_maps = torch.cat(maps) if maps else torch.empty(size)
         local_masks = torch.cat(masks) if masks else torch.empty(size, dtype=torch.bool)
@@ -226,7 +229,7 @@ class DistributedEvalOutputs(EvalOutputs):
             "anomalous": local_masks.flatten(1).sum(1).numpy(),
             **{
                 key: torch.cat(values).numpy() if values else np.empty(0, np.float32)
-                for key, values in (("scores", scores), ("u", u), ("spread", spread))
+                for key, values in (("scores", scores), ("u", u), ("spread", spread), ("offset", offset))
             },
         }
         pieces: list[dict] = [{}] * world_size()
@@ -245,6 +248,7 @@ class DistributedEvalOutputs(EvalOutputs):
             joined["u"],
             joined["spread"],
             None,
+            joined["offset"],
         )
         outputs.__dict__["anomalous_pixels"] = joined["anomalous"]  # the cached_property, from the gathered counts
         where = {int(position): row for row, position in enumerate(joined["positions"])}
@@ -323,13 +327,11 @@ def image_scores(outputs: EvalOutputs, index: np.ndarray, aligned: bool) -> np.n
     if aligned and outputs.aligned_scores is not None:
         return outputs.aligned_scores[index]
     scores = outputs.base_scores[index]
-    return (
-        align(
-            torch.from_numpy(scores), torch.from_numpy(outputs.u[index]), torch.from_numpy(outputs.spread[index])
-        ).numpy()
-        if aligned
-        else scores
-    )
+    if not aligned:
+        return scores
+    offset = None if outputs.offset is None else torch.from_numpy(outputs.offset[index])
+    u, spread = torch.from_numpy(outputs.u[index]), torch.from_numpy(outputs.spread[index])
+    return aligned_scores(torch.from_numpy(scores), u, spread, offset).numpy()
 
 
 def subset_metrics(outputs: EvalOutputs, index: np.ndarray, aligned: bool, fpr_limit: float = FPR_LIMIT) -> dict:

@@ -41,14 +41,20 @@ LETTERBOX_RULE = (
     f"least 1), centred (offsets rounded down) on an image_size square of RGB {PAD_RGB}"
 )
 MAX_SIDE = 2**15  # the raw graph's largest accepted image side
+PER_IMAGE_COLUMNS = ("u", "spread", "score_offset", "nearest_distance")  # outputs that predictions report as columns
 
 
 def output_names(detector) -> list[str]:
     """The graph's outputs: aligned score B, aligned map B x S x S, the image's predicted normal statistics u and
-    spread (B each, as `cada predict` reports them) and, for an aligner with an unfamiliar-product signal (knn),
-    the distance to the nearest training image B."""
+    spread (B each, as `cada predict` reports them), for an aligner that scores the image as a whole (knn-distance)
+    its score offset B, and for one with an unfamiliar-product signal (knn, knn-distance) the distance to the nearest
+    training image B."""
     names = ["score", "aligned_map", "u", "spread"]
-    return names + ["nearest_distance"] if detector.aligner.unfamiliar_reference is not None else names
+    if detector.aligner.has_score_offset:
+        names.append("score_offset")
+    if detector.aligner.unfamiliar_reference is not None:
+        names.append("nearest_distance")
+    return names
 
 
 class ExportedDetector(nn.Module):
@@ -60,9 +66,13 @@ class ExportedDetector(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         result = infer(self.method, self.aligner, images, self.settings)
-        outputs = (result.aligned_scores, result.aligned_maps, result.u, result.spread)
+        outputs = [result.aligned_scores, result.aligned_maps, result.u, result.spread]
+        if result.offset is not None:
+            outputs.append(result.offset)
         distance = image_distances(self.aligner, result.align_features, self.settings)
-        return outputs if distance is None else (*outputs, distance)
+        if distance is not None:
+            outputs.append(distance)
+        return tuple(outputs)
 
 
 class RawImageFront(nn.Module):
@@ -274,7 +284,7 @@ def exported_scorer(model_path: str | Path, device: str = "cpu"):
         else:
             outputs = run(np.ascontiguousarray(images.numpy()))
         values = {name: torch.from_numpy(np.asarray(array)) for name, array in zip(names, outputs)}
-        columns = {name: values[name] for name in ("u", "spread", "nearest_distance") if name in values}
+        columns = {name: values[name] for name in PER_IMAGE_COLUMNS if name in values}
         if "nearest_distance" in values and reference is not None:
             columns["unfamiliar"] = values["nearest_distance"] > reference
         return values["score"], values["aligned_map"], columns

@@ -9,25 +9,29 @@ import torch
 from cada import tiles
 from cada.data.dataset import normalize
 from cada.engine.device import autocast, module_device
-from cada.scoring import align, image_score, smooth
+from cada.scoring import align, aligned_scores, image_score, smooth
 
 
 @dataclass
 class BatchResult:
-    """Per-image outputs of one batch. `maps` is the smoothed base map; aligned = (maps - u) / spread, except for a
-    tiled run, whose tiles are aligned each by their own u and spread: there `aligned` holds the images' aligned
-    scores and maps as combined from their tiles (cada.tiles)."""
+    """Per-image outputs of one batch. `maps` is the smoothed base map; aligned = (maps - u) / spread, and the
+    aligned score is the base score aligned so, plus `offset` where the aligner scores the image as a whole
+    (Aligner.score_offset). A tiled run's tiles are aligned each by their own u and spread: there `aligned` holds
+    the images' aligned scores and maps as combined from their tiles (cada.tiles)."""
 
     maps: torch.Tensor  # B x H x W
     base_scores: torch.Tensor  # B
     u: torch.Tensor  # B
     spread: torch.Tensor  # B, gamma - u kept away from zero
     align_features: torch.Tensor  # B (B x tiles with tiles) x C x h x w, what the aligner read
+    offset: torch.Tensor | None = None  # B, added to the aligned scores only (None: nothing)
     aligned: tuple[torch.Tensor, torch.Tensor] | None = None  # tiled runs: (aligned scores B, aligned maps B x H x W)
 
     @property
     def aligned_scores(self) -> torch.Tensor:
-        return align(self.base_scores, self.u, self.spread) if self.aligned is None else self.aligned[0]
+        if self.aligned is not None:
+            return self.aligned[0]
+        return aligned_scores(self.base_scores, self.u, self.spread, self.offset)
 
     @property
     def aligned_maps(self) -> torch.Tensor:
@@ -35,8 +39,15 @@ class BatchResult:
 
     def cpu(self) -> BatchResult:
         aligned = None if self.aligned is None else (self.aligned[0].cpu(), self.aligned[1].cpu())
+        offset = None if self.offset is None else self.offset.cpu()
         return BatchResult(
-            self.maps.cpu(), self.base_scores.cpu(), self.u.cpu(), self.spread.cpu(), self.align_features.cpu(), aligned
+            self.maps.cpu(),
+            self.base_scores.cpu(),
+            self.u.cpu(),
+            self.spread.cpu(),
+            self.align_features.cpu(),
+            offset,
+            aligned,
         )
 
 
@@ -63,11 +74,12 @@ def infer(
     features = output.align_features.float()
     u, gamma = aligner.stats(features, class_names)
     spread = aligner.spread(u, gamma)
+    offset = aligner.score_offset(features)
     scores = image_score(maps, settings.top_fraction)
     if count == 1:
-        return BatchResult(maps, scores, u, spread, features)
-    aligned_scores = tiles.per_image(align(scores, u, spread), settings.tile)
-    best = aligned_scores.argmax(dim=1, keepdim=True)  # each image's most anomalous tile gives its u and spread
+        return BatchResult(maps, scores, u, spread, features, offset)
+    tile_scores = tiles.per_image(aligned_scores(scores, u, spread, offset), settings.tile)
+    best = tile_scores.argmax(dim=1, keepdim=True)  # each image's most anomalous tile gives its u and spread
 
     def chosen(values: torch.Tensor) -> torch.Tensor:
         return tiles.per_image(values, settings.tile).gather(1, best)[:, 0]
@@ -78,7 +90,13 @@ def infer(
     )
     base_scores = tiles.per_image(scores, settings.tile).amax(dim=1)
     return BatchResult(
-        base_maps, base_scores, chosen(u), chosen(spread), features, (aligned_scores.amax(dim=1), aligned_maps)
+        base_maps,
+        base_scores,
+        chosen(u),
+        chosen(spread),
+        features,
+        None if offset is None else chosen(offset),
+        (tile_scores.amax(dim=1), aligned_maps),
     )
 
 

@@ -40,8 +40,8 @@ HEATMAP_MAX = 2.0
 OUTPUT_SIZES = ("original", "model")
 
 # (uint8 batch B x 3 x S x S) -> (aligned image scores B, aligned maps B x S x S[, {column: B values}]): the
-# optional third item adds per-image columns to the CSV and JSON (u and spread; the knn aligner's unfamiliar-product
-# signal).
+# optional third item adds per-image columns to the CSV and JSON (u and spread; knn-distance's score offset; the knn
+# aligners' unfamiliar-product signal).
 Scorer = Callable[[torch.Tensor], tuple]
 EXPORTED_SUFFIXES = (".onnx", ".xml")  # cada export: ONNX, OpenVINO IR
 
@@ -247,14 +247,17 @@ def _write_png(path: Path, array: np.ndarray) -> None:
 def detector_scorer(detector) -> Scorer:
     """Aligned scores and maps, with each image's predicted normal statistics: u (the normal mean of its base map)
     and spread (gamma - u, its normal maximum above the mean, floored as the alignment uses it; aligned = (base - u)
-    / spread). With an aligner that keeps training descriptors (knn), also each image's distance to the nearest
-    training image and whether it lies beyond the training set's reference level ("unfamiliar"). A tiled run's are
-    combined from its tiles (cada.tiles)."""
+    / spread, and the score adds `score_offset` where the aligner has one: knn-distance). With an aligner that keeps
+    training descriptors (the knn aligners), also each image's distance to the nearest training image and whether
+    it lies beyond the training set's reference level ("unfamiliar"). A tiled run's are combined from its tiles
+    (cada.tiles)."""
     from cada.inference import image_distances
 
     def score(images: torch.Tensor) -> tuple:
         result = detector.infer(images)
         columns = {"u": result.u, "spread": result.spread}
+        if result.offset is not None:
+            columns["score_offset"] = result.offset
         distance = image_distances(detector.aligner, result.align_features.to(detector.device), detector.settings)
         if distance is not None:
             distance = distance.cpu()

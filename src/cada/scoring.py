@@ -44,3 +44,11 @@ def align(values: torch.Tensor, u: torch.Tensor, spread: torch.Tensor) -> torch.
     """(values - u) / spread per image; `values` is B or B x H x W, u and spread are B."""
     shape = (-1,) + (1,) * (values.dim() - 1)
     return (values - u.view(shape)) / spread.view(shape)
+
+
+def aligned_scores(
+    base_scores: torch.Tensor, u: torch.Tensor, spread: torch.Tensor, offset: torch.Tensor | None
+) -> torch.Tensor:
+    """(base - u) / spread, plus the aligner's whole-image offset if it has one."""
+    scores = align(base_scores, u, spread)
+    return scores if offset is None else scores + offset

@@ -10,7 +10,8 @@
 
 The answer to /predict is {"threshold": T, "predictions": [...]}, one object per image in request order: name,
 width, height, score, anomalous (null without a threshold), threshold, and for a run folder u and spread (the
-predicted normal statistics: score = (base score - u) / spread), with a knn run nearest_distance and unfamiliar.
+predicted normal statistics: score = (base score - u) / spread, plus score_offset with knn-distance), with a knn
+run nearest_distance and unfamiliar.
 
 Errors are JSON {"error": "one line"}: 400 for an image that cannot be decoded (or is over the pixel limit: a
 decompression bomb) or a malformed request, 404, 405, 411 without Content-Length, 413 for a body over the size

@@ -8,7 +8,7 @@ from __future__ import annotations
 from cada.align.base import MAX, MEAN, SCORE, STD, Aligner, NoAlign
 from cada.align.cada import CADA, CADAScore, CADASigma
 from cada.align.class_aware import ClassAware, ClassifierAligner
-from cada.align.knn import KNNAligner, KNNLevel
+from cada.align.knn import KNNAligner, KNNDistance, KNNLevel
 from cada.registry import ALIGNERS
 
 
@@ -26,6 +26,7 @@ __all__ = [
     "ClassAware",
     "ClassifierAligner",
     "KNNAligner",
+    "KNNDistance",
     "KNNLevel",
     "NoAlign",
     "create_aligner",

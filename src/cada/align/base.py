@@ -39,6 +39,7 @@ class Aligner(nn.Module):
     """
 
     name: str = ""
+    has_score_offset = False  # whether score_offset gives terms (an exported graph then has them as an output)
     needs_class_names = False  # only the class-aware upper-bound reference reads test-time class names
     min_spread: torch.Tensor  # buffers, declared for the type checker
 
@@ -79,6 +80,11 @@ class Aligner(nn.Module):
     def nearest_distance(self, features: torch.Tensor) -> torch.Tensor | None:
         """B distances to the nearest training image in the aligner's descriptor, for aligners that keep one (knn);
         above `unfamiliar_reference` an image is unlike every training image: likely a product never trained on."""
+        return None
+
+    def score_offset(self, features: torch.Tensor) -> torch.Tensor | None:
+        """B terms added to the aligned image scores but not to their maps, for aligners that score the image as a
+        whole (knn-distance: how unlike the training images it is, which has no place in the map); else None."""
         return None
 
     @property

@@ -10,6 +10,12 @@ The distance to the nearest training image is a free "unfamiliar product" signal
 beyond it (measured on new normal images of trained products: 0-1.5% of the held-out ones and 3.4-7.3% of the
 test ones on realmix and its 6-product mix, all of realmix's magnetic tiles), while images of a product never
 trained on lie beyond it (100% of realmix-extra's for a realmix run; README).
+
+`knn-distance` (the default) also scores that distance: an image farther from its nearest training image than its
+neighbours are from theirs is unusual as a whole, which the map's top pixels can miss (uneven lighting, a part
+that looks wrong everywhere). The distance, z-scored against the neighbours' own leave-one-out nearest distances,
+times `distance_weight` is added to the aligned image score (`score_offset`), not to the map: a property of the
+whole image has no place in it (README: measured on realmix, realmix-extra and their 6-product mix).
 """
 
 from __future__ import annotations
@@ -101,6 +107,60 @@ class KNNAligner(Aligner):
     def load_config_state(self, state: dict) -> None:
         self.neighbours = state["neighbours"]
         self._allocate(state["n_train"], len(self.centre))
+
+
+@ALIGNERS.register("knn-distance")
+class KNNDistance(KNNAligner):
+    """`knn`, and an image score offset of `distance_weight` x the z-score of the distance to the nearest training
+    image (module docstring); the aligned maps are knn's."""
+
+    has_score_offset = True
+    train_nearest: torch.Tensor
+    min_distance_spread: torch.Tensor
+
+    def __init__(self, channels: int, settings):
+        super().__init__(channels, settings)
+        self.distance_weight = settings.distance_weight
+
+    def _allocate(self, n_train: int, channels: int) -> None:
+        super()._allocate(n_train, channels)
+        self.register_buffer("train_nearest", torch.zeros(n_train, device=self.device))
+        self.register_buffer("min_distance_spread", torch.tensor(1e-6, device=self.device))
+
+    def fit(self, features, image_stats, settings, generator, class_names=None, progress=True, trainer=None):
+        super().fit(features, image_stats, settings, generator, class_names, progress, trainer)
+        self.distance_weight = settings.distance_weight
+        _, indices = self.neighbours_of(self.train_descriptors, exclude_self=True)
+        self.train_nearest.copy_(self.nearest_exactly(self.train_descriptors, indices))
+        # as min_spread: neighbours at near-identical distances must not blow a tiny difference up
+        self.min_distance_spread.fill_(max(0.1 * float(self.train_nearest.std()), 1e-6))
+        return []
+
+    def nearest_exactly(self, descriptors: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """B distances to the nearest neighbour (the first of `indices`), from the difference itself: the search's
+        |q|^2 + |t|^2 - 2 q.t cancels for near-identical descriptors, and its square root magnifies the rounding
+        (a training image given again came out 3e-4 from itself, differently in ONNX)."""
+        return (descriptors - self.train_descriptors[indices[:, 0]]).norm(dim=1)
+
+    def score_offset(self, features: torch.Tensor) -> torch.Tensor:
+        """distance_weight x (nearest distance - the neighbours' mean) / (ZSCORE_WIDTH x their std): on the aligned
+        score's own scale, where one normal standard deviation is 1 / ZSCORE_WIDTH."""
+        descriptors = self.descriptor(features)
+        _, indices = self.neighbours_of(descriptors)
+        usual = self.train_nearest[indices]
+        spread = usual.std(dim=1).clamp(min=self.min_distance_spread)
+        return (
+            self.distance_weight
+            * (self.nearest_exactly(descriptors, indices) - usual.mean(dim=1))
+            / (ZSCORE_WIDTH * spread)
+        )
+
+    def config_state(self) -> dict:
+        return {**super().config_state(), "distance_weight": self.distance_weight}
+
+    def load_config_state(self, state: dict) -> None:
+        super().load_config_state(state)
+        self.distance_weight = state["distance_weight"]
 
 
 @ALIGNERS.register("knn-level")
