@@ -1,11 +1,13 @@
 """Detector: fit, predict, and a run folder that round-trips bit-exactly and refuses what it cannot read."""
 
 import json
+import warnings
 
 import pytest
 import torch
 
 from cada import Detector
+from cada.api import split_holdout
 from cada.checkpoint import IncompatibleRunError
 from cada.data.dataset import load_all
 from cada.data.mvtec import mvtec_samples
@@ -134,3 +136,13 @@ def test_holdout_trains_on_the_rest_and_calibrates_on_the_held_out(tiny_data, ti
     detector = Detector(tiny_settings()).fit(tiny_data, progress=False, holdout=0.34, fpr=0.5)
     assert detector.training_info["n_images"] == 16  # 2 of 6 per class held out
     assert detector.calibration["n_normal"] == 8 and detector.calibration["target_fpr"] == 0.5
+
+
+def test_calibrating_on_the_runs_own_training_images_is_warned_about(tiny_data, tiny_settings):
+    """Training images score lower than new ones (knn-distance most: they are at distance 0 from themselves)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # held-out images: no warning
+        detector = Detector(tiny_settings()).fit(tiny_data, progress=False, holdout=0.34, fpr=0.5)
+    kept, held_out = split_holdout(mvtec_samples(tiny_data, "train"), 0.34, detector.settings.seed)
+    with pytest.warns(UserWarning, match="16 of 20 calibration images are training images of this run"):
+        detector.calibrate(load_all(kept + held_out[:4], 64)[0], fpr=0.5)
