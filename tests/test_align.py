@@ -18,6 +18,7 @@ from cada.align import (
     create_aligner,
 )
 from cada.align.base import ZSCORE_WIDTH, Head, map_statistics
+from cada.align.knn import UNFAMILIAR_MARGIN
 from cada.config import AlignTraining
 from cada.scoring import align, aligned_scores
 
@@ -182,9 +183,23 @@ def test_knn_nearest_distance_flags_a_product_left_out_of_training():
         distance = aligner.nearest_distance(test_features)
     held_out, unseen = distance[test_labels < 2], distance[test_labels == 2]
     assert unseen.min() > held_out.max()
-    assert (unseen > aligner.reference_distance).all()
+    assert (unseen > aligner.unfamiliar_reference).all()
     assert (held_out > aligner.reference_distance).float().mean() <= 0.1  # about 1% by construction; few here
     assert NoAlign().nearest_distance(test_features) is None  # aligners without a descriptor report nothing
+
+
+def test_knn_does_not_call_anomalies_of_a_trained_product_unfamiliar():
+    """An anomaly of a trained product (here a change at one of 16 positions) often lies beyond the training set's
+    99th-percentile nearest distance, as real ones do (README); the flag's margin keeps it familiar."""
+    features, image_stats, labels = _products(40, seed=0)
+    aligner = _knn(features, image_stats)
+    anomalous, _, _ = _products(40, seed=1)
+    anomalous[:, :, 1, 2] += 2 * torch.rand(anomalous.shape[:2], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        distance = aligner.nearest_distance(anomalous)
+    assert (distance > aligner.reference_distance).float().mean() > 0.5
+    assert (distance <= aligner.unfamiliar_reference).all()
+    assert aligner.unfamiliar_reference == UNFAMILIAR_MARGIN * float(aligner.reference_distance)
 
 
 def test_knn_state_round_trips_through_config_and_tensors():

@@ -240,7 +240,7 @@ def cmd_predict(args) -> int:
         print(f"skipped: {message}", file=sys.stderr)
     if summary.get("n_unfamiliar"):
         print(
-            f"{summary['n_unfamiliar']} images lie beyond every training image (column unfamiliar): likely a "
+            f"{summary['n_unfamiliar']} images lie far from every training image (column unfamiliar): likely a "
             "product the run was not trained on, whose scores mean little",
             file=sys.stderr,
         )
