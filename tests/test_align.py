@@ -188,6 +188,33 @@ def test_knn_nearest_distance_flags_a_product_left_out_of_training():
     assert NoAlign().nearest_distance(test_features) is None  # aligners without a descriptor report nothing
 
 
+def test_knn_aligns_a_product_with_fewer_training_images_than_neighbours_by_its_own():
+    """Product 2 has 6 training images and k = 10: its new images take their normal mean from those 6 alone, not
+    from the 4 nearest images of other products (beyond the unfamiliar level, at other score levels); those 4 count
+    in the spread at the typical spread of the training images' neighbourhoods."""
+    features, image_stats, labels = _products(40, seed=0)
+    few = (labels < 2) | (torch.arange(len(labels)) % 40 < 6)
+    aligner = _knn(features[few], image_stats[few], neighbours=10)
+    own = image_stats[few][labels[few] == 2, SCORE]
+    test_features, _, test_labels = _products(40, seed=1)
+    with torch.no_grad():
+        u, gamma = aligner.stats(test_features[test_labels == 2])
+    assert torch.allclose(gamma, own.mean().expand_as(gamma))  # gamma = the normal mean
+    std = ((6 * own.var() + 4 * aligner.typical_std**2) / 10).sqrt()
+    assert torch.allclose((gamma - u) / ZSCORE_WIDTH, std.expand_as(u))
+
+
+def test_knn_keeps_a_neighbourhood_for_an_image_far_from_every_training_image():
+    """Beyond the unfamiliar level every neighbour is far; those within FAR_NEIGHBOURHOOD x the nearest still count
+    (not just the nearest two), and near an image only those within the level."""
+    features, image_stats, _ = _products(40, seed=0)
+    aligner = _knn(features, image_stats)
+    level = aligner.unfamiliar_reference
+    distances = torch.tensor([[0.1, 0.5, 0.9, 1.1, 2.1], [3.0, 3.5, 4.4, 4.6, 9.0]]) * level
+    keep = aligner.same_product(distances)
+    assert keep.tolist() == [[True, True, True, False, False], [True, True, True, False, False]]
+
+
 def test_knn_does_not_call_anomalies_of_a_trained_product_unfamiliar():
     """An anomaly of a trained product (here a change at one of 16 positions) often lies beyond the training set's
     99th-percentile nearest distance, as real ones do (README); the flag's margin keeps it familiar."""

@@ -3,7 +3,11 @@
 Each image is summarised by a global descriptor (its align features averaged over space, centred on the
 training mean and L2-normalised). The image scores of its k nearest training images give a normal (mean, std),
 and the image score is aligned to 1 + (score - mean) / (3 std) (`zscore_alignment`): when the neighbours are
-images of the same product, this is the per-product z-score that knowing the product would give.
+images of the same product, this is the per-product z-score that knowing the product would give. A product with
+fewer than k training images would borrow the rest from other products, whose scores lie elsewhere: neighbours
+beyond the unfamiliar level below are left out of the mean (`same_product`), and in the spread they count as the
+typical spread of the training images' neighbourhoods, so that a few images of a product cannot make it narrow
+(README: cookies and metal plates with 11 training images each in a 6-product mix).
 
 The distance to the nearest training image is a free "unfamiliar product" signal. `reference_distance` is the
 99th percentile of the training images' leave-one-out nearest distances; an image is unfamiliar beyond
@@ -29,6 +33,12 @@ from cada.registry import ALIGNERS
 
 REFERENCE_QUANTILE = 0.99  # of the leave-one-out nearest distances in training: the "familiar" level
 UNFAMILIAR_MARGIN = 2.0  # x the reference: between trained products' anomalies and other products (docstring)
+# An image far from every training image (beyond the unfamiliar level itself) keeps the neighbours within this
+# factor of its nearest distance, so that it is still aligned by a neighbourhood rather than by two images.
+FAR_NEIGHBOURHOOD = 1.5
+# The smallest spread the knn aligners use, as a fraction of the typical one: a neighbourhood of near-identical
+# values must not blow a tiny difference up. Runs store the floors, so the typical spreads are read back from them.
+SPREAD_FLOOR = 0.1
 
 
 @ALIGNERS.register("knn")
@@ -65,11 +75,19 @@ class KNNAligner(Aligner):
         exclude = (rows, rows) if exclude_self else None  # leave-one-out over the training set itself
         return nearest_neighbours(descriptors, self.train_descriptors, k, exclude=exclude)
 
-    def normal_statistics(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) of the image scores of the training images at `indices` (B x k)."""
-        scores = self.train_scores[indices]
-        std = scores.std(dim=1) if scores.shape[1] > 1 else torch.zeros_like(scores[:, 0])
-        return scores.mean(dim=1), std
+    def same_product(self, distances: torch.Tensor) -> torch.Tensor:
+        """B x k mask of the neighbours (at ascending `distances`) that count as images of the query's product:
+        those within the unfamiliar level, or within FAR_NEIGHBOURHOOD x the nearest distance for a query beyond
+        it; always the nearest two (a spread needs two)."""
+        limit = torch.clamp(FAR_NEIGHBOURHOOD * distances[:, :1], min=UNFAMILIAR_MARGIN * self.reference_distance)
+        keep = distances <= limit
+        keep[:, :2] = True
+        return keep
+
+    @property
+    def typical_std(self) -> torch.Tensor:
+        """The median leave-one-out std of the training images' neighbours' scores (what `min_spread` is made of)."""
+        return self.min_spread / (SPREAD_FLOOR * ZSCORE_WIDTH)
 
     def fit(
         self, features, image_stats, settings, generator, class_names=None, progress=True, trainer=None
@@ -84,15 +102,14 @@ class KNNAligner(Aligner):
         self.train_map_means.copy_(image_stats[:, MEAN])
         distances, indices = self.neighbours_of(self.train_descriptors, exclude_self=True)
         self.reference_distance.fill_(float(distances[:, 0].quantile(REFERENCE_QUANTILE)))
-        # A neighbourhood of near-identical scores must not blow a tiny difference up: the spread is kept above
-        # a tenth of the typical leave-one-out spread of the training images.
-        _, std = self.normal_statistics(indices)
-        self.min_spread.fill_(max(0.1 * ZSCORE_WIDTH * float(std.median()), 1e-6))
+        _, std = neighbourhood_mean_std(self.train_scores[indices], self.same_product(distances))
+        self.min_spread.fill_(max(SPREAD_FLOOR * ZSCORE_WIDTH * float(std.median()), 1e-6))
         return []
 
     def stats(self, features, class_names=None):
-        _, indices = self.neighbours_of(self.descriptor(features))
-        return zscore_alignment(*self.normal_statistics(indices))
+        distances, indices = self.neighbours_of(self.descriptor(features))
+        keep = self.same_product(distances)
+        return zscore_alignment(*neighbourhood_mean_std(self.train_scores[indices], keep, self.typical_std))
 
     def nearest_distance(self, features: torch.Tensor) -> torch.Tensor:
         distances, _ = self.neighbours_of(self.descriptor(features))
@@ -133,8 +150,8 @@ class KNNDistance(KNNAligner):
         self.distance_weight = settings.distance_weight
         _, indices = self.neighbours_of(self.train_descriptors, exclude_self=True)
         self.train_nearest.copy_(self.nearest_exactly(self.train_descriptors, indices))
-        # as min_spread: neighbours at near-identical distances must not blow a tiny difference up
-        self.min_distance_spread.fill_(max(0.1 * float(self.train_nearest.std()), 1e-6))
+        # as min_spread, of the spread of the training images' nearest distances
+        self.min_distance_spread.fill_(max(SPREAD_FLOOR * float(self.train_nearest.std()), 1e-6))
         return []
 
     def nearest_exactly(self, descriptors: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -147,13 +164,13 @@ class KNNDistance(KNNAligner):
         """distance_weight x (nearest distance - the neighbours' mean) / (ZSCORE_WIDTH x their std): on the aligned
         score's own scale, where one normal standard deviation is 1 / ZSCORE_WIDTH."""
         descriptors = self.descriptor(features)
-        _, indices = self.neighbours_of(descriptors)
-        usual = self.train_nearest[indices]
-        spread = usual.std(dim=1).clamp(min=self.min_distance_spread)
+        distances, indices = self.neighbours_of(descriptors)
+        typical = self.min_distance_spread / SPREAD_FLOOR  # the training images' nearest distances' std
+        usual, spread = neighbourhood_mean_std(self.train_nearest[indices], self.same_product(distances), typical)
         return (
             self.distance_weight
-            * (self.nearest_exactly(descriptors, indices) - usual.mean(dim=1))
-            / (ZSCORE_WIDTH * spread)
+            * (self.nearest_exactly(descriptors, indices) - usual)
+            / (ZSCORE_WIDTH * spread.clamp(min=self.min_distance_spread))
         )
 
     def config_state(self) -> dict:
@@ -171,5 +188,25 @@ class KNNLevel(KNNAligner):
     of the scores (the issue's second-best oracle, (map mean, mean image score))."""
 
     def stats(self, features, class_names=None):
-        _, indices = self.neighbours_of(self.descriptor(features))
-        return self.train_map_means[indices].mean(dim=1), self.train_scores[indices].mean(dim=1)
+        distances, indices = self.neighbours_of(self.descriptor(features))
+        keep = self.same_product(distances)
+        return (
+            neighbourhood_mean_std(self.train_map_means[indices], keep)[0],
+            neighbourhood_mean_std(self.train_scores[indices], keep)[0],
+        )
+
+
+def neighbourhood_mean_std(
+    values: torch.Tensor, keep: torch.Tensor, typical_std: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of B x k neighbours' `values` over those `keep` marks as the query's product.
+    With `typical_std`, the k - n left out count in the variance at that std: (n s^2 + (k - n) typical^2) / k,
+    where s is the kept ones' sample std (0 for one); with all k kept, that is their sample std."""
+    weight = keep.to(values.dtype)
+    count = weight.sum(dim=1)
+    mean = (values * weight).sum(dim=1) / count
+    variance = ((values - mean[:, None]) ** 2 * weight).sum(dim=1) / (count - 1).clamp(min=1)
+    if typical_std is not None:
+        k = keep.shape[1]
+        variance = (count * variance + (k - count) * typical_std**2) / k
+    return mean, variance.sqrt()
