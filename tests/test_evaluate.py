@@ -260,6 +260,7 @@ def test_calibration_check_warns_when_the_test_normals_contradict_the_target_fpr
     missed = calibration_check(scores, labels, names, threshold=1.0, target_fpr=0.01)
     assert not missed["holds"] and missed["pooled"]["flagged"] == 21 and missed["products"]["tile"]["flagged"] == 20
     assert missed["products"]["plate"]["p_value"] > 0.01 > missed["products"]["tile"]["p_value"]
+    assert missed["products"]["tile"]["missed"] and not missed["products"]["plate"]["missed"]
     (line,) = format_calibration_check({"calibration_check": {"knn": missed, "none": fine}})
     assert line.startswith("warning (knn): the threshold calibrated at 1.0% FPR flags more test normals than chance")
     assert "all products 10.5% (21 of 200), tile 20.0% (20 of 100)." in line and "plate" not in line

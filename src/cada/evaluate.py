@@ -471,24 +471,29 @@ def calibration_check(
     scores: np.ndarray, labels: np.ndarray, class_names: np.ndarray, threshold: float, target_fpr: float
 ) -> dict:
     """How many test normals a threshold calibrated at `target_fpr` flags, pooled and per product, with the chance
-    of flagging at least as many if the target held (binomial tail). "holds" is False when that chance is below
-    SIGNIFICANCE, pooled or for a product: the calibration images then scored lower than these normals (on
-    realmix's magnetic_tile with PatchCore: held-out images whose other captures stayed in the bank)."""
+    of flagging at least as many if the target held (binomial tail); "missed" where that chance is below
+    SIGNIFICANCE, and "holds" when nothing is missed: otherwise the calibration images scored lower than these
+    normals (on realmix's magnetic_tile with PatchCore: held-out images whose other captures stayed in the bank)."""
     from scipy.stats import binom
 
     def counted(normal: np.ndarray) -> dict:
         flagged = int((normal >= threshold).sum())
         chance = float(binom.sf(flagged - 1, len(normal), target_fpr)) if flagged else 1.0
-        return {"normals": len(normal), "flagged": flagged, "fpr": flagged / len(normal), "p_value": chance}
+        return {
+            "normals": len(normal),
+            "flagged": flagged,
+            "fpr": flagged / len(normal),
+            "p_value": chance,
+            "missed": chance < SIGNIFICANCE,
+        }
 
     normal = labels == 0
     pooled = counted(scores[normal]) if normal.any() else None
     products = {str(name): counted(scores[normal & (class_names == name)]) for name in sorted(set(class_names[normal]))}
-    missed = [block for block in [pooled, *products.values()] if block and block["p_value"] < SIGNIFICANCE]
     return {
         "target_fpr": target_fpr,
         "threshold": float(threshold),
-        "holds": not missed,
+        "holds": not any(block and block["missed"] for block in [pooled, *products.values()]),
         "pooled": pooled,
         "products": products,
     }
@@ -589,7 +594,7 @@ def format_calibration_check(results: dict) -> list[str]:
         missed = ", ".join(
             f"{label} {percent(block['fpr'])}% ({block['flagged']} of {block['normals']})"
             for label, block in blocks
-            if block and block["p_value"] < SIGNIFICANCE
+            if block and block["missed"]
         )
         if missed:
             lines.append(
