@@ -115,8 +115,7 @@ def test_training_and_inference_keep_every_tensor_on_the_device(name, images):
         assert loss.device.type == "meta"
         assert any(p.grad is not None for group in groups for p in group["params"])
         assert all(p.grad.device.type == "meta" for group in groups for p in group["params"] if p.grad is not None)
-    else:
-        model.fit(images, base, generator, progress=False, trainer=trainer)
+    model.build(images, base, generator, trainer)  # what it keeps beyond weights (PatchCore's bank)
     model.eval()
     aligner = create_aligner("cada", model.align_channels, settings.aligner).to("meta")
     with torch.no_grad():

@@ -21,8 +21,8 @@ class BaseMethod(nn.Module):
 
     A method is built as `Method(backbone, image_size, pretrained=..., weights_path=..., **options)`, `options`
     being its registered options block (see `cada.methods.register`). It supplies `objective` (what to optimise
-    and the loss of a batch); `fit` runs it in the engine's loop. A method without gradient training (PatchCore)
-    overrides `fit` itself.
+    and the loss of a batch); `fit` runs it in the engine's loop, then `build` (PatchCore: its memory bank, and no
+    objective).
     """
 
     name: str = ""
@@ -38,21 +38,29 @@ class BaseMethod(nn.Module):
         cache_gib: float = 4.0,
         trainer: Trainer | None = None,
     ) -> list[float]:
-        """Train on normal uint8 images (N x 3 x S x S) with the base-training `settings` (a resolved BaseTraining);
-        returns the loss per iteration (empty: no gradient training). Frozen features are kept in memory when they
-        fit in `cache_gib`. `trainer` carries the run's checkpoints (default: none, progress bars per `progress`)."""
+        """Train on normal uint8 images (N x 3 x S x S) with the base-training `settings` (a resolved BaseTraining),
+        then `build` what the method keeps beyond weights; returns the loss per iteration (empty: no gradient
+        training). Frozen features are kept in memory when they fit in `cache_gib`. `trainer` carries the run's
+        checkpoints (default: none, progress bars per `progress`)."""
         trainer = trainer or Trainer(progress=progress)
-        groups, loss_of = self.objective(images, settings, generator, cache_gib, trainer)
-        optimizer = make_optimizer(groups, settings)
-        self.train()
-        losses = trainer.run(self.name, len(images), settings, optimizer, generator, loss_of, module=self)
+        losses: list[float] = []
+        if self.trains_by_gradient():
+            groups, loss_of = self.objective(images, settings, generator, cache_gib, trainer)
+            optimizer = make_optimizer(groups, settings)
+            self.train()
+            losses = trainer.run(self.name, len(images), settings, optimizer, generator, loss_of, module=self)
         self.eval()
+        self.build(images, settings, generator, trainer)
         return losses
+
+    def build(self, images: torch.Tensor, settings, generator: torch.Generator, trainer: Trainer) -> None:
+        """What the method keeps beyond trained weights, made from the normal training images after any gradient
+        training (PatchCore: its memory bank). Nothing by default."""
 
     @classmethod
     def trains_by_gradient(cls) -> bool:
-        """False for a method that overrides `fit` without an `objective` (PatchCore: one pass builds its bank):
-        it has no iterations, losses or learning rates to report."""
+        """False for a method without an `objective` (PatchCore: `build` makes its bank in one pass): it has no
+        iterations, losses or learning rates to report."""
         return cls.objective is not BaseMethod.objective
 
     def objective(

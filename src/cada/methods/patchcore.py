@@ -147,9 +147,12 @@ class PatchCore(BaseMethod):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- features ------------------------------------------------------------------------------------------
-    def local_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(stride-8 map, stride-16 map), each averaged over 3x3 neighbourhoods."""
-        _, middle, deep = self.encoder(x)
+    def local_features(
+        self, x: torch.Tensor, encoded: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stride-8 map, stride-16 map), each averaged over 3x3 neighbourhoods; `encoded`: the encoder's output
+        for `x` when the caller already has it."""
+        _, middle, deep = self.encoder(x) if encoded is None else encoded
         return F.avg_pool2d(middle, 3, stride=1, padding=1), F.avg_pool2d(deep, 3, stride=1, padding=1)
 
     @staticmethod
@@ -160,11 +163,11 @@ class PatchCore(BaseMethod):
 
     # -- scores --------------------------------------------------------------------------------------------
     def patch_scores(
-        self, x: torch.Tensor, image_index: torch.Tensor | None = None
+        self, x: torch.Tensor, image_index: torch.Tensor | None = None, encoded: list[torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(scores B x h x w, nearest bank index B x h x w, embedding B x hw x C, 3x3-averaged stride-16 map).
         `image_index` (B): these are `fit`'s training images of those indices; their own patches are left out."""
-        middle, deep = self.local_features(x)
+        middle, deep = self.local_features(x, encoded)
         embedding = self.patch_embedding(middle, deep)
         batch, patches, channels = embedding.shape
         exclude = None
@@ -176,10 +179,17 @@ class PatchCore(BaseMethod):
         shape = (batch,) + middle.shape[-2:]
         return distance.view(shape), index.view(shape), embedding, deep
 
-    def forward(self, x: torch.Tensor, image_index: torch.Tensor | None = None) -> MethodOutput:
-        scores, _, _, deep = self.patch_scores(x, image_index)
+    def patch_map(
+        self, x: torch.Tensor, image_index: torch.Tensor | None = None, encoded: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the anomaly map B x H x W: patch scores upsampled bilinearly to the input, the stride-16 map)."""
+        scores, _, _, deep = self.patch_scores(x, image_index, encoded)
         anomaly_map = F.interpolate(scores.unsqueeze(1), size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return MethodOutput(anomaly_map.squeeze(1), self.align_features(deep))
+        return anomaly_map.squeeze(1), deep
+
+    def forward(self, x: torch.Tensor, image_index: torch.Tensor | None = None) -> MethodOutput:
+        anomaly_map, deep = self.patch_map(x, image_index)
+        return MethodOutput(anomaly_map, self.align_features(deep))
 
     def training_output(self, x: torch.Tensor, image_index: torch.Tensor) -> MethodOutput:
         return self(x, image_index)
@@ -219,22 +229,12 @@ class PatchCore(BaseMethod):
 
     # -- fit -----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def fit(
-        self,
-        images: torch.Tensor,
-        settings,
-        generator: torch.Generator,
-        progress: bool = True,
-        cache_gib: float = 4.0,
-        trainer: Trainer | None = None,
-    ) -> list[float]:
-        """Build the memory bank from normal uint8 images (N x 3 x S x S) in one streamed pass.
+    def build(self, images: torch.Tensor, settings, generator: torch.Generator, trainer: Trainer) -> None:
+        """The memory bank from normal uint8 images (N x 3 x S x S) in one streamed pass.
 
         `settings` is the base-training settings: only `batch_size` (encoder batch) is read; PatchCore has
-        no iterations and no learning rate. `cache_gib` is accepted for the common signature and unused
-        (nothing is cached). Returns [] (no loss). See the module docstring for the blockwise coreset.
+        no iterations and no learning rate. See the module docstring for the blockwise coreset.
         """
-        trainer = trainer or Trainer(progress=progress)
         options = self.options
         self.eval()
         projection = torch.randn(self.embedding_dim, options.projection_dim, generator=generator)
@@ -276,4 +276,3 @@ class PatchCore(BaseMethod):
             del features
         self.memory_bank = bank if filled == len(bank) else bank[:filled].clone()
         self.bank_image = bank_image[:filled].clone()
-        return []
