@@ -270,6 +270,20 @@ def test_knn_distance_adds_how_unlike_its_neighbours_an_image_is_to_the_score_on
     assert torch.equal(_aligned(unweighted, test_features, test_stats), _aligned(plain, test_features, test_stats))
 
 
+def test_distance_only_keeps_the_map_and_adds_knn_distances_term_and_unfamiliar_signal():
+    features, image_stats, labels = _products(40, seed=0)
+    trained = labels < 2
+    distance = _knn(features[trained], image_stats[trained], name="knn-distance")
+    only = _knn(features[trained], image_stats[trained], name="distance-only")
+    test_features, test_stats, _ = _products(40, seed=1)
+    with torch.no_grad():
+        u, gamma = only.stats(test_features)
+        assert torch.equal(align(test_stats[:, SCORE], u, only.spread(u, gamma)), test_stats[:, SCORE])
+        assert torch.equal(only.score_offset(test_features), distance.score_offset(test_features))
+        assert torch.equal(only.nearest_distance(test_features), distance.nearest_distance(test_features))
+    assert only.unfamiliar_reference == distance.unfamiliar_reference
+
+
 def test_knn_distance_state_round_trips_through_config_and_tensors():
     features, image_stats, _ = _products(20, seed=0)
     aligner = _knn(features, image_stats, neighbours=5, name="knn-distance", distance_weight=0.7)

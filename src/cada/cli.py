@@ -631,9 +631,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="cada: the paper's (u, gamma) regressor; cada-sigma: (u, sigma); cada-score: gamma = the "
         "image score; knn: the k nearest "
         "training images give the z-score (and flag unfamiliar products); knn-distance: knn plus how far the "
-        "image is from its nearest training image; class-aware: CaDA-A, "
+        "image is from its nearest training image; distance-only: the base map as it is plus knn-distance's "
+        "term (for revdist-patchcore, whose map is aligned already); class-aware: CaDA-A, "
         "needs class names at test (a reference); classifier: CaDA-B; none: the base alone "
-        f"(default: the config's, else {Settings.align})",
+        f"(default: the config's, else the method's: {Settings.align}, patchcore knn, revdist-patchcore "
+        "distance-only)",
     )
     train.add_argument(
         "--checkpoint-every",

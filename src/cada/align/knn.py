@@ -68,12 +68,19 @@ class KNNAligner(Aligner):
         """B x C x h x w -> B x C: averaged over space, centred on the training mean, unit length."""
         return F.normalize(features.float().mean(dim=(2, 3)) - self.centre, dim=1)
 
-    def neighbours_of(self, descriptors: torch.Tensor, exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(distances B x k, indices B x k) of the k nearest training images (Euclidean between unit descriptors)."""
-        k = min(self.neighbours, len(self.train_descriptors) - int(exclude_self))
-        rows = torch.arange(len(descriptors), device=descriptors.device)
-        exclude = (rows, rows) if exclude_self else None  # leave-one-out over the training set itself
+    def neighbours_of(
+        self, descriptors: torch.Tensor, leave_out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distances B x k, indices B x k) of the k nearest training images (Euclidean between unit descriptors).
+        `leave_out` (B): the queries are these training images, each left out of its own neighbours."""
+        k = min(self.neighbours, len(self.train_descriptors) - int(leave_out is not None))
+        exclude = None
+        if leave_out is not None:
+            exclude = (leave_out, torch.arange(len(self.train_descriptors), device=leave_out.device))
         return nearest_neighbours(descriptors, self.train_descriptors, k, exclude=exclude)
+
+    def every_training_image(self) -> torch.Tensor:
+        return torch.arange(len(self.train_descriptors), device=self.device)
 
     def same_product(self, distances: torch.Tensor) -> torch.Tensor:
         """B x k mask of the neighbours (at ascending `distances`) that count as images of the query's product:
@@ -100,14 +107,15 @@ class KNNAligner(Aligner):
         self.train_descriptors.copy_(self.descriptor(features))
         self.train_scores.copy_(image_stats[:, SCORE])
         self.train_map_means.copy_(image_stats[:, MEAN])
-        distances, indices = self.neighbours_of(self.train_descriptors, exclude_self=True)
-        self.reference_distance.fill_(float(distances[:, 0].quantile(REFERENCE_QUANTILE)))
+        distances, indices = self.neighbours_of(self.train_descriptors, self.every_training_image())
+        self.reference_distance.copy_(distances[:, 0].quantile(REFERENCE_QUANTILE))
         _, std = neighbourhood_mean_std(self.train_scores[indices], self.same_product(distances))
-        self.min_spread.fill_(max(SPREAD_FLOOR * ZSCORE_WIDTH * float(std.median()), 1e-6))
+        self.min_spread.copy_((SPREAD_FLOOR * ZSCORE_WIDTH * std.median()).clamp(min=1e-6))
         return []
 
-    def stats(self, features, class_names=None):
-        distances, indices = self.neighbours_of(self.descriptor(features))
+    def stats(self, features, class_names=None, leave_out: torch.Tensor | None = None):
+        """(u, gamma); `leave_out`: see neighbours_of (the training images' own statistics, as if unseen)."""
+        distances, indices = self.neighbours_of(self.descriptor(features), leave_out)
         keep = self.same_product(distances)
         return zscore_alignment(*neighbourhood_mean_std(self.train_scores[indices], keep, self.typical_std))
 
@@ -148,10 +156,10 @@ class KNNDistance(KNNAligner):
     def fit(self, features, image_stats, settings, generator, class_names=None, progress=True, trainer=None):
         super().fit(features, image_stats, settings, generator, class_names, progress, trainer)
         self.distance_weight = settings.distance_weight
-        _, indices = self.neighbours_of(self.train_descriptors, exclude_self=True)
+        _, indices = self.neighbours_of(self.train_descriptors, self.every_training_image())
         self.train_nearest.copy_(self.nearest_exactly(self.train_descriptors, indices))
         # as min_spread, of the spread of the training images' nearest distances
-        self.min_distance_spread.fill_(max(SPREAD_FLOOR * float(self.train_nearest.std()), 1e-6))
+        self.min_distance_spread.copy_((SPREAD_FLOOR * self.train_nearest.std()).clamp(min=1e-6))
         return []
 
     def nearest_exactly(self, descriptors: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -179,6 +187,20 @@ class KNNDistance(KNNAligner):
     def load_config_state(self, state: dict) -> None:
         super().load_config_state(state)
         self.distance_weight = state["distance_weight"]
+
+
+@ALIGNERS.register("distance-only")
+class DistanceOnly(KNNDistance):
+    """The map as the base gives it (u = 0, gamma = 1), plus `knn-distance`'s whole-image term and unfamiliar
+    signal: for a base that aligns its own map per image (revdist-patchcore), which a second alignment by the
+    same neighbours only blurred (README: realmix pooled 90.4 -> 86.9)."""
+
+    def stats(self, features, class_names=None, leave_out=None):
+        ones = torch.ones(len(features), device=features.device)
+        return torch.zeros_like(ones), ones
+
+    def spread(self, u: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        return gamma - u  # one: no floor to apply, nothing is divided
 
 
 @ALIGNERS.register("knn-level")

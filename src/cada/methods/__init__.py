@@ -12,6 +12,7 @@ from cada.methods.draem import DRAEM
 from cada.methods.patchcore import PatchCore
 from cada.methods.recontrast import ReContrast
 from cada.methods.revdist import RevDist  # noqa: I001 - registration order
+from cada.methods.revdist_patchcore import RevDistPatchCore
 from cada.methods.uniad import UniAD
 from cada.registry import METHODS
 
@@ -32,6 +33,7 @@ __all__ = [
     "PatchCore",
     "ReContrast",
     "RevDist",
+    "RevDistPatchCore",
     "UniAD",
     "create_method",
 ]
