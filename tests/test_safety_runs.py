@@ -361,6 +361,7 @@ def _unwritable_system_folder() -> Path:
         ("revdist", "cada.engine.features", "encoding the training images", False),
         ("patchcore", "cada.methods.patchcore", "building the PatchCore memory bank", False),
         ("patchcore", "cada.api", "computing the maps of the training images", True),
+        ("revdist-patchcore", "cada.methods.revdist_patchcore", "normalising the RevDist and PatchCore maps", False),
     ],
 )
 def test_13_sigterm_stops_a_long_pass_within_a_batch(
