@@ -11,7 +11,7 @@ from cada.data.mvtec import mvtec_samples
 from cada.export import export_onnx, exported_scorer
 from cada.methods.revdist import RevDist
 from cada.methods.revdist_patchcore import SMOOTHING_SIGMA, TOP_FRACTION, RevDistPatchCore
-from cada.scoring import image_score, smooth
+from cada.scoring import align, image_score, smooth
 
 from helpers import tiny_preset
 
@@ -40,8 +40,7 @@ def normalised(model, x: torch.Tensor, index: torch.Tensor | None = None) -> lis
     maps = []
     for normaliser, raw in zip(model._normalisers(), (revdist, patchcore)):
         u, gamma = normaliser.stats(embedding, leave_out=index)
-        spread = normaliser.spread(u, gamma)
-        maps.append((raw - u[:, None, None]) / spread[:, None, None])
+        maps.append(align(raw, u, normaliser.spread(u, gamma)))
     return maps
 
 

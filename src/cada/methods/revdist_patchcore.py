@@ -36,6 +36,7 @@ from cada.methods.base import MethodOutput
 from cada.methods.patchcore import PatchCore, PatchCoreSettings
 from cada.methods.revdist import OneClassBottleneck, RevDist, ReverseDecoder, cosine_distance_map
 from cada.registry import METHODS
+from cada.scoring import align
 
 # The image score the per-map normalisers read: the pipeline's defaults (Gaussian sigma 4, mean of the top 1%).
 SMOOTHING_SIGMA, TOP_FRACTION = 4.0, 0.01
@@ -118,8 +119,7 @@ class RevDistPatchCore(PatchCore):
         fused = []
         for normaliser, raw in zip(self._normalisers(), (revdist, patchcore)):
             u, gamma = normaliser.stats(embedding, leave_out=image_index)
-            spread = normaliser.spread(u, gamma)
-            fused.append((raw.float() - u[:, None, None]) / spread[:, None, None])
+            fused.append(align(raw.float(), u, normaliser.spread(u, gamma)))
         weight = self.options.patchcore_weight
         return MethodOutput((1 - weight) * fused[0] + weight * fused[1], embedding)
 
