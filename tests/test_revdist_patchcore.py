@@ -90,3 +90,19 @@ def test_a_run_saves_loads_and_exports_with_the_same_scores(tiny_data, tmp_path)
     scores_onnx, maps, _ = scorer(images)
     assert (maps - expected.maps).abs().max().item() <= 1e-4
     assert (scores_onnx - expected.scores).abs().max().item() <= 1e-4
+
+
+def test_the_training_maps_reuse_the_normaliser_pass_and_equal_a_fresh_one(images, model):
+    """fit_normalisers keeps each training image's map pieces, so the aligner's pass over the training images does
+    not search the bank again; its maps are those that a fresh pass computes, bit for bit."""
+    x, index = normalize(images[4:8]), torch.arange(4, 8)  # one of fit's batches (batch size 4)
+    assert model._training_pieces is not None and len(model._training_pieces.embedding) == len(images)
+    with torch.inference_mode():
+        kept = model.training_output(x, index)
+        pieces, model._training_pieces = model._training_pieces, None
+        try:
+            fresh = model.training_output(x, index)
+        finally:
+            model._training_pieces = pieces
+    assert torch.equal(kept.anomaly_map, fresh.anomaly_map)
+    assert torch.equal(kept.align_features, fresh.align_features)

@@ -179,13 +179,15 @@ class PatchCore(BaseMethod):
         shape = (batch,) + middle.shape[-2:]
         return distance.view(shape), index.view(shape), embedding, deep
 
-    def patch_map(
-        self, x: torch.Tensor, image_index: torch.Tensor | None = None, encoded: list[torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def patch_map(self, x: torch.Tensor, image_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(the anomaly map B x H x W: patch scores upsampled bilinearly to the input, the stride-16 map)."""
-        scores, _, _, deep = self.patch_scores(x, image_index, encoded)
-        anomaly_map = F.interpolate(scores.unsqueeze(1), size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return anomaly_map.squeeze(1), deep
+        scores, _, _, deep = self.patch_scores(x, image_index)
+        return self.upsampled(scores, x.shape[-2:]), deep
+
+    @staticmethod
+    def upsampled(scores: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+        """Patch scores B x h x w bilinearly upsampled to the anomaly map, B x H x W (`size`: H, W)."""
+        return F.interpolate(scores.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
 
     def forward(self, x: torch.Tensor, image_index: torch.Tensor | None = None) -> MethodOutput:
         anomaly_map, deep = self.patch_map(x, image_index)

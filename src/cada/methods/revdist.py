@@ -113,16 +113,21 @@ class ReverseDecoder(nn.Module):
 
 def cosine_distance_map(encoded: list[torch.Tensor], decoded: list[torch.Tensor], size: int) -> torch.Tensor:
     """Mean over scales of the per-position 1 - cosine, bilinearly upsampled to size x size."""
-    distances = [
-        F.interpolate(
-            1 - F.cosine_similarity(target, rebuilt, dim=1).unsqueeze(1),
-            size=(size, size),
-            mode="bilinear",
-            align_corners=False,
-        )
-        for target, rebuilt in zip(encoded, decoded)
+    return mean_upsampled(scale_distances(encoded, decoded), size)
+
+
+def scale_distances(encoded: list[torch.Tensor], decoded: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per scale, the per-position 1 - cosine (B x h x w, at that scale's resolution)."""
+    return [1 - F.cosine_similarity(target, rebuilt, dim=1) for target, rebuilt in zip(encoded, decoded)]
+
+
+def mean_upsampled(distances: list[torch.Tensor], size: int) -> torch.Tensor:
+    """The mean of per-scale maps (B x h x w each), each bilinearly upsampled to size x size first."""
+    upsampled = [
+        F.interpolate(distance.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
+        for distance in distances
     ]
-    return (sum(distances[1:], distances[0]) / len(encoded)).squeeze(1)
+    return (sum(upsampled[1:], upsampled[0]) / len(distances)).squeeze(1)
 
 
 def flattened_cosine_loss(encoded: list[torch.Tensor], decoded: list[torch.Tensor]) -> torch.Tensor:
