@@ -87,9 +87,12 @@ def test_a_run_saves_loads_and_exports_with_the_same_scores(tiny_data, tmp_path)
     expected = detector.predict(images)
     assert torch.equal(loaded.predict(images).scores, expected.scores)
     scorer, *_ = exported_scorer(export_onnx(loaded, tmp_path / "model.onnx"))
-    scores_onnx, maps, _ = scorer(images)
+    scores_onnx, maps, columns = scorer(images)
     assert (maps - expected.maps).abs().max().item() <= 1e-4
     assert (scores_onnx - expected.scores).abs().max().item() <= 1e-4
+    # one value per image in every column (u, spread, distance, ...), whatever batch size the graph was traced at
+    assert {"u", "spread", "score_offset"} <= set(columns)
+    assert all(len(values) == len(images) > 1 for values in columns.values())
 
 
 def test_the_training_maps_reuse_the_normaliser_pass_and_equal_a_fresh_one(images, model):
