@@ -7,7 +7,8 @@ score, CADA statistics; `Detector.infer`) at batch 16 and 64 in fp32 and bf16, a
 of the paper preset's base training step (batch 16: decoder and bottleneck on cached encoder features, as
 `cada train` runs it), with the peak GPU memory of each. Random weights: speed does not depend on them (and
 wide_resnet50_2's ImageNet weights are not needed). `--paper-run ROOT` then trains the whole paper recipe
-(`cada train --preset paper`: 5000 + 5000 iterations of 16) on ROOT into --out and prints its wall time.
+(`cada train --preset paper --method revdist --align cada`: 5000 + 5000 iterations of 16) on ROOT into --out
+and prints its wall time.
 Without CUDA it says so and exits 0 (`--device cpu` runs it on the CPU anyway: a check of the script itself,
 e.g. with `--backbone efficientnet_lite0 --batches 1`).
 """
@@ -98,7 +99,7 @@ def main() -> int:
     device = resolve_device(args.device)
     print(f"device: {device_name(device)}; torch {torch.__version__}, CUDA {torch.version.cuda}")
     torch.backends.cudnn.benchmark = True
-    settings = preset("paper")
+    settings = preset("paper", "revdist")
     settings.backbone = args.backbone
     settings.align = "cada"  # the paper's regressor: its statistics need no training set (knn's do)
     print(f"{'precision':>9} {'batch':>5} {'infer img/s':>12} {'peak GiB':>9}")

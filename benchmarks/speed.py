@@ -35,7 +35,7 @@ def measure(backbone: str, threads: int, batches: int) -> None:
     from cada.methods.revdist import flattened_cosine_loss
 
     torch.set_num_threads(threads)
-    settings = preset("cpu")
+    settings = preset("cpu", "revdist")
     settings.backbone = backbone
     detector = Detector(settings, pretrained=False)
     detector.fitted = True  # timing only: random weights run as fast as trained ones
@@ -86,7 +86,7 @@ def compare_anomalib(threads: int, rounds: int) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     images = torch.randint(0, 256, (16, 3, 256, 256), dtype=torch.uint8)
-    settings = preset("cpu")
+    settings = preset("cpu", "revdist")
     settings.backbone, settings.align = "wide_resnet50_2", "cada"
     runners = {}
     for precision in ("fp32", "bf16"):

@@ -34,7 +34,7 @@ def tiny_settings():
     from cada.config import preset
 
     def make(**changes):
-        settings = preset("cpu")
+        settings = preset("cpu", "revdist")  # the fastest to train; revdist-patchcore has its own tests
         settings.image_size, settings.backbone = 64, "efficientnet_lite0"  # the smallest encoder: fast tests
         settings.base.iters, settings.base.epochs = 3, None  # fast: an explicit step count, not passes
         settings.base.batch_size = 4

@@ -1,8 +1,8 @@
 """One process of the 2-process test in test_distributed.py (run by torchrun; not a test module itself).
 
-argv: DATA OUT. Trains RevDist + CADA and ReContrast + the classifier aligner with DDP, saves each rank's
-weights to OUT/<method>-rank<r>.safetensors, then evaluates the RevDist run distributed (OUT/distributed.json)
-and predicts with it (OUT/predicted-distributed)."""
+argv: DATA OUT. Trains RevDist + CADA, ReContrast + the classifier aligner and the default method (RevDist and a
+PatchCore bank that each rank builds) with DDP, saves each rank's weights to OUT/<method>-rank<r>.safetensors,
+then evaluates the RevDist run distributed (OUT/distributed.json) and predicts with it (OUT/predicted-distributed)."""
 
 import sys
 from pathlib import Path
@@ -16,7 +16,7 @@ from cada.workflows import train
 
 data, out = Path(sys.argv[1]), Path(sys.argv[2])
 assert init_distributed() and world_size() == 2, "expected to run under torchrun with 2 processes"
-for method, align in (("revdist", "cada"), ("recontrast", "classifier")):
+for method, align in (("revdist", "cada"), ("recontrast", "classifier"), ("revdist-patchcore", "distance-only")):
     settings = preset("cpu", method)
     settings.image_size, settings.align = 64, align
     settings.base.iters, settings.base.epochs, settings.base.batch_size = 3, None, 2

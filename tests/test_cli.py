@@ -5,11 +5,11 @@ import json
 import pytest
 
 from cada.cli import main
-from cada.config import Settings
+from cada.config import DEFAULT_METHOD, preset
 
 from helpers import train_args
 
-DEFAULT_ALIGN = Settings().align
+DEFAULT_ALIGN = preset("cpu").align  # what `cada train` aligns with unless told
 
 
 def test_train_then_evaluate_writes_the_documented_json(tiny_data, tmp_path, capsys):
@@ -36,7 +36,7 @@ def test_train_then_evaluate_writes_the_documented_json(tiny_data, tmp_path, cap
         (a, p) for a in ("none", DEFAULT_ALIGN) for p in ("absolute-unified", "model-unified")
     }
     for row in results["rows"]:
-        assert row["method"] == "revdist"
+        assert row["method"] == DEFAULT_METHOD
         for key in ("i_auroc", "i_ap", "p_auroc", "p_ap"):
             assert 0.0 <= row[key] <= 1.0
     assert set(results["per_class"][DEFAULT_ALIGN]) == {"weave", "marble", "washer", "circuit"}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cada.config import BaseTraining, Settings, preset
+from cada.config import DEFAULT_METHOD, BaseTraining, Settings, preset
 
 
 def test_epochs_resolve_to_enough_steps_for_every_image():
@@ -17,15 +17,18 @@ def test_epochs_resolve_to_enough_steps_for_every_image():
 
 
 def test_cpu_preset_encoders():
-    assert preset("cpu").backbone == "efficientnet_lite2"  # RevDist, the default method
+    assert preset("cpu").method == DEFAULT_METHOD == "revdist-patchcore"
+    assert preset("cpu").backbone == preset("cpu", "revdist").backbone == "efficientnet_lite2"
     assert {preset("cpu", m).backbone for m in ("recontrast", "uniad", "patchcore", "draem", "cfa")} == {
         "efficientnet_lite0"
     }
 
 
 def test_default_aligners_by_measurement():
-    # knn-distance for the default method; PatchCore keeps knn (README: the distance term cost it on mix6)
-    assert Settings().align == preset("cpu").align == preset("paper").align == "knn-distance"
+    # knn-distance for RevDist; PatchCore keeps knn (README: the distance term cost it on mix6); the default method's
+    # map is normalised already, so it keeps only knn-distance's whole-image term
+    assert Settings().align == preset("cpu", "revdist").align == preset("paper", "revdist").align == "knn-distance"
+    assert preset("cpu").align == preset("paper").align == "distance-only"
     assert preset("cpu", "patchcore").align == preset("paper", "patchcore").align == "knn"
 
 

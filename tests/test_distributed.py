@@ -70,7 +70,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_data, tmp_path, monkey
 
 def test_two_gloo_processes_train_identical_weights_and_evaluate_exactly(tiny_data, tmp_path):
     """torchrun, 2 CPU processes, gloo: DDP training leaves both ranks identical (base and aligner, RevDist and
-    ReContrast); distributed evaluation of the saved run equals the single-process evaluation exactly."""
+    ReContrast; the default method's memory bank and normalisers too); distributed evaluation of the saved run
+    equals the single-process evaluation exactly."""
     assert dist.is_available() and dist.is_gloo_available(), "torch.distributed with gloo is required"
     worker = Path(__file__).with_name("ddp_worker.py")
     environment = {
@@ -92,12 +93,14 @@ def test_two_gloo_processes_train_identical_weights_and_evaluate_exactly(tiny_da
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-5000:]
     assert "DistributedDataParallel over 2 processes (gloo); batch 2 per process, effective batch 4" in finished.stdout
     assert "not scaled with the process count" in finished.stdout
-    for method in ("revdist", "recontrast"):
+    # what each method keeps beyond the encoder: the trained aligner's head, or the memory bank each rank builds
+    kept = {"revdist": "aligner.head.", "recontrast": "aligner.head.", "revdist-patchcore": "method.memory_bank"}
+    for method, key_start in kept.items():
         ranks = [load_file(str(tmp_path / f"{method}-rank{r}.safetensors")) for r in (0, 1)]
         _assert_same_tensors(*ranks)
         _assert_same_tensors(ranks[0], _weights(tmp_path / method))  # what rank 0 saved
         assert not (tmp_path / method / "resume").exists()
-        assert any(key.startswith("aligner.head.") for key in ranks[0])
+        assert any(key.startswith(key_start) for key in ranks[0])
     single = tmp_path / "single.json"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each worker: CPU kernels split their sums by thread count, which moves the last bit

@@ -12,12 +12,12 @@ from PIL import Image
 from cada import Detector
 from cada.align import ALIGNERS, KNNAligner
 from cada.cli import main
-from cada.config import Settings
+from cada.config import preset
 from cada.data.dataset import load_all
 from cada.data.mvtec import mvtec_samples
 from cada.export import export_onnx, exported_scorer
 
-DEFAULT_ALIGN = Settings().align  # what `cada train` aligns with unless told
+DEFAULT_ALIGN = preset("cpu").align  # what `cada train` aligns with unless told
 
 
 def test_calibrate_stores_how_the_threshold_was_chosen(calibrated_run):

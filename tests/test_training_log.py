@@ -15,7 +15,10 @@ from helpers import train_args
 @pytest.fixture(scope="module")
 def logged_run(tiny_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("logged") / "run"
-    assert main(train_args(tiny_data, run, "--align", "cada", "--logger", "tensorboard", iters=4, align_iters=5)) == 0
+    args = train_args(
+        tiny_data, run, "--method", "revdist", "--align", "cada", "--logger", "tensorboard", iters=4, align_iters=5
+    )
+    assert main(args) == 0
     return run
 
 

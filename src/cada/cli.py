@@ -21,7 +21,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from cada.config import RESIZE_MODES, Settings
+from cada.config import DEFAULT_METHOD, RESIZE_MODES, Settings
 from cada.files import check_output, os_error, printable, write_json
 from cada.registry import ALIGNERS, METHODS
 from cada.workflows import (
@@ -374,7 +374,7 @@ def cmd_demo(args) -> int:
     with tempfile.TemporaryDirectory(prefix="cada-demo-") as scratch:
         data = generate_dataset(Path(scratch) / "synthetic", seed=args.seed)
         settings = make_settings("cpu", seed=args.seed, iters=args.iters)
-        print(f"demo: synthetic data ({data}), preset cpu, RevDist + {settings.align}")
+        print(f"demo: synthetic data ({data}), preset cpu, {settings.method} + {settings.align}")
         detector = train(
             settings,
             data,
@@ -516,7 +516,9 @@ def positive_float(text: str) -> float:
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
-    parser.add_argument("--method", choices=METHODS, help="base method (default: the --config file's, else revdist)")
+    parser.add_argument(
+        "--method", choices=METHODS, help=f"base method (default: the --config file's, else {DEFAULT_METHOD})"
+    )
     parser.add_argument(
         "--config",
         metavar="FILE",

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from cada.config import Settings
+from cada.config import DEFAULT_METHOD, Settings
 from cada.config import preset as make_preset
 from cada.files import check_output, folder_lock, os_error, printable, write_json
 
@@ -120,12 +120,12 @@ def make_settings(
     """Validated settings: the preset of the method, then the `config` file (or mapping), then the named options,
     then `overrides` ("dotted.key=value", every setting reachable), each later one winning.
 
-    `method` (default: the config's, else revdist) chooses the preset's schedule. `iters` or `epochs` replaces the
-    preset's length, whichever way the preset gives it (`epochs`: exactly these passes, no minimum of steps).
-    A bad key or value raises ValueError naming it, as `Settings.validate` does.
+    `method` (default: the config's, else DEFAULT_METHOD) chooses the preset's schedule. `iters` or `epochs`
+    replaces the preset's length, whichever way the preset gives it (`epochs`: exactly these passes, no minimum of
+    steps). A bad key or value raises ValueError naming it, as `Settings.validate` does.
     """
     given = dict(read_config(config) if isinstance(config, (str, Path)) else (config or {}))
-    method = method or given.get("method") or "revdist"
+    method = method or given.get("method") or DEFAULT_METHOD
     if not isinstance(method, str):
         raise ValueError(f"method must be a string, got {method!r}")
     data = make_preset(preset, method).to_dict()

@@ -48,6 +48,9 @@ class RevDistPatchCoreSettings(PatchCoreSettings):
     PatchCore's, both normalised) and `normaliser_neighbours` (the k look-alike training images that normalise
     each map, as the knn aligner's)."""
 
+    # A 1% coreset instead of PatchCore's 10%: on realmix, realmix-extra and their mix the pooled I-AUROC came out
+    # as high or higher, for less than half the training and a third of the evaluation time (README).
+    coreset_ratio: float = 0.01
     patchcore_weight: float = 0.25
     normaliser_neighbours: int = 20
     RANGES: ClassVar[dict[str, str]] = {
