@@ -2,7 +2,8 @@
 
 Why. RevDist ranks grid's defects well and keeps the calibrated threshold honest; PatchCore ranks what RevDist
 misses on magnetic_tile. Together, on realmix, realmix-extra and their 6-product mix, the per-product I-AUROC rose
-by 0.9-2.2 points and the pooled one by 0.5-3.0 over RevDist alone, for about three times the CPU time (README).
+by 0.7-2.6 points and the pooled one by 0.5-3.6 over RevDist alone, in the same training time (a 1% coreset; README):
+the default method (config.DEFAULT_METHOD).
 
 How. One encoder pass feeds RevDist's bottleneck and decoder (its 1 - cosine map) and a PatchCore memory bank
 (the nearest-patch distance map), built from the same frozen features. The two maps live on unrelated scales,
@@ -16,7 +17,8 @@ the map left as it is): aligning it a second time by the same neighbours lowered
 
 The normalisers are fitted after the base: one pass over the training images gives each map's statistics, with
 PatchCore leaving each image's own patches out and each image left out of its own neighbours, so that the
-training images' maps look like those of unseen normal images (`training_output` does the same for the aligner).
+training images' maps look like those of unseen normal images. That pass keeps the maps at their own resolutions
+(`MapPieces`), from which `training_output` gives the aligner the same maps without searching the bank again.
 """
 
 from __future__ import annotations
