@@ -48,6 +48,7 @@ def variants() -> list[Variant]:
         Variant("class-aware (CaDA-A)", "class-aware"),
         *(Variant(f"knn k={k}", "knn", {"neighbours": k}) for k in (5, 10, 20)),
         *(Variant(f"knn-distance w={w}", "knn-distance", {"distance_weight": w}) for w in (0.25, 0.5, 1.0)),
+        Variant("distance-only", "distance-only"),  # the default method's: its map is normalised already
         *(Variant(f"knn-level k={k}", "knn-level", {"neighbours": k}) for k in (5, 20)),
     ]
 
