@@ -138,6 +138,8 @@ def test_ablate_trains_the_base_once_and_prints_the_three_tables(tiny_data, tmp_
     for title in ("Table 3", "Table 4", "Table 5", "noisy training set"):
         assert title in printed
     assert printed.count("training revdist") == 1  # one base run from the CLI; the noisy base is the only other
+    # the paper's tables study RevDist's base unless --method (or a --config file) names another
+    assert json.loads((out / "base" / "config.json").read_text())["settings"]["method"] == "revdist"
     report = json.loads((out / "ablation.json").read_text())
     variants = [entry["variant"] for entry in report["tables"][next(iter(report["tables"]))]]
     assert "structure: 2 conv, 2 linear" in variants and "score: max" in variants
