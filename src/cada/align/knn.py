@@ -100,7 +100,7 @@ class KNNAligner(Aligner):
         self, features, image_stats, settings, generator, class_names=None, progress=True, trainer=None
     ) -> list[float]:
         if len(features) < 2:
-            raise ValueError("the knn aligner needs at least two training images")
+            raise ValueError("at least two training images are needed: the nearest give each image its normal scores")
         self.neighbours = settings.neighbours
         self._allocate(len(features), features.shape[1])
         self.centre.copy_(features.float().mean(dim=(0, 2, 3)))
