@@ -30,7 +30,6 @@ from cada.workflows import (
     find_split,
     make_settings,
     print_calibration,
-    read_config,
     run_files,
     settings_from_options,
     train,
@@ -404,9 +403,8 @@ def cmd_ablate(args) -> int:
     check_output(out / "ablation.json", "--out", "file", inputs=[args.data], overwrite=args.overwrite)
     train_samples = find_split(args.data, "train", args.format)
     test_samples = find_split(args.data, "test", args.format, quiet=True)
-    if args.method is None and not (args.config and read_config(args.config).get("method")):
-        args.method = "revdist"  # the paper's tables study its aligners on RevDist (the default method aligns itself)
-    settings = _settings_from_args(args)
+    # the paper's tables study its aligners on RevDist (the default method aligns its own map)
+    settings = settings_from_options(vars(args), default_method="revdist")
     settings.align = "none"  # the base alone; every aligner is fitted afterwards on its cached outputs
     started = time.perf_counter()
     if args.run:

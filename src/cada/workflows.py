@@ -116,16 +116,17 @@ def make_settings(
     epochs: float | None = None,
     align_iters: int | None = None,
     scale_lr: bool = False,
+    default_method: str = DEFAULT_METHOD,
 ) -> Settings:
     """Validated settings: the preset of the method, then the `config` file (or mapping), then the named options,
     then `overrides` ("dotted.key=value", every setting reachable), each later one winning.
 
-    `method` (default: the config's, else DEFAULT_METHOD) chooses the preset's schedule. `iters` or `epochs`
+    `method` (default: the config's, else `default_method`) chooses the preset's schedule. `iters` or `epochs`
     replaces the preset's length, whichever way the preset gives it (`epochs`: exactly these passes, no minimum of
     steps). A bad key or value raises ValueError naming it, as `Settings.validate` does.
     """
     given = dict(read_config(config) if isinstance(config, (str, Path)) else (config or {}))
-    method = method or given.get("method") or DEFAULT_METHOD
+    method = method or given.get("method") or default_method
     if not isinstance(method, str):
         raise ValueError(f"method must be a string, got {method!r}")
     data = make_preset(preset, method).to_dict()
@@ -161,9 +162,10 @@ def make_settings(
     return Settings.from_dict(data)
 
 
-def settings_from_options(options: Mapping) -> Settings:
+def settings_from_options(options: Mapping, default_method: str = DEFAULT_METHOD) -> Settings:
     """`make_settings` from a mapping holding (some of) SETTING_OPTIONS, e.g. vars() of parsed arguments."""
-    return make_settings(**{key: options[key] for key in SETTING_OPTIONS if options.get(key) is not None})
+    given = {key: options[key] for key in SETTING_OPTIONS if options.get(key) is not None}
+    return make_settings(**given, default_method=default_method)
 
 
 def _say(*args, **kwargs) -> None:
