@@ -2,8 +2,8 @@
 
 Why. RevDist ranks grid's defects well and keeps the calibrated threshold honest; PatchCore ranks what RevDist
 misses on magnetic_tile. Together, on realmix, realmix-extra and their 6-product mix, the per-product I-AUROC rose
-by 0.7-2.6 points and the pooled one by 0.5-3.6 over RevDist alone, in the same training time (a 1% coreset; README):
-the default method (config.DEFAULT_METHOD).
+by 0.7-2.6 points and the pooled one by 0.5-3.6 over RevDist alone, for 0.95-1.3 times its training time (1%
+coreset; README): the default method (config.DEFAULT_METHOD).
 
 How. One encoder pass feeds RevDist's bottleneck and decoder (its 1 - cosine map) and a PatchCore memory bank
 (the nearest-patch distance map), built from the same frozen features. The two maps live on unrelated scales,
