@@ -216,6 +216,8 @@ def test_normals_aligned_reference_is_the_pooled_auroc_when_normals_share_one_di
     assert block["normals_aligned_i_auroc"] == pytest.approx(binary_metrics(scores, labels)["auroc"])
     assert block["normals_aligned_i_auroc"] == pytest.approx((2 * per["easy"] + 6 * per["hard"]) / 8)
     assert block["normals_aligned_i_auroc"] < (per["easy"] + per["hard"]) / 2
+    # Lifting "hard" above "easy"'s normals ranks its top anomaly above all of them: the ceiling is higher, not 1.
+    assert block["normals_aligned_i_auroc"] < block["ceiling_i_auroc"] < 1
 
 
 def test_per_defect_rows_rank_each_defect_type_against_its_products_normals():

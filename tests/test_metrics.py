@@ -375,3 +375,40 @@ def test_pixel_metrics_degenerate_inputs():
         pixel_metrics(maps, masks)
     with pytest.raises(ValueError, match="labels must be 0/1"):
         pixel_metrics(maps, masks * 2)
+
+
+def test_pooled_auroc_ceiling_interleaves_the_groups_at_their_best():
+    """Worked by hand: the ceiling is each group's ROC hull, merged by slope in pooled units."""
+    from cada.metrics import pooled_auroc_ceiling
+
+    # One group whose ROC is not concave: normals 0, 1, 2, anomalies 1.5, 3. AUROC 5/6; the hull through
+    # (0, 0.5) and (1/3, 1) encloses 11/12.
+    single = [0, 1, 2, 1.5, 3]
+    assert auroc(single, [0, 0, 0, 1, 1]) == pytest.approx(5 / 6)
+    assert pooled_auroc_ceiling(single, [0, 0, 0, 1, 1], [0] * 5) == pytest.approx(11 / 12)
+    # Two groups, each separated perfectly but on scales that overlap when pooled: the best interleaving is perfect.
+    assert auroc([0, 1, 10, 11], [0, 1, 0, 1]) == pytest.approx(0.75)
+    assert pooled_auroc_ceiling([0, 1, 10, 11], [0, 1, 0, 1], ["a", "a", "b", "b"]) == pytest.approx(1.0)
+    # A group of anomalies only goes on top; the other's tie-free but inverted pair counts half (random tie-break
+    # along its hull): 0.5 * (0.5 + 0.25) + 0.5 * 1.
+    assert pooled_auroc_ceiling([0, 1, 0.5, -5], [0, 0, 1, 1], ["a", "a", "a", "b"]) == pytest.approx(0.875)
+    assert pooled_auroc_ceiling([0, 1, 2], [0, 0, 0], [0, 0, 1]) is None
+
+
+def test_pooled_auroc_ceiling_bounds_every_per_group_rescaling():
+    """Any per-group monotone rescaling keeps the ceiling, and no rescaling's pooled AUROC exceeds it."""
+    from cada.metrics import pooled_auroc_ceiling
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(3), 40)
+    labels = rng.random(120) < 0.4
+    scores = rng.normal(size=120) + labels * np.array([0.5, 1.5, 3.0])[groups] + np.array([0, 4, -3])[groups]
+    ceiling = pooled_auroc_ceiling(scores, labels, groups)
+    assert auroc(scores, labels) < ceiling <= 1
+    best = 0.0
+    for _ in range(200):
+        scale, shift = rng.uniform(0.2, 5, 3), rng.normal(scale=4, size=3)
+        rescaled = np.exp(scores * 0.3) * scale[groups] + shift[groups]  # increasing within every group
+        assert pooled_auroc_ceiling(rescaled, labels, groups) == pytest.approx(ceiling)
+        best = max(best, auroc(rescaled, labels))
+    assert best <= ceiling

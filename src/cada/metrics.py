@@ -46,6 +46,7 @@ __all__ = [
     "aupro",
     "binary_metrics",
     "distributed_pixel_metrics",
+    "pooled_auroc_ceiling",
     "pixel_metrics",
 ]
 
@@ -259,6 +260,51 @@ def f1_max(scores, labels) -> tuple[float, float]:
     """
     result = _flat(scores, labels, "f1_max")
     return result["f1max"], result["f1max_threshold"]
+
+
+def _roc_hull_steps(normal: np.ndarray, anomalous: np.ndarray) -> np.ndarray:
+    """The steps (d FPR, d TPR) along the upper convex hull of one ROC curve, from (0, 0) to (1, 1)."""
+    if not len(normal) or not len(anomalous):
+        return np.array([[float(len(normal) > 0), float(len(anomalous) > 0)]])
+    scores = np.concatenate([normal, anomalous])
+    anomalous_first = np.argsort(-scores, kind="stable")
+    is_anomalous = anomalous_first >= len(normal)
+    last_of_tie = np.r_[np.flatnonzero(np.diff(scores[anomalous_first])), len(scores) - 1]  # one point a threshold
+    tpr = np.r_[0, np.cumsum(is_anomalous)[last_of_tie]] / len(anomalous)
+    fpr = np.r_[0, np.cumsum(~is_anomalous)[last_of_tie]] / len(normal)
+    hull: list[tuple[float, float]] = []
+    for point in zip(fpr, tpr):  # monotone chain: drop a point on or under the line from its neighbours
+        while len(hull) >= 2 and (hull[-1][0] - hull[-2][0]) * (point[1] - hull[-2][1]) >= (
+            hull[-1][1] - hull[-2][1]
+        ) * (point[0] - hull[-2][0]):
+            hull.pop()
+        hull.append(point)
+    return np.diff(np.array(hull), axis=0)
+
+
+def pooled_auroc_ceiling(scores, labels, groups) -> float | None:
+    """The highest pooled AUROC that any per-group rescaling of `scores` could reach, the labels known.
+
+    A rescaling keeps each group's (product's) own ranking and only interleaves the groups; the best
+    interleaving takes the steps of every group's ROC hull in the order of their slopes in pooled units (the
+    likelihood-ratio order), and this is the area under that merged curve. It is an upper bound (the hull
+    assumes ties may be broken at random) that knows the test labels: what no alignment can exceed with these
+    per-group rankings. None when `labels` lack either kind.
+    """
+    scores, labels, groups = (_as_array(x).ravel() for x in (scores, labels, groups))
+    anomalous = _as_bool(labels, "pooled_auroc_ceiling")
+    n_normal, n_anomalous = int((~anomalous).sum()), int(anomalous.sum())
+    if not n_normal or not n_anomalous:
+        return None
+    steps = []
+    for group in np.unique(groups):
+        member = groups == group
+        found = _roc_hull_steps(scores[member & ~anomalous], scores[member & anomalous])
+        steps.append(found * [(member & ~anomalous).sum() / n_normal, (member & anomalous).sum() / n_anomalous])
+    merged = np.concatenate(steps)
+    merged = merged[np.argsort(-np.arctan2(merged[:, 1], merged[:, 0]), kind="stable")]
+    below = np.r_[0, np.cumsum(merged[:, 1])[:-1]]
+    return float((merged[:, 0] * (below + merged[:, 1] / 2)).sum())
 
 
 def _check_limit(fpr_limit: float) -> float:

@@ -173,7 +173,13 @@ def write_report(
         "<h2>Per class</h2>",
         _per_class_table(results),
         "<h2>Per product at one pooled threshold</h2><p>oracle: each product's image scores z-scored with its own "
-        "training images (class names known): the ceiling of any alignment of this base.</p>",
+        "training images (class names known). Pooled I-AUROC if every product's normals were aligned, and the most "
+        "any per-product rescaling could reach (test labels known): "
+        + "; ".join(
+            f"{html.escape(name)} {_percent(block['normals_aligned_i_auroc'])}, {_percent(block['ceiling_i_auroc'])}"
+            for name, block in results.get("per_product", {}).items()
+        )
+        + ".</p>",
         _per_product_table(results),
     ]
     for title, figure in figures:
