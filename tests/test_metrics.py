@@ -389,8 +389,8 @@ def test_pooled_auroc_ceiling_interleaves_the_groups_at_their_best():
     # Two groups, each separated perfectly but on scales that overlap when pooled: the best interleaving is perfect.
     assert auroc([0, 1, 10, 11], [0, 1, 0, 1]) == pytest.approx(0.75)
     assert pooled_auroc_ceiling([0, 1, 10, 11], [0, 1, 0, 1], ["a", "a", "b", "b"]) == pytest.approx(1.0)
-    # A group of anomalies only goes on top; the other's tie-free but inverted pair counts half (random tie-break
-    # along its hull): 0.5 * (0.5 + 0.25) + 0.5 * 1.
+    # A group of anomalies only goes on top. The other (normals 0 and 1, anomaly 0.5) has AUROC 0.5, but its hull
+    # runs straight from (0, 0) to (0.5, 1): merged, 0.5 * (0.5 + 0.25) + 0.5 * 1.
     assert pooled_auroc_ceiling([0, 1, 0.5, -5], [0, 0, 1, 1], ["a", "a", "a", "b"]) == pytest.approx(0.875)
     assert pooled_auroc_ceiling([0, 1, 2], [0, 0, 0], [0, 0, 1]) is None
 

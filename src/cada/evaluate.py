@@ -545,8 +545,8 @@ def per_product_decisions(
     ranks against all normals as against its own product's). It, not the plain per-product mean, is the figure
     to hold a pooled I-AUROC against: the pooled ranking weighs products by their anomalies, so a hard product
     with many defects pulls it down however well the products are aligned. "ceiling_i_auroc" is the most any
-    per-product rescaling of these scores could reach, the test labels known (`pooled_auroc_ceiling`): the part
-    of the gap to the per-product figures that no aligner can close, only a better ranking inside the products.
+    per-product rescaling of these scores could reach, the test labels known (`pooled_auroc_ceiling`): what lies
+    between it and the per-product figures no aligner can close, only a better ranking inside the products.
     """
     source = "calibrated"
     if threshold is None:

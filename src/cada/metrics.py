@@ -46,8 +46,8 @@ __all__ = [
     "aupro",
     "binary_metrics",
     "distributed_pixel_metrics",
-    "pooled_auroc_ceiling",
     "pixel_metrics",
+    "pooled_auroc_ceiling",
 ]
 
 # The one table of a results row's metrics: JSON key -> column header. The JSON of `cada evaluate`, its text
@@ -273,12 +273,13 @@ def _roc_hull_steps(normal: np.ndarray, anomalous: np.ndarray) -> np.ndarray:
     tpr = np.r_[0, np.cumsum(is_anomalous)[last_of_tie]] / len(anomalous)
     fpr = np.r_[0, np.cumsum(~is_anomalous)[last_of_tie]] / len(normal)
     hull: list[tuple[float, float]] = []
-    for point in zip(fpr, tpr):  # monotone chain: drop a point on or under the line from its neighbours
-        while len(hull) >= 2 and (hull[-1][0] - hull[-2][0]) * (point[1] - hull[-2][1]) >= (
-            hull[-1][1] - hull[-2][1]
-        ) * (point[0] - hull[-2][0]):
+    for x, y in zip(fpr, tpr):  # monotone chain: drop the last point while it is on or under the line to (x, y)
+        while len(hull) >= 2:
+            (x0, y0), (x1, y1) = hull[-2], hull[-1]
+            if (x1 - x0) * (y - y0) < (y1 - y0) * (x - x0):
+                break
             hull.pop()
-        hull.append(point)
+        hull.append((x, y))
     return np.diff(np.array(hull), axis=0)
 
 
