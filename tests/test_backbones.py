@@ -1,5 +1,6 @@
 """Tests for cada.backbones: shapes, weight loading, freezing, normalisation. Fast (CPU, small inputs)."""
 
+import copy
 import os
 
 import numpy as np
@@ -11,10 +12,13 @@ from cada.backbones import (
     BACKBONES,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    Encoder,
     WeightsNotFoundError,
     b4_cache_files,
     create_encoder,
     efficientnet_state_dict,
+    fold_batchnorms,
+    folded_batchnorms,
     wide_resnet_hub_files,
 )
 
@@ -68,6 +72,70 @@ def test_channels_last_gives_same_features(lite0):
         out = lite0(x.contiguous(memory_format=torch.channels_last))
     for a, b in zip(ref, out):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_batchnorms_folded_for_inference_give_the_same_features(lite0):
+    """Inference runs a copy with every BatchNorm folded into its convolution; the encoder itself, and so every
+    saved run, keeps its BatchNorms."""
+    folded = fold_batchnorms(lite0)
+    assert folded is not None and not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = (_images(2, 96) - MEAN) / STD
+    with torch.inference_mode(), folded_batchnorms():
+        fast, reference = lite0(x), lite0._features(x)
+    assert lite0._folded() is not None
+    for a, b in zip(fast, reference):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    state = lite0.state_dict()
+    assert "stem.1.running_var" in state and not any("folded" in key for key in state)
+    assert "stem.1.running_var" in copy.deepcopy(lite0).state_dict()
+
+
+def test_the_folded_copy_follows_the_weights(lite0):
+    """Weights loaded in place, or moved to another dtype, make the copy again; training (outside
+    `folded_batchnorms`) runs the saved weights: bit for bit, and a trainable copy's BatchNorm weights get
+    gradients (ReContrast)."""
+    encoder = create_encoder("efficientnet_lite0", pretrained=False)
+    x = (_images(2, 64) - MEAN) / STD
+    with torch.inference_mode(), folded_batchnorms():
+        encoder(x)  # makes the copy of the random weights
+    encoder.load_state_dict(lite0.state_dict())
+    with torch.inference_mode(), folded_batchnorms():
+        for a, b in zip(encoder(x), lite0._features(x)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    encoder.to(torch.float64)
+    with torch.inference_mode(), folded_batchnorms():
+        for a, b in zip(encoder(x.double()), lite0._features(x)):
+            assert a.dtype == torch.float64
+            torch.testing.assert_close(a.float(), b, rtol=1e-4, atol=1e-4)
+    trainable = copy.deepcopy(lite0).requires_grad_(True)
+    trainable(x)[-1].sum().backward()
+    assert trainable.stem[1].weight.grad is not None and trainable.stem[1].weight.grad.abs().sum() > 0
+    with torch.no_grad():  # training's frozen features: the saved weights, not the copy
+        assert all(torch.equal(a, b) for a, b in zip(lite0(x), lite0._features(x)))
+    with torch.no_grad(), folded_batchnorms():
+        assert not all(torch.equal(a, b) for a, b in zip(lite0(x), lite0._features(x)))
+
+
+def test_a_convolution_read_twice_is_not_folded():
+    """A BatchNorm is folded only when its convolution's output goes nowhere else; the check of the copy's features
+    catches a network where it does (here the convolution's output is also added back) and keeps the original."""
+
+    class ReadTwice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3)
+            self.norm.running_mean.fill_(0.5)
+            self.norm.running_var.fill_(4.0)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.norm(y) + y
+
+    encoder = Encoder("toy", torch.nn.Identity(), [ReadTwice()], (0,), (3,), (1,))
+    assert fold_batchnorms(encoder) is None
+    x = torch.randn(1, 3, 8, 8)
+    with folded_batchnorms():
+        assert torch.equal(encoder(x)[0], encoder._features(x)[0])
 
 
 def test_lite0_weights_loaded_by_position(lite0):

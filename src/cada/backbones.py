@@ -16,6 +16,9 @@ and returns a list of feature maps. Weights are only ever read from local files:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import copy
 import glob
 import importlib
 import os
@@ -25,7 +28,7 @@ from torch import nn
 
 from cada.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["BACKBONES", "Encoder", "WeightsNotFoundError", "create_encoder"]
+__all__ = ["BACKBONES", "Encoder", "WeightsNotFoundError", "create_encoder", "fold_batchnorms", "folded_batchnorms"]
 
 BACKBONES: tuple[str, ...] = (
     "efficientnet_lite0",
@@ -39,6 +42,22 @@ _STAGE_STRIDES = {"revdist": (4, 8, 16), "uniad": (2, 4, 8, 16)}
 
 class WeightsNotFoundError(FileNotFoundError):
     """Pretrained weights are not on this machine (we never download them)."""
+
+
+_FOLDING: contextvars.ContextVar[bool] = contextvars.ContextVar("cada_fold_batchnorms", default=False)
+
+
+@contextlib.contextmanager
+def folded_batchnorms():
+    """Within it, encoders run their copy with the BatchNorms folded (`Encoder._folded`): the one inference path,
+    `cada.inference.infer`, does. Training keeps the saved weights: folding moves the features by ~1e-6, nothing
+    to a score but enough to send training on another path, so runs would no longer reproduce or resume exactly.
+    """
+    token = _FOLDING.set(True)
+    try:
+        yield
+    finally:
+        _FOLDING.reset(token)
 
 
 class Encoder(nn.Module):
@@ -76,6 +95,27 @@ class Encoder(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        folded = self._folded() if _FOLDING.get() else None
+        return (folded or self)._features(x)
+
+    def _folded(self) -> Encoder | None:
+        """This encoder with its BatchNorms folded into their convolutions (the same features to ~1e-6, ~1.4x
+        faster on the CPU), or None where that does not apply: tracing and export (the graph keeps the saved
+        weights), meta or inference-mode tensors (no version counter). The copy is a cache, not a submodule:
+        never saved, and made again when any weight changes (loaded in place, moved to another device)."""
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            return None
+        tensors = [*self.parameters(), *self.buffers()]
+        if any(t.is_inference() or t.is_meta for t in tensors):
+            return None
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        cached = self.__dict__.pop("_folded_cache", None)  # popped so that the copy below does not copy it
+        if cached is None or cached[0] != key:
+            cached = (key, fold_batchnorms(self))
+        self.__dict__["_folded_cache"] = cached
+        return cached[1]
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
         # Convolutions run about 1.7x faster channels-last on CPU; the features go out in the ordinary
         # layout because the (non-depthwise) layers that read them are faster that way.
         x = x.contiguous(memory_format=torch.channels_last)
@@ -91,6 +131,69 @@ class Encoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, channels={self.channels}, strides={self.strides}"
+
+
+def fold_batchnorms(encoder: Encoder) -> Encoder | None:
+    """A copy of `encoder` in which every BatchNorm that reads a convolution's output directly is folded into that
+    convolution (its running statistics and affine, as in eval mode), or None unless the copy's features match.
+
+    The pairs are found by running the copy once with hooks: a BatchNorm is folded when its input is the very
+    tensor a convolution returned. timm's BatchNormAct2d keeps its activation; a plain BatchNorm2d goes.
+    """
+    reference = next(encoder.parameters())
+    probe = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(reference)
+    with torch.inference_mode(False), torch.no_grad(), torch.autocast(reference.device.type, enabled=False):
+        folded = copy.deepcopy(encoder)
+        modules = dict(folded.named_modules())
+        outputs: dict[int, tuple[str, torch.Tensor]] = {}  # the tensors are kept so that their ids stay unique
+        pairs: list[tuple[str, str]] = []
+
+        def remember_output(name):
+            def hook(module, args, output):
+                outputs[id(output)] = (name, output)
+
+            return hook
+
+        def pair_with_input(name):
+            def hook(module, args):
+                if id(args[0]) in outputs:
+                    pairs.append((outputs[id(args[0])][0], name))
+
+            return hook
+
+        hooks = [
+            module.register_forward_hook(remember_output(name))
+            if isinstance(module, nn.Conv2d)
+            else module.register_forward_pre_hook(pair_with_input(name))
+            for name, module in modules.items()
+            if isinstance(module, (nn.Conv2d, nn.BatchNorm2d))
+        ]
+        folded._features(probe)
+        for hook in hooks:
+            hook.remove()
+        outputs.clear()
+        for conv_name, norm_name in pairs:
+            conv, norm = modules[conv_name], modules[norm_name]
+            if type(norm) is nn.BatchNorm2d:
+                replacement: nn.Module = nn.Identity()
+            elif hasattr(norm, "act") and hasattr(norm, "drop"):  # timm's BatchNormAct2d: norm, dropout, activation
+                replacement = nn.Sequential(norm.drop, norm.act)
+            else:
+                continue
+            assert isinstance(conv, nn.Conv2d) and norm.running_var is not None and norm.running_mean is not None
+            scale = (norm.running_var + norm.eps).rsqrt()
+            shift = -norm.running_mean * scale
+            if norm.weight is not None and norm.bias is not None:
+                scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
+            bias = shift if conv.bias is None else conv.bias * scale + shift
+            conv.weight.mul_(scale.view(-1, 1, 1, 1))
+            conv.bias = nn.Parameter(bias, requires_grad=False)
+            parent, _, attribute = norm_name.rpartition(".")
+            setattr(modules[parent] if parent else folded, attribute, replacement)
+        expected, found = encoder._features(probe), folded._features(probe)
+    size = max(1.0, *(e.abs().max().item() for e in expected))
+    same = all(torch.allclose(e, f, rtol=1e-4, atol=1e-4 * size) for e, f in zip(expected, found))
+    return folded if same else None
 
 
 # ---------------------------------------------------------------- weight files

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from cada import tiles
+from cada.backbones import folded_batchnorms
 from cada.data.dataset import normalize
 from cada.engine.device import autocast, module_device
 from cada.scoring import align, aligned_scores, image_score, smooth
@@ -68,7 +69,7 @@ def infer(
         images = tiles.cut(images, settings.image_size, settings.tile, settings.tile_overlap)
         class_names = None if class_names is None else tiles.per_tile(class_names, settings.tile)
     device = module_device(method)
-    with autocast(device, precision):
+    with autocast(device, precision), folded_batchnorms():
         output = method(normalize(images, device))
     maps = smooth(output.anomaly_map.float(), settings.smoothing_sigma)
     features = output.align_features.float()
