@@ -378,21 +378,58 @@ def test_pixel_metrics_degenerate_inputs():
 
 
 def test_pooled_auroc_ceiling_interleaves_the_groups_at_their_best():
-    """Worked by hand: the ceiling is each group's ROC hull, merged by slope in pooled units."""
+    """Worked by hand: each group keeps its own ranking; only pairs of different groups can be put right."""
     from cada.metrics import pooled_auroc_ceiling
 
-    # One group whose ROC is not concave: normals 0, 1, 2, anomalies 1.5, 3. AUROC 5/6; the hull through
-    # (0, 0.5) and (1/3, 1) encloses 11/12.
+    # One group: nothing to interleave, its own AUROC (normals 0, 1, 2, anomalies 1.5, 3: 5/6), although its ROC
+    # hull (through (0, 0.5) and (1/3, 1)) encloses 11/12.
     single = [0, 1, 2, 1.5, 3]
-    assert auroc(single, [0, 0, 0, 1, 1]) == pytest.approx(5 / 6)
-    assert pooled_auroc_ceiling(single, [0, 0, 0, 1, 1], [0] * 5) == pytest.approx(11 / 12)
+    assert pooled_auroc_ceiling(single, [0, 0, 0, 1, 1], [0] * 5) == pytest.approx(auroc(single, [0, 0, 0, 1, 1]))
     # Two groups, each separated perfectly but on scales that overlap when pooled: the best interleaving is perfect.
     assert auroc([0, 1, 10, 11], [0, 1, 0, 1]) == pytest.approx(0.75)
     assert pooled_auroc_ceiling([0, 1, 10, 11], [0, 1, 0, 1], ["a", "a", "b", "b"]) == pytest.approx(1.0)
-    # A group of anomalies only goes on top. The other (normals 0 and 1, anomaly 0.5) has AUROC 0.5, but its hull
-    # runs straight from (0, 0) to (0.5, 1): merged, 0.5 * (0.5 + 0.25) + 0.5 * 1.
-    assert pooled_auroc_ceiling([0, 1, 0.5, -5], [0, 0, 1, 1], ["a", "a", "a", "b"]) == pytest.approx(0.875)
+    # A group of anomalies only goes on top: it beats both normals of the other group, whose anomaly (0.5) beats
+    # one of its two normals: 3 of 4 pairs.
+    assert pooled_auroc_ceiling([0, 1, 0.5, -5], [0, 0, 1, 1], ["a", "a", "a", "b"]) == pytest.approx(0.75)
     assert pooled_auroc_ceiling([0, 1, 2], [0, 0, 0], [0, 0, 1]) is None
+
+
+def test_pooled_auroc_ceiling_is_the_best_interleaving():
+    """Against brute force: every interleaving of three small groups, each in its own order."""
+    from itertools import combinations
+
+    from cada.metrics import pooled_auroc_ceiling
+
+    def interleavings(sizes):  # which group each position takes, for every way of interleaving the groups
+        first, second = sizes[0], sizes[1]
+        for mine in combinations(range(sum(sizes)), first):
+            rest = [i for i in range(sum(sizes)) if i not in mine]
+            for theirs in combinations(rest, second):
+                order = [2] * sum(sizes)
+                for i in mine:
+                    order[i] = 0
+                for i in theirs:
+                    order[i] = 1
+                yield order
+
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        sizes = (4, 4, 3)
+        groups = np.repeat(np.arange(3), sizes)
+        labels = np.concatenate([rng.permutation([0, 1] * 2)[:n] for n in sizes])
+        labels[[0, 4]] = (0, 1)  # both kinds somewhere
+        scores = rng.normal(size=len(labels))
+        ranked = [[labels[i] for i in np.flatnonzero(groups == g)[np.argsort(-scores[groups == g])]] for g in range(3)]
+        best = 0.0
+        for order in interleavings(sizes):
+            taken, sequence = [0, 0, 0], []
+            for g in order:  # one interleaving, highest score first
+                sequence.append(ranked[g][taken[g]])
+                taken[g] += 1
+            normals_below = np.cumsum(np.array(sequence[::-1]) == 0)[::-1]
+            right = sum(below for label, below in zip(sequence, normals_below) if label == 1)
+            best = max(best, right / ((labels == 0).sum() * (labels == 1).sum()))
+        assert pooled_auroc_ceiling(scores, labels, groups) == pytest.approx(best)
 
 
 def test_pooled_auroc_ceiling_bounds_every_per_group_rescaling():

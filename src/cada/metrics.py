@@ -262,10 +262,11 @@ def f1_max(scores, labels) -> tuple[float, float]:
     return result["f1max"], result["f1max_threshold"]
 
 
-def _roc_hull_steps(normal: np.ndarray, anomalous: np.ndarray) -> np.ndarray:
-    """The steps (d FPR, d TPR) along the upper convex hull of one ROC curve, from (0, 0) to (1, 1)."""
+def _roc_hull(normal: np.ndarray, anomalous: np.ndarray) -> tuple[np.ndarray, float]:
+    """(steps, excess) of one ROC curve: the steps (d FPR, d TPR) along its upper convex hull from (0, 0) to (1, 1),
+    and the area between that hull and the curve."""
     if not len(normal) or not len(anomalous):
-        return np.array([[float(len(normal) > 0), float(len(anomalous) > 0)]])
+        return np.array([[float(len(normal) > 0), float(len(anomalous) > 0)]]), 0.0
     scores = np.concatenate([normal, anomalous])
     anomalous_first = np.argsort(-scores, kind="stable")
     is_anomalous = anomalous_first >= len(normal)
@@ -280,32 +281,37 @@ def _roc_hull_steps(normal: np.ndarray, anomalous: np.ndarray) -> np.ndarray:
                 break
             hull.pop()
         hull.append((x, y))
-    return np.diff(np.array(hull), axis=0)
+    corners = np.array(hull)
+    return np.diff(corners, axis=0), float(np.trapezoid(corners[:, 1], corners[:, 0]) - np.trapezoid(tpr, fpr))
 
 
 def pooled_auroc_ceiling(scores, labels, groups) -> float | None:
-    """The highest pooled AUROC that any per-group rescaling of `scores` could reach, the labels known.
+    """The highest pooled AUROC that any per-group rescaling of `scores` can reach, the labels known.
 
-    A rescaling keeps each group's (product's) own ranking and only interleaves the groups; the best
-    interleaving takes the steps of every group's ROC hull in the order of their slopes in pooled units (the
-    likelihood-ratio order), and this is the area under that merged curve. It is an upper bound (the hull
-    assumes ties may be broken at random) that knows the test labels: what no alignment can exceed with these
-    per-group rankings. None when `labels` lack either kind.
+    A rescaling (increasing within each group) keeps every group's own ranking and only interleaves the groups.
+    The best interleaving (Sidney's decomposition of chains) cuts each group's ranking into the blocks that the
+    steps of its ROC curve's upper convex hull span, and takes the blocks whole, in the order of their slopes in
+    pooled units (the likelihood-ratio order). The area under that merged hull counts the pairs inside a block as
+    half right; the group's own ranking gets its hull-minus-curve area less, which is taken off. What no aligner
+    can exceed with these per-group rankings. None when `labels` lack either kind.
     """
     scores, labels, groups = (_as_array(x).ravel() for x in (scores, labels, groups))
     anomalous = _as_bool(labels, "pooled_auroc_ceiling")
     n_normal, n_anomalous = int((~anomalous).sum()), int(anomalous.sum())
     if not n_normal or not n_anomalous:
         return None
-    steps = []
+    steps, excess = [], 0.0
     for group in np.unique(groups):
         member = groups == group
-        found = _roc_hull_steps(scores[member & ~anomalous], scores[member & anomalous])
-        steps.append(found * [(member & ~anomalous).sum() / n_normal, (member & anomalous).sum() / n_anomalous])
+        normal, anomalous_here = member & ~anomalous, member & anomalous
+        found, gap = _roc_hull(scores[normal], scores[anomalous_here])
+        share = np.array([normal.sum() / n_normal, anomalous_here.sum() / n_anomalous])
+        steps.append(found * share)
+        excess += gap * share.prod()  # the group's own pairs are this share of all pairs
     merged = np.concatenate(steps)
     merged = merged[np.argsort(-np.arctan2(merged[:, 1], merged[:, 0]), kind="stable")]
     below = np.r_[0, np.cumsum(merged[:, 1])[:-1]]
-    return float((merged[:, 0] * (below + merged[:, 1] / 2)).sum())
+    return float((merged[:, 0] * (below + merged[:, 1] / 2)).sum() - excess)
 
 
 def _check_limit(fpr_limit: float) -> float:
