@@ -282,7 +282,12 @@ def _roc_hull(normal: np.ndarray, anomalous: np.ndarray) -> tuple[np.ndarray, fl
             hull.pop()
         hull.append((x, y))
     corners = np.array(hull)
-    return np.diff(corners, axis=0), float(np.trapezoid(corners[:, 1], corners[:, 0]) - np.trapezoid(tpr, fpr))
+    return np.diff(corners, axis=0), _area(corners[:, 0], corners[:, 1]) - _area(fpr, tpr)
+
+
+def _area(x: np.ndarray, y: np.ndarray) -> float:
+    """Area under the polyline through (x, y) (the trapezoid rule; np.trapezoid needs NumPy 2)."""
+    return float((np.diff(x) * (y[1:] + y[:-1])).sum() / 2)
 
 
 def pooled_auroc_ceiling(scores, labels, groups) -> float | None:
