@@ -10,7 +10,8 @@ The base's training statistics, test outputs and held-out outputs are cached onc
 each aligner then only fits on the cached statistics. Per aligner it prints pooled I-AUROC (one ranking for all
 products), per-product mean I-AUROC (each product its own threshold), the per-product I-AUROC weighted by each
 product's anomalous images (what the pooled figure is when every product's normal scores are perfectly aligned:
-the reference for the pooled figure, see cada.evaluate.per_product_decisions), % of the class-aware oracle
+the reference for the pooled figure, see cada.evaluate.per_product_decisions), the most any per-product
+rescaling of the aligner's scores could reach pooled (test labels known), % of the class-aware oracle
 (each product's image scores z-scored with its own training images, class names known), and per product the
 median normal test score, recall and FPR at one threshold calibrated at --fpr on the held-out normals, with the
 seconds each aligner took to fit and align. Writes OUT/aligners.json.

@@ -8,6 +8,7 @@ learning rate is *not* scaled with it unless the settings say so (`scale_lr`).
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -54,7 +55,15 @@ def init_distributed() -> bool:
             raise RuntimeError("multi-process training on CPUs needs the gloo backend, which this PyTorch lacks")
         backend = "gloo"
     dist.init_process_group(backend)
+    # Left to interpreter shutdown, gloo's worker threads can abort the process after its work is done
+    # ("terminate called without an active exception", pytorch/pytorch#190489): leave the group while Python runs.
+    atexit.register(_leave_process_group)
     return True
+
+
+def _leave_process_group() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
 
 
 def shard_of(global_batch: torch.Tensor) -> torch.Tensor:
