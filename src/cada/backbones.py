@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from cada.data.dataset import IMAGENET_MEAN, IMAGENET_STD
+from cada.engine.device import full_precision
 
 __all__ = ["BACKBONES", "Encoder", "WeightsNotFoundError", "create_encoder", "fold_batchnorms", "folded_batchnorms"]
 
@@ -142,7 +143,7 @@ def fold_batchnorms(encoder: Encoder) -> Encoder | None:
     """
     reference = next(encoder.parameters())
     probe = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(reference)
-    with torch.inference_mode(False), torch.no_grad(), torch.autocast(reference.device.type, enabled=False):
+    with torch.inference_mode(False), torch.no_grad(), full_precision(reference.device):
         folded = copy.deepcopy(encoder)
         modules = dict(folded.named_modules())
         outputs: dict[int, tuple[str, torch.Tensor]] = {}  # the tensors are kept so that their ids stay unique
