@@ -93,7 +93,7 @@ def test_calibration_at_a_false_positive_rate_is_stored_and_used(trained, tiny_d
     calibration = trained.calibrate(normal, fpr=0.25, source="test")
     scores = trained.predict(normal).scores
     assert (scores >= calibration["threshold"]).float().mean() <= 0.25
-    assert (scores >= calibration["threshold"]).sum() == 6  # floor(0.25 * 24) flagged: no ties here
+    assert (scores >= calibration["threshold"]).sum() == 5  # floor(0.25 * 25) - 1 flagged: no ties here
     loaded = Detector.load(trained.save(tmp_path / "run"))
     assert loaded.calibration == calibration
     assert torch.equal(loaded.predict(normal).decisions, scores >= calibration["threshold"])
@@ -138,7 +138,7 @@ def test_holdout_trains_on_the_rest_and_calibrates_on_the_held_out(tiny_data, ti
     assert detector.calibration["n_normal"] == 8 and detector.calibration["target_fpr"] == 0.5
 
 
-def test_calibrating_on_the_runs_own_training_images_is_warned_about(tiny_data, tiny_settings):
+def test_calibration_warns_about_training_images_and_too_few_images(tiny_data, tiny_settings):
     """Training images score lower than new ones (knn-distance most: they are at distance 0 from themselves)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # held-out images: no warning
@@ -146,3 +146,5 @@ def test_calibrating_on_the_runs_own_training_images_is_warned_about(tiny_data, 
     kept, held_out = split_holdout(mvtec_samples(tiny_data, "train"), 0.34, detector.settings.seed)
     with pytest.warns(UserWarning, match="16 of 20 calibration images are training images of this run"):
         detector.calibrate(load_all(kept + held_out[:4], 64)[0], fpr=0.5)
+    with pytest.warns(UserWarning, match="8 normal images cannot resolve a false-positive rate of 0.01"):
+        detector.calibrate(load_all(held_out, 64)[0], fpr=0.01)

@@ -238,6 +238,10 @@ def test_predict_changes_the_operating_point_without_recalibrating(calibrated_ru
     assert loose["threshold"] < calibration["threshold"]
     assert sum(s >= loose["threshold"] for s in calibration["normal_scores"]) <= 12
     assert loose["n_anomalous"] >= stored["n_anomalous"]
+    # A rate 24 images cannot hold: above all of them, and said so.
+    with pytest.warns(UserWarning, match="24 normal images cannot resolve a false-positive rate of 0.01"):
+        strict, _ = predict("strict", "--fpr", "0.01")
+    assert strict["threshold"] > max(calibration["normal_scores"])
     given, _ = predict("given", "--threshold=-1e6")
     assert given["threshold"] == -1e6 and given["n_anomalous"] == given["n_images"]
     assert given["threshold_source"] == "given with --threshold"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import time
 import warnings
@@ -45,7 +44,7 @@ from cada.engine.log import (
 from cada.files import atomic_write
 from cada.inference import BatchResult, image_distances, infer
 from cada.methods import BaseMethod, create_method
-from cada.threshold import check_calibration, threshold_at_fpr, threshold_f1
+from cada.threshold import check_calibration, threshold_at_fpr, threshold_f1, unresolved_fpr
 
 
 def split_holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -437,11 +436,9 @@ class Detector:
         """
         self._require_fitted("calibrate")
         base, aligned = self._all_scores(normal_images)
-        if fpr > 0 and fpr * len(aligned) < 1:
-            warnings.warn(
-                f"{len(aligned)} normal images cannot resolve a false-positive rate of {fpr}: the "
-                f"threshold is set above all of them (use at least {math.ceil(1 / fpr)} images)"
-            )
+        unresolved = unresolved_fpr(len(aligned), fpr)
+        if unresolved:
+            warnings.warn(unresolved)
         self.calibration = {
             "threshold": threshold_at_fpr(aligned, fpr),
             "base_threshold": threshold_at_fpr(base, fpr),

@@ -629,7 +629,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="hold out this fraction of each class's training images to calibrate the threshold",
     )
-    train.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate for --holdout calibration")
+    train.add_argument(
+        "--fpr",
+        type=float,
+        default=0.01,
+        help="target false-positive rate on new normal images, for --holdout calibration",
+    )
     train.add_argument(
         "--align",
         choices=ALIGNERS,
@@ -675,7 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = calibrate.add_mutually_exclusive_group(required=True)
     source.add_argument("--normal", nargs="+", help="folders of held-out normal images (not the test set)")
     source.add_argument("--val", help="labelled validation data (its test split): F1-optimal threshold")
-    calibrate.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate with --normal")
+    calibrate.add_argument(
+        "--fpr", type=float, default=0.01, help="target false-positive rate on new normal images, with --normal"
+    )
     _add_data_options(calibrate)
     _add_device_options(calibrate)
     calibrate.set_defaults(func=cmd_calibrate)

@@ -551,7 +551,7 @@ def per_product_decisions(
     source = "calibrated"
     if threshold is None:
         threshold, source = (
-            threshold_at_fpr(scores[labels == 0], REFERENCE_FPR),
+            threshold_at_fpr(scores[labels == 0], REFERENCE_FPR, new_images=False),
             f"{REFERENCE_FPR:.0%} FPR on test normals",
         )
     products, weighted, anomalies = {}, 0.0, 0

@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from cada.threshold import check_threshold, threshold_at_fpr
+from cada.threshold import check_threshold, threshold_at_fpr, unresolved_fpr
 
 SCORES_KEY = "normal_scores"
 
@@ -80,11 +80,9 @@ def choose_threshold(
                 "--fpr needs normal calibration images, and this run was calibrated on anomalous images "
                 "only: run `cada calibrate RUN --normal FOLDER` (or give --threshold)"
             )
-        if fpr > 0 and fpr * len(scores) < 1:
-            warnings.warn(
-                f"{len(scores)} calibration images cannot resolve a false-positive rate of {fpr}: the "
-                f"threshold is set above all of them (use at least {math.ceil(1 / fpr)} images)"
-            )
+        unresolved = unresolved_fpr(len(scores), fpr)
+        if unresolved:
+            warnings.warn(unresolved)
         chosen = threshold_at_fpr(scores, fpr)
         return chosen, (
             f"at false-positive rate {fpr} over the {len(scores)} calibration scores stored {where} "

@@ -45,16 +45,37 @@ def _checked(scores) -> np.ndarray:
     return scores
 
 
-def threshold_at_fpr(normal_scores, fpr: float) -> float:
-    """The lowest threshold (by the margin rule) at which at most `fpr` of these normal images are flagged.
+def threshold_at_fpr(normal_scores, fpr: float, *, new_images: bool = True) -> float:
+    """The lowest threshold (by the margin rule) at which a new normal image is flagged with probability at most
+    `fpr`, for new images exchangeable with these (split-conformal): of these n images the top m - 1 may score >=
+    threshold, m = floor(fpr (n + 1)), and the threshold sits above the m-th, which a new image passes when it lands
+    among the top m of the n + 1, with probability m / (n + 1). Flagging floor(fpr n) of them instead, "at most fpr of
+    these images", would flag up to 1 / (n + 1) more of the new ones: 2% instead of 1% with 100 images. With fewer
+    than 1 / fpr - 1 images no threshold can (`unresolved_fpr`); it then sits above all of them.
 
-    With n images, at most floor(fpr * n) may score >= threshold; the threshold sits above the next one.
+    `new_images=False`: at most `fpr` of these images themselves, for an after-the-fact reference on the very images
+    it is applied to (evaluate's threshold on test normals).
     """
     if not 0 <= fpr < 1:
         raise ValueError(f"the target false-positive rate must be in [0, 1), got {fpr}")
     scores = _checked(normal_scores)
-    allowed = math.floor(fpr * scores.size + 1e-9)
+    if new_images:
+        allowed = max(0, math.floor(fpr * (scores.size + 1) + 1e-9) - 1)
+    else:
+        allowed = math.floor(fpr * scores.size + 1e-9)
     return _above(scores, np.sort(scores)[::-1][allowed])
+
+
+def unresolved_fpr(n_normal: int, fpr: float) -> str | None:
+    """Why `n_normal` calibration images cannot give a false-positive rate of `fpr` (0 < fpr), or None when they
+    can: a new normal image scores above all of them with probability 1 / (n + 1), more than `fpr`."""
+    if fpr <= 0 or fpr * (n_normal + 1) >= 1 - 1e-9:
+        return None
+    return (
+        f"{n_normal} normal images cannot resolve a false-positive rate of {fpr}: the threshold is set above all of "
+        f"them, and a new normal image scores above all {n_normal} with probability 1/{n_normal + 1} = "
+        f"{1 / (n_normal + 1):.2g} (use at least {math.ceil(1 / fpr - 1 - 1e-9)} images)"
+    )
 
 
 def threshold_f1(scores, labels) -> float:
