@@ -139,9 +139,10 @@ def test_holdout_trains_on_the_rest_and_calibrates_on_the_held_out(tiny_data, ti
 
 
 def test_calibration_warns_about_training_images_and_too_few_images(tiny_data, tiny_settings):
-    """Training images score lower than new ones (knn-distance most: they are at distance 0 from themselves)."""
+    """Training images score lower than new ones (knn-distance most: they are at distance 0 from themselves), and
+    8 images cannot hold a 1% false-positive rate on new ones."""
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # held-out images: no warning
+        warnings.simplefilter("error", UserWarning)  # held-out images at 50%: no warning
         detector = Detector(tiny_settings()).fit(tiny_data, progress=False, holdout=0.34, fpr=0.5)
     kept, held_out = split_holdout(mvtec_samples(tiny_data, "train"), 0.34, detector.settings.seed)
     with pytest.warns(UserWarning, match="16 of 20 calibration images are training images of this run"):
