@@ -3,6 +3,8 @@
 import csv
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -246,6 +248,23 @@ def test_predict_changes_the_operating_point_without_recalibrating(calibrated_ru
     assert given["threshold"] == -1e6 and given["n_anomalous"] == given["n_images"]
     assert given["threshold_source"] == "given with --threshold"
     assert all(row["anomalous"] for row in given["predictions"])
+
+
+def test_the_command_line_writes_a_warning_as_one_line(calibrated_run, tiny_data, tmp_path):
+    """As a user sees it (a process of its own, where pytest does not catch warnings): no source path, no code line."""
+    command = [sys.executable, "-m", "cada", "predict", str(calibrated_run), str(tiny_data / "washer" / "test")]
+    finished = subprocess.run(
+        [*command, "--out", str(tmp_path / "out"), "--fpr", "0.01", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stderr.splitlines() == [
+        "cada predict: warning: 24 normal images cannot resolve a false-positive rate of 0.01: the threshold is set "
+        "above all of them, and a new normal image scores above all 24 with probability 1/25 = 0.04 (use at least 99 "
+        "images)"
+    ]
 
 
 def test_predict_fpr_needs_stored_calibration_scores(tiny_data, calibrated_run, tmp_path, capsys):

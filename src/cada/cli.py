@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -801,10 +802,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def warning_line(command: str):
+    """A `warnings.formatwarning` that writes a warning as the errors are written: one line, no source path."""
+
+    def formatted(message, category, filename, lineno, line=None) -> str:
+        return f"cada {command}: warning: {printable(message)}\n"
+
+    return formatted
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    format_warning, warnings.formatwarning = warnings.formatwarning, warning_line(args.command)
     try:
         return args.func(args)
     except (OSError, ValueError, SafetensorError) as error:
@@ -817,6 +828,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as error:  # TrainingInterrupted says where its checkpoint is and how to resume
         print(f"cada {args.command}: {error or 'interrupted'}", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = format_warning
 
 
 if __name__ == "__main__":
