@@ -222,9 +222,8 @@ def test_16_and_32_bit_images_keep_their_contrast_or_are_refused(tmp_path):
     ],
 )
 def test_zero_iterations_are_an_error_not_the_preset(command, capsys):
-    with pytest.raises(SystemExit) as stopped:
-        main(command)
-    assert stopped.value.code == 2 and "must be a positive integer, got 0" in capsys.readouterr().err
+    assert main(command) == 2
+    assert "must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_an_aligner_that_trains_needs_iterations():
@@ -325,3 +324,98 @@ def test_visa_split_file_cannot_name_paths_outside_the_data(tmp_path, listed):
     )
     with pytest.raises(ValueError, match=f"line 3: image path '{listed}' leaves the data folder"):
         visa_samples(root, "train")
+
+
+# -- issue 32's probe: one line, before any work, for every bad input it found ----------------------------------------
+
+
+def _one_line_error(capsys) -> str:
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and error.startswith("cada ") and "Traceback" not in error, error
+    return error
+
+
+@pytest.mark.parametrize("content", [b"\x80\x04\x95pickled python objects", b"\x00\x01junk" * 500])
+def test_weights_that_are_not_a_state_dict_get_one_line(tiny_data, tmp_path, capsys, content):
+    import pickle
+
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(pickle.dumps({"layer": [1, 2, 3]}) if content.startswith(b"\x80") else content)
+    assert main(train_args(tiny_data, tmp_path / "run", "--weights", str(weights))) == 2
+    assert "cannot be read as a state dict of tensors" in _one_line_error(capsys)
+
+
+def test_config_files_with_a_value_for_a_block_or_aliases_get_one_short_line(tiny_data, tmp_path, capsys):
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("base: 5\n")
+    assert main(train_args(tiny_data, tmp_path / "a", "--config", str(scalar))) == 2
+    assert "base must be a mapping of settings, got 5" in _one_line_error(capsys)
+
+    # Nine levels of nested aliases inside a known key: 9**9 items once expanded (the whole memory, before).
+    levels = ["&l0 [x, x, x, x, x, x, x, x, x]"] + [f"&l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("base:\n  lr: [" + ", ".join(levels) + "]\n")
+    assert main(train_args(tiny_data, tmp_path / "b", "--config", str(bomb))) == 2
+    assert "aliases (*name) are not allowed" in _one_line_error(capsys)
+
+    # A large value is named, not printed whole.
+    large = tmp_path / "large.json"
+    large.write_text(json.dumps({"base": {"lr": [[list(range(100))] * 100] * 100}}))
+    assert main(train_args(tiny_data, tmp_path / "c", "--config", str(large))) == 2
+    error = _one_line_error(capsys)
+    assert "base.lr must be" in error and len(error) < 400
+
+
+@pytest.mark.parametrize("fpr", ["1.5", "nan", "-0.1"])
+def test_a_bad_fpr_is_refused_before_training_and_calibration(tiny_data, run, tmp_path, capsys, fpr):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_data, out, "--holdout", "0.2", "--fpr", fpr)) == 2
+    assert "--fpr must be a number in [0, 1)" in _one_line_error(capsys) and not out.exists()
+    normal = str(tiny_data / "weave" / "train" / "good")
+    assert main(["calibrate", str(run), "--normal", normal, "--fpr", fpr]) == 2
+    assert "--fpr must be a number in [0, 1)" in _one_line_error(capsys)
+    detector = Detector.load(run)
+    with pytest.raises(ValueError, match="fpr must be a number"):
+        detector.calibrate([normal + "/000.png"], fpr=float(fpr))
+
+
+def test_bad_batch_sizes_and_ports_get_one_line(run, tiny_data, tmp_path, capsys):
+    images = str(tiny_data / "weave" / "test" / "good")
+    assert main(["predict", str(run), images, "--out", str(tmp_path / "p"), "--batch-size", "0"]) == 2
+    assert "--batch-size: must be a positive integer, got 0" in _one_line_error(capsys)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        Detector.load(run).predict(images + "/000.png", batch_size=0)
+    assert main(["serve", str(run), "--port", "99999"]) == 2
+    assert "--port must be in 0-65535" in _one_line_error(capsys)
+    assert main(["train", "--data", str(tiny_data)]) == 2  # a usage mistake: one line too, not the usage text
+    assert "the following arguments are required: --out" in _one_line_error(capsys)
+
+
+def test_a_csv_cell_that_a_spreadsheet_would_run_is_written_as_text(run, tiny_data, tmp_path, monkeypatch):
+    import csv
+
+    folder = tmp_path / "line"
+    folder.mkdir()
+    for name in ("=HYPERLINK(1).png", "+1.png", "plain.png"):
+        (folder / name).write_bytes((tiny_data / "weave" / "test" / "good" / "000.png").read_bytes())
+    monkeypatch.chdir(folder)  # paths as given: "=HYPERLINK(1).png" begins the cell
+    assert main(["predict", str(run), *sorted(p.name for p in folder.iterdir()), "--out", "../p", "--quiet"]) == 0
+    cells = sorted(row["path"] for row in csv.DictReader((tmp_path / "p" / "predictions.csv").open()))
+    assert cells == ["'+1.png", "'=HYPERLINK(1).png", "plain.png"]
+    names = sorted(p["path"] for p in json.loads((tmp_path / "p" / "predictions.json").read_text())["predictions"])
+    assert names == ["+1.png", "=HYPERLINK(1).png", "plain.png"]  # the JSON keeps the names as they are
+
+
+def test_masks_without_an_image_and_test_sets_without_normals_are_said(run, tiny_data, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    truth = next((data / "weave" / "ground_truth").iterdir())
+    shutil.copy(next(truth.iterdir()), truth / "999_mask.png")
+    with pytest.warns(UserWarning, match="1 mask file.s. match no image in .*999_mask.png"):
+        mvtec_samples(data, "test")
+    for good in data.glob("*/test/good"):
+        shutil.rmtree(good)
+    assert main(["evaluate", str(run), "--data", str(data), "--quiet"]) == 2
+    assert "hold no normal image (test/good)" in _one_line_error(capsys)

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from safetensors import SafetensorError
 
 from cada.cli import main
 
@@ -149,9 +150,17 @@ def test_2_a_failed_save_keeps_the_checkpoint_and_the_old_run(tiny_data, run_cop
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    real_save_file = cada.checkpoint.save_file
+
+    def run_save_fails(tensors, path, metadata=None):  # the disk fills up after the last training checkpoint
+        if ".new-" not in path:
+            return real_save_file(tensors, path, metadata=metadata)
+        # What safetensors raises on a full disk (seen on a full tmpfs): its own error type, not an OSError.
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
     out = tmp_path / "new"
     with monkeypatch.context() as patch:
-        patch.setattr(cada.checkpoint, "save_file", disk_full)
+        patch.setattr(cada.checkpoint, "save_file", run_save_fails)
         assert main(train_args(tiny_data, out)) == 2
     error = _one_line(capsys)
     assert "No space left on device" in error and "--resume" in error and "checkpoint is kept" in error
@@ -393,3 +402,79 @@ def test_13_sigterm_stops_a_long_pass_within_a_batch(
         assert (run / "model.safetensors").is_file() and not (run / "resume").exists()
     else:
         assert "nothing to resume" in error
+
+
+# -- user folders beside and inside a run are never touched (issue 32's probe) ------------------------------------
+
+
+def _user_folder(path):
+    path.mkdir(parents=True)
+    (path / "mine.txt").write_text("user work")
+    return path
+
+
+def test_user_folders_named_like_swap_folders_are_never_touched(tiny_data, run_copy, tmp_path, capsys):
+    # Before: the swap recovery deleted .RUN.old/.RUN.new even when train then refused, and with no RUN moved the
+    # user's .RUN.old into RUN. Only folders named in the swap's own journal are touched now.
+    beside = [_user_folder(tmp_path / ".run.old"), _user_folder(tmp_path / ".run.new")]
+    assert main(train_args(tiny_data, run_copy)) == 2  # refused: a run is there
+    capsys.readouterr()
+    absent = tmp_path / "fresh"
+    beside.append(_user_folder(tmp_path / ".fresh.old"))
+    assert main(train_args(tiny_data, absent)) == 0
+    assert not (absent / "mine.txt").exists() and (absent / "model.safetensors").is_file()
+    assert main(train_args(tiny_data, run_copy, "--overwrite")) == 0
+    assert all((folder / "mine.txt").read_text() == "user work" for folder in beside)
+    assert not list(tmp_path.glob(".*.swap.json")) and not list(tmp_path.glob(".run.*-*"))
+
+
+def test_a_kill_midway_through_a_swap_is_finished_or_undone_from_its_journal(run_copy, tmp_path):
+    from cada.checkpoint import folder_state, recover_swap
+
+    # Killed between the two renames: the old run moved aside, the new one complete beside it.
+    new, old = tmp_path / ".run.new-0001", tmp_path / ".run.old-0001"
+    shutil.copytree(run_copy, new)
+    run_copy.rename(old)
+    journal = tmp_path / ".run.swap.json"
+    journal.write_text(json.dumps({"format": "cada-swap", "new": new.name, "old": old.name}))
+    recover_swap(run_copy)
+    assert folder_state(run_copy) == "run" and not new.exists() and not old.exists() and not journal.exists()
+
+    # Killed while the new run was written: the old one stays, the partial one goes.
+    _user_folder(new)
+    journal.write_text(json.dumps({"format": "cada-swap", "new": new.name, "old": old.name}))
+    recover_swap(run_copy)
+    assert folder_state(run_copy) == "run" and not new.exists() and not journal.exists()
+
+    # A journal that names folders outside the run's own names is not followed.
+    journal.write_text(json.dumps({"format": "cada-swap", "new": "../elsewhere", "old": ".run.old-2"}))
+    with pytest.raises(ValueError, match="not a swap journal"):
+        recover_swap(run_copy)
+
+
+def test_only_a_folder_of_a_runs_own_files_is_replaced(tiny_data, trained_run, run_copy, line_images, tmp_path, capsys):
+    # A copied config.json does not make a run: before, --overwrite then deleted the user's files beside it.
+    copied = _user_folder(tmp_path / "copied")
+    shutil.copy(trained_run / "config.json", copied / "config.json")
+    assert main(train_args(tiny_data, copied, "--overwrite")) == 2
+    assert "is not a cada run" in _one_line(capsys) and (copied / "mine.txt").exists()
+
+    # Predictions written inside a run (accepted) survive a later train --overwrite there: it is refused.
+    assert main(["predict", str(run_copy), str(line_images), "--out", str(run_copy / "preds"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(train_args(tiny_data, run_copy, "--overwrite")) == 2
+    error = _one_line(capsys)
+    assert "1 other entry (preds)" in error and "move them out" in error
+    assert (run_copy / "preds" / "predictions.csv").is_file()
+
+
+def test_out_as_a_symbolic_link_is_refused_before_any_work(tiny_data, run_copy, tmp_path, capsys):
+    # Before: the run was written, the command failed anyway ("Cannot call rmtree on a symbolic link"), leaving a
+    # .LINK.old link and a resume/ folder in the target, and every later train there failed.
+    link = tmp_path / "current"
+    link.symlink_to(run_copy)
+    before = _files(run_copy)
+    assert main(train_args(tiny_data, link, "--overwrite")) == 2
+    assert "is a symbolic link" in _one_line(capsys)
+    assert link.is_symlink() and _files(run_copy) == before and not (run_copy / "resume").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "run"]

@@ -21,7 +21,7 @@ from cada.align.base import SCORE, map_statistics
 from cada.align.class_aware import class_score_statistics
 from cada.config import Settings
 from cada.config import preset as make_preset
-from cada.data.dataset import load_all, normalize
+from cada.data.dataset import check_batch_size, load_all, normalize
 from cada.data.layouts import find_samples
 from cada.data.mvtec import Sample
 from cada.engine import Checkpointing, Trainer, is_main, world_size
@@ -44,7 +44,7 @@ from cada.engine.log import (
 from cada.files import atomic_write
 from cada.inference import BatchResult, image_distances, infer
 from cada.methods import BaseMethod, create_method
-from cada.threshold import check_calibration, threshold_at_fpr, threshold_f1, unresolved_fpr
+from cada.threshold import check_calibration, check_fpr, threshold_at_fpr, threshold_f1, unresolved_fpr
 
 
 def split_holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -142,6 +142,7 @@ def _is_paths(images) -> bool:
 def _batches(images, settings: Settings, batch_size: int = 16) -> Iterable[torch.Tensor]:
     """Checked uint8 batches (see check_images) of one batch, file paths, or an iterable of batches."""
     size, resize = settings.input_size, settings.resize
+    check_batch_size(batch_size)
     if isinstance(images, (torch.Tensor, np.ndarray)) or _is_paths(images) or not hasattr(images, "__iter__"):
         return check_images(images, size, resize).split(batch_size)  # not iterable: check_images says what's wrong
     return (check_images(batch, size, resize) for batch in images)
@@ -269,6 +270,8 @@ class Detector:
             raise ValueError("no training images given")
         if resume and checkpoint_dir is None:
             raise ValueError("resuming needs the checkpoint folder (checkpoint_dir)")
+        if holdout:
+            check_fpr(fpr, "fpr")  # before the training, not after
         settings = self.settings
         samples, held_out = split_holdout(samples, holdout, settings.seed)
         images, samples = load_all(samples, settings.input_size, cache_dir=cache_dir, resize=settings.resize)
@@ -435,6 +438,7 @@ class Detector:
         Never calibrate on test images: the point is an honest false-positive rate on new ones.
         """
         self._require_fitted("calibrate")
+        check_fpr(fpr, "fpr")
         base, aligned = self._all_scores(normal_images)
         unresolved = unresolved_fpr(len(aligned), fpr)
         if unresolved:

@@ -22,6 +22,8 @@ import copy
 import glob
 import importlib
 import os
+import pickle
+import warnings
 
 import torch
 from torch import nn
@@ -203,13 +205,25 @@ def fold_batchnorms(encoder: Encoder) -> Encoder | None:
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise WeightsNotFoundError(f"weights file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
-    sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    try:
+        if path.endswith(".safetensors"):
+            return load_file(path, device="cpu")
+        with warnings.catch_warnings():  # torch's note on pickle protocols, before it refuses a pickle anyway
+            warnings.simplefilter("ignore")
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    except (pickle.UnpicklingError, SafetensorError, RuntimeError, EOFError, ValueError, TypeError):
+        raise ValueError(
+            f"weights file {path} cannot be read as a state dict of tensors (a .pth written by "
+            "torch.save(model.state_dict()), or a .safetensors file): it is damaged, or holds other Python objects, "
+            "which cada never unpickles"
+        ) from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # tolerate {"state_dict": ...} checkpoints
         sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"weights file {path} holds a {type(sd).__name__}, not a state dict of tensors")
     return sd
 
 

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from cada.config import DEFAULT_METHOD, RESIZE_MODES, Settings
 from cada.files import check_output, os_error, printable, write_json
 from cada.registry import ALIGNERS, METHODS
+from cada.threshold import check_fpr
 from cada.workflows import (
     LOGGERS,
     evaluate,
@@ -146,6 +147,8 @@ def cmd_calibrate(args) -> int:
     from cada.data.dataset import load_all
     from cada.data.folder import folder_samples
 
+    if args.normal:
+        check_fpr(args.fpr, "--fpr")  # before loading and scoring
     detector = Detector.load(args.run, device=args.device, precision=args.precision)
     previous = detector.calibration
     size, resize = detector.settings.input_size, detector.settings.resize
@@ -285,6 +288,8 @@ def cmd_serve(args) -> int:
     from cada.predict import load_model
     from cada.serve import make_server
 
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0-65535 (0: any free port), got {args.port}")
     if not 0 < args.max_request_mb <= 4096:
         raise ValueError(f"--max-request-mb must be in (0, 4096], got {args.max_request_mb}")
     model = load_model(args.model, args.fpr, args.threshold, args.device, args.precision)
@@ -598,8 +603,15 @@ def _add_device_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake said in one line (as every other error) instead of the usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cada", description=__doc__)
+    parser = Parser(prog="cada", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -709,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write overlays and masks at each image's own size (default; the map upsampled "
         "bilinearly) or at the model's input size",
     )
-    predict.add_argument("--batch-size", type=int, default=16)
+    predict.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
     predict.add_argument("--quiet", action="store_true")
     predict.add_argument(
         "--overwrite",
@@ -813,7 +825,10 @@ def warning_line(command: str):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0), or a usage mistake, said in one line by Parser.error (2)
+        return stop.code if isinstance(stop.code, int) else 2
     args.argv = argv
     format_warning, warnings.formatwarning = warnings.formatwarning, warning_line(args.command)
     try:
@@ -823,7 +838,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message = os_error(error) if isinstance(error, OSError) else str(error)
-        print(f"cada {args.command}: error: {printable(message)}", file=sys.stderr)
+        print(f"cada {args.command}: error: {printable(' '.join(message.split()))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:  # TrainingInterrupted says where its checkpoint is and how to resume
         print(f"cada {args.command}: {error or 'interrupted'}", file=sys.stderr)

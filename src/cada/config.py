@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from cada.files import shown
 from cada.registry import ALIGNERS, METHODS
 
 
@@ -175,11 +176,11 @@ class Settings:
             options = METHODS[name].options if name in METHODS else None
             if options is None or not isinstance(block, options):
                 raise ValueError(
-                    f"{name} must be a {getattr(options, '__name__', 'registered options')} block, got {block!r}"
+                    f"{name} must be a {getattr(options, '__name__', 'registered options')} block, got {shown(block)}"
                 )
             _check_fields(block, name + ".")
         if self.resize not in RESIZE_MODES:
-            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {shown(self.resize)}")
         if self.tile_overlap and self.tile == 1:
             raise ValueError(f"tile_overlap ({self.tile_overlap}) is the overlap of tiles: set tile above 1 too")
         if self.image_size % 32:
@@ -298,18 +299,19 @@ def _check_fields(block, prefix: str) -> None:
         name, value, kind = prefix + item.name, getattr(block, item.name), kinds[item.name]
         if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             if not isinstance(value, kind):
-                raise ValueError(f"{name} must be a {kind.__name__} block, got {value!r}")
+                raise ValueError(f"{name} must be a {kind.__name__} block, got {shown(value)}")
             _check_fields(value, name + ".")
             continue
         interval = RANGES.get(name) or own_ranges.get(item.name)
         if not _is(value, kind) or (interval and not all(_in_range(number, interval) for number in _numbers(value))):
-            raise ValueError(f"{name} must be {_describe(kind)}{f' in {interval}' if interval else ''}, got {value!r}")
+            within = f" in {interval}" if interval else ""
+            raise ValueError(f"{name} must be {_describe(kind)}{within}, got {shown(value)}")
 
 
 def _from_dict(cls, data, prefix: str):
     """A settings dataclass from a dict, nested blocks included; JSON lists become the tuples the fields hold."""
     if not isinstance(data, dict):
-        raise ValueError(f"{prefix.rstrip('.') or 'settings'} must be a mapping of names to values, got {data!r}")
+        raise ValueError(f"{prefix.rstrip('.') or 'settings'} must be a mapping of names to values, got {shown(data)}")
     known = {item.name: item for item in dataclasses.fields(cls) if item.name != "method_blocks"}
     block_kinds = {}
     if cls is Settings:  # the method blocks, by method name
@@ -317,7 +319,8 @@ def _from_dict(cls, data, prefix: str):
     unknown = set(data) - set(known) - set(block_kinds)
     if unknown:
         names = sorted(prefix + name for name in unknown)
-        raise ValueError(f"unknown settings {names}; known: {sorted(prefix + name for name in {*known, *block_kinds})}")
+        known_names = sorted(prefix + name for name in {*known, *block_kinds})
+        raise ValueError(f"unknown settings {shown(names)}; known: {known_names}")
     kinds = {**typing.get_type_hints(cls), **block_kinds}
     values: dict[str, Any] = {}
     blocks = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -35,6 +36,16 @@ def printable(text: str | Path) -> str:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 80, 80, 6, 6, 2
+
+
+def shown(value, limit: int = 120) -> str:
+    """`repr(value)` cut short: a message names a bad value in one readable line, however large the value."""
+    text = printable(_SHORT.repr(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], object]) -> Path:

@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from cada.threshold import check_threshold, threshold_at_fpr, unresolved_fpr
+from cada.threshold import check_fpr, check_threshold, threshold_at_fpr, unresolved_fpr
 
 SCORES_KEY = "normal_scores"
 
@@ -61,8 +61,7 @@ def choose_threshold(
     if threshold is not None:
         return float(check_threshold(threshold, "--threshold")), "given with --threshold"
     if fpr is not None:
-        if not 0 <= fpr < 1:
-            raise ValueError(f"--fpr must be in [0, 1), got {fpr}")
+        check_fpr(fpr, "--fpr")
         scores = stored_scores(calibration)
         if calibration is None or scores is None:
             state = (

@@ -229,7 +229,7 @@ def predict_paths(
     for row in rows:
         writer.writerow(
             [
-                row["path"],
+                spreadsheet_safe(row["path"]),
                 f"{row['score']:.6f}",
                 "" if row["anomalous"] is None else int(row["anomalous"]),
                 *(int(row[name]) if isinstance(row[name], (bool, int)) else f"{row[name]:.6f}" for name in extra),
@@ -238,6 +238,12 @@ def predict_paths(
     atomic_write(out / "predictions.csv", table.getvalue())
     atomic_write(out / "predictions.json", json.dumps({**summary, "predictions": rows}, indent=2) + "\n")
     return summary
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A CSV text cell that a spreadsheet shows as text: a leading =, +, -, @, tab or carriage return would make it
+    a formula (CSV injection), so such a cell gets a leading apostrophe, as OWASP advises. JSON keeps the text as is."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:

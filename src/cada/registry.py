@@ -15,6 +15,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from cada.files import shown
+
 PLUGINS_ENV = "CADA_PLUGINS"
 ENTRY_POINT_GROUP = "cada.plugins"
 
@@ -108,7 +110,7 @@ class Registry:
     def __getitem__(self, name: str) -> Entry:
         entries = self._all()
         if name not in entries:
-            raise ValueError(f"unknown {self.kind} {name!r}; choose one of {', '.join(entries)}")
+            raise ValueError(f"unknown {self.kind} {shown(name)}; choose one of {', '.join(entries)}")
         return entries[name]
 
     def __repr__(self) -> str:

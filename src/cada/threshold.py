@@ -56,8 +56,7 @@ def threshold_at_fpr(normal_scores, fpr: float, *, new_images: bool = True) -> f
     `new_images=False`: at most `fpr` of these images themselves, for an after-the-fact reference on the very images
     it is applied to (evaluate's threshold on test normals).
     """
-    if not 0 <= fpr < 1:
-        raise ValueError(f"the target false-positive rate must be in [0, 1), got {fpr}")
+    check_fpr(fpr)
     scores = _checked(normal_scores)
     if new_images:
         allowed = max(0, math.floor(fpr * (scores.size + 1) + 1e-9) - 1)
@@ -66,9 +65,17 @@ def threshold_at_fpr(normal_scores, fpr: float, *, new_images: bool = True) -> f
     return _above(scores, np.sort(scores)[::-1][allowed])
 
 
+def check_fpr(fpr, name: str = "the target false-positive rate") -> float:
+    """`fpr` if it is a number in [0, 1), else ValueError naming it (NaN included): checked before any work."""
+    if isinstance(fpr, bool) or not isinstance(fpr, (int, float, np.floating)) or not 0 <= fpr < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {fpr!r}")
+    return float(fpr)
+
+
 def unresolved_fpr(n_normal: int, fpr: float) -> str | None:
     """Why `n_normal` calibration images cannot give a false-positive rate of `fpr` (0 < fpr), or None when they
     can: a new normal image scores above all of them with probability 1 / (n + 1), more than `fpr`."""
+    check_fpr(fpr)
     if fpr <= 0 or fpr * (n_normal + 1) >= 1 - 1e-9:
         return None
     return (

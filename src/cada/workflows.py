@@ -19,7 +19,8 @@ from typing import Any
 
 from cada.config import DEFAULT_METHOD, Settings
 from cada.config import preset as make_preset
-from cada.files import check_output, folder_lock, os_error, printable, write_json
+from cada.files import check_output, folder_lock, os_error, printable, shown, write_json
+from cada.threshold import check_fpr
 
 LOGGERS = ("csv", "tensorboard")  # the training log: the CSV always, TensorBoard scalars as well on request
 # The options of `make_settings` that the command line gives (argparse's names).
@@ -83,7 +84,12 @@ def _yaml_loader():
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):  # settings need no aliases, and nested ones expand exponentially
+                raise yaml.composer.ComposerError(
+                    None, None, "aliases (*name) are not allowed in a settings file", self.peek_event().start_mark
+                )
+            return super().compose_node(parent, index)
 
     number = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")  # an exponent without a dot
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", number, list("-+0123456789."))
@@ -95,6 +101,8 @@ def _merge(into: dict, changes: Mapping, prefix: str = "") -> None:
     for key, value in changes.items():
         if isinstance(value, Mapping) and isinstance(into.get(key), dict):
             _merge(into[key], value, f"{prefix}{key}.")
+        elif isinstance(into.get(key), dict):
+            raise ValueError(f"{prefix}{key} must be a mapping of settings, got {shown(value)}")
         else:
             into[key] = value
 
@@ -128,7 +136,7 @@ def make_settings(
     given = dict(read_config(config) if isinstance(config, (str, Path)) else (config or {}))
     method = method or given.get("method") or default_method
     if not isinstance(method, str):
-        raise ValueError(f"method must be a string, got {method!r}")
+        raise ValueError(f"method must be a string, got {shown(method)}")
     data = make_preset(preset, method).to_dict()
     _merge(data, given)
     data["method"] = method
@@ -237,6 +245,8 @@ def train(
     from cada.engine.resume import STATE_TENSORS, require_checkpoint
 
     data, out = Path(data), Path(out)
+    if holdout:
+        check_fpr(fpr, "--fpr")  # before the training, not after
     if logger not in LOGGERS:
         raise ValueError(f"--logger must be one of {', '.join(LOGGERS)}, got {logger!r}")
     if logger == "tensorboard":
@@ -364,6 +374,12 @@ def evaluate(
         )
     if samples is None:
         samples = find_split(data, "test", quiet=not (is_main() and verbose))
+    for label, kind, where in ((0, "normal", "test/good"), (1, "anomalous", "test/<defect>")):
+        if not any(sample.label == label for sample in samples):
+            raise ValueError(
+                f"the {len(samples)} test images of {printable(data)} hold no {kind} image ({where}): the metrics "
+                "compare normal with anomalous images, so evaluation needs both"
+            )
     trained_on = detector.training_info.get("data")
     if trained_on and Path(trained_on).is_dir() and is_main():
         try:

@@ -266,6 +266,13 @@ def _collate(items: list[dict]) -> dict:
     return batch
 
 
+def check_batch_size(batch_size) -> int:
+    """`batch_size` if it is a positive integer, else ValueError (as scikit-learn checks its parameters)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
+
+
 def iterate_batches(
     samples: Sequence[Sample],
     size: int,
@@ -283,6 +290,7 @@ def iterate_batches(
     cached on disk under `cache_dir` ('auto': the default folder; None: no cache).
     """
     max_image_pixels()  # a bad $CADA_MAX_IMAGE_PIXELS is one error here, not a skipped file per image
+    check_batch_size(batch_size)
     loader = torch.utils.data.DataLoader(
         ImageSet(samples, size, cache_dir, resize),
         batch_size=batch_size,

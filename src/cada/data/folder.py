@@ -10,7 +10,16 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-from cada.data.mvtec import IMAGE_SUFFIXES, MASK_SUFFIX, NORMAL, Sample, is_image_file, list_images, mask_index
+from cada.data.mvtec import (
+    IMAGE_SUFFIXES,
+    MASK_SUFFIX,
+    NORMAL,
+    Sample,
+    is_image_file,
+    list_images,
+    mask_index,
+    warn_orphan_masks,
+)
 
 FOLDER_CLASS = "folder"
 
@@ -71,11 +80,16 @@ def folder_samples(
     paired = len(masks) == len(anomalous) and len(masks) > 1
     pooled = mask_index(masks)
     samples = [Sample(p, 0, class_name, NORMAL) for folder in normal for p in _folder_images(folder, folder in masks)]
+    unmatched = {mask for folder in masks for mask in mask_index([folder]).values()}
     for i, folder in enumerate(anomalous):
         index = mask_index([masks[i]]) if paired else pooled
-        samples += [
+        found = [
             Sample(p, 1, class_name, folder.name, index.get(p.stem)) for p in _folder_images(folder, folder in masks)
         ]
+        unmatched -= {sample.mask_path for sample in found}
+        samples += found
+    if unmatched:
+        warn_orphan_masks(sorted(unmatched), "the anomalous folders")
     if not samples:
         raise ValueError("no images in the given folders" if normal or anomalous else "no image folders given")
     return samples

@@ -56,6 +56,15 @@ def mask_index(folders: list[Path]) -> dict[str, Path]:
     return index
 
 
+def warn_orphan_masks(masks: list[Path], image_folder: Path | str) -> None:
+    """Masks that no test image matches: a misnamed image or mask would otherwise drop out of evaluation unseen."""
+    if masks:
+        warnings.warn(
+            f"{len(masks)} mask file(s) match no image in {image_folder} (e.g. {sorted(masks)[0]}): they are "
+            "ignored; an image is matched by its file name without the suffix (000.png <- 000_mask.png)"
+        )
+
+
 def class_folders(root: str | Path, normal: str = NORMAL, layout: str = "MVTec AD") -> list[Path]:
     root = Path(root)
     if not root.is_dir():
@@ -99,7 +108,14 @@ def mvtec_samples(
                 is_normal = defect_dir.name == normal
                 masks = {} if is_normal else mask_index([folder / "ground_truth" / defect_dir.name])
                 for image in list_images(defect_dir):
-                    found.append(Sample(image, int(not is_normal), folder.name, defect_dir.name, masks.get(image.stem)))
+                    found.append(
+                        Sample(image, int(not is_normal), folder.name, defect_dir.name, masks.pop(image.stem, None))
+                    )
+                warn_orphan_masks(list(masks.values()), defect_dir)
+            truth = folder / "ground_truth"
+            for mask_dir in sorted(d for d in truth.iterdir() if d.is_dir()) if truth.is_dir() else []:
+                if not (split_dir / mask_dir.name).is_dir():
+                    warn_orphan_masks(list_images(mask_dir), split_dir / mask_dir.name)
             if not found:
                 warnings.warn(f"class {folder.name!r} has no test images in {split_dir}; it is left out of evaluation")
         samples.extend(found)

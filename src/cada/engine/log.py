@@ -12,8 +12,8 @@ import csv
 import io
 from pathlib import Path
 
-LOG_FILE = "train_log.csv"
-TENSORBOARD_FOLDER = "tensorboard"
+from cada.checkpoint import LOG_FILE, TENSORBOARD_FOLDER  # noqa: F401 - the run folder's names live with its format
+
 FIELDS = ("stage", "step", "loss", "lr", "images_per_second")
 
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from cada.checkpoint import save_tensors
 from cada.engine.distributed import is_distributed, is_main, world_size
 from cada.files import atomic_write
 
@@ -318,10 +318,8 @@ class Checkpointing:
             text = json.dumps(state)
             self.folder.mkdir(parents=True, exist_ok=True)
             tensors = {key: value.detach().to("cpu", copy=True).contiguous() for key, value in tensors.items()}
-            atomic_write(
-                self.folder / STATE_TENSORS,  # the commit point
-                lambda path: save_file(tensors, str(path), metadata={"format": RESUME_FORMAT, "state": text}),
-            )
+            # The commit point:
+            save_tensors(tensors, self.folder / STATE_TENSORS, {"format": RESUME_FORMAT, "state": text})
             readable = {key: value for key, value in state.items() if key not in ("finished", "log")}
             readable["logged_steps"] = len(self.log)
             readable["finished_stages"] = sorted(self.finished)
