@@ -65,3 +65,26 @@ def calibrated_run(tiny_data, tmp_path_factory):
     normal = [str(tiny_data / name / "train" / "good") for name in ("weave", "marble", "washer", "circuit")]
     assert main(["calibrate", str(run), "--normal", *normal, "--fpr", "0.1"]) == 0
     return run
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _random_vit_weights_in_a_hugging_face_cache(tmp_path_factory):
+    """DINOv2 ViT-S/14 weights are not on this machine: a random-init file in timm's format, where `cada weights
+    download` would put the real one (a Hugging Face cache of the session's own), so the ViT method builds as a
+    user's would. Its quality means nothing; the tests check mechanics."""
+    import timm
+    from safetensors.torch import save_file
+
+    from cada.backbones import VIT_BACKBONES
+
+    cache = tmp_path_factory.mktemp("hugging-face-hub")
+    timm_name = VIT_BACKBONES["vit_small_patch14_dinov2"]
+    snapshot = cache / f"models--timm--{timm_name}" / "snapshots" / "0000000000000000000000000000000000000000"
+    snapshot.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = timm.create_model(timm_name, pretrained=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(snapshot / "model.safetensors"))
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HF_HUB_CACHE", str(cache))
+    yield cache
+    patch.undo()

@@ -5,6 +5,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from cada.backbones import VIT_BACKBONES
 from cada.config import Settings, preset
 
 
@@ -33,7 +34,9 @@ SQUARE = (slice(None), slice(20, 36), slice(20, 36))  # where `paste_square` put
 def tiny_preset(method: str, iters: int = 3) -> Settings:
     """The cpu preset of `method` at 64 px with Lite0: `iters` base steps of batch 4, 5 regressor steps of batch 4."""
     settings = preset("cpu", method)
-    settings.image_size, settings.backbone = 64, "efficientnet_lite0"  # the smallest encoder: fast tests
+    settings.image_size = 64
+    if settings.backbone not in VIT_BACKBONES:  # a ViT method keeps its ViT (its random weights: conftest.py)
+        settings.backbone = "efficientnet_lite0"  # the smallest encoder: fast tests
     settings.base.iters, settings.base.epochs, settings.base.batch_size = iters, None, 4
     settings.aligner.iters, settings.aligner.batch_size = 5, 4
     return settings

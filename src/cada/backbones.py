@@ -12,6 +12,11 @@ and returns a list of feature maps. Weights are only ever read from local files:
   weights from the Hugging Face cache of timm (``timm/tf_efficientnet_b4.aa_in1k``, the AutoAugment weights that
   UniAD's ``efficientnet-b4-6ed6700e.pth`` also holds), that file in the torch hub cache, or ``weights_path``.
 * ``wide_resnet50_2``: torchvision, weights from the torch hub cache or ``weights_path``.
+* ``vit_small_patch14_dinov2``, ``vit_base_patch14_dinov2``: timm's DINOv2 ViT-S/14 and ViT-B/14 (ImageNet
+  normalisation), weights from timm's Hugging Face cache (``timm/vit_*_patch14_dinov2.lvd142m``) or
+  ``weights_path``; a `ViTEncoder` returns chosen blocks' patch tokens as maps, for token methods (Dinomaly).
+
+`cada weights download NAME` fills those caches on a machine with internet (cada.weights); nothing else downloads.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import importlib
 import os
 import pickle
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,14 +37,29 @@ from torch import nn
 from cada.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from cada.engine.device import full_precision
 
-__all__ = ["BACKBONES", "Encoder", "WeightsNotFoundError", "create_encoder", "fold_batchnorms", "folded_batchnorms"]
+__all__ = [
+    "BACKBONES",
+    "Encoder",
+    "ViTEncoder",
+    "WeightsNotFoundError",
+    "create_encoder",
+    "create_vit_encoder",
+    "fold_batchnorms",
+    "folded_batchnorms",
+]
 
+# The DINOv2 ViTs by cada's name -> timm's (model.pretrained tag), whose Hugging Face repository is timm/<that>.
+VIT_BACKBONES = {
+    "vit_small_patch14_dinov2": "vit_small_patch14_dinov2.lvd142m",
+    "vit_base_patch14_dinov2": "vit_base_patch14_dinov2.lvd142m",
+}
 BACKBONES: tuple[str, ...] = (
     "efficientnet_lite0",
     "efficientnet_lite1",
     "efficientnet_lite2",
     "efficientnet_b4",
     "wide_resnet50_2",
+    *VIT_BACKBONES,
 )
 _STAGE_STRIDES = {"revdist": (4, 8, 16), "uniad": (2, 4, 8, 16)}
 
@@ -275,15 +296,21 @@ def _map_by_order(sd: dict, target: dict, source: str) -> dict[str, torch.Tensor
     return {kd: vs for (_, vs), (kd, _) in zip(src, dst)}
 
 
-def b4_cache_files() -> list[str]:
-    """Where EfficientNet-B4 weights would be: timm's Hugging Face cache, then UniAD's file in the torch hub cache."""
+def hf_cache_files(repo: str) -> list[str]:
+    """Where timm's Hugging Face cache keeps `repo`'s weights (every snapshot's model.safetensors), or the pattern
+    when there is none: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
     hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
         os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub"
     )
-    snapshots = os.path.join(hub, "models--timm--tf_efficientnet_b4.aa_in1k", "snapshots")
+    snapshots = os.path.join(hub, "models--" + repo.replace("/", "--"), "snapshots")
     found = sorted(glob.glob(os.path.join(snapshots, "*", "model.safetensors")))
+    return found or [os.path.join(snapshots, "<revision>", "model.safetensors")]
+
+
+def b4_cache_files() -> list[str]:
+    """Where EfficientNet-B4 weights would be: timm's Hugging Face cache, then UniAD's file in the torch hub cache."""
     uniad_file = os.path.join(torch.hub.get_dir(), "checkpoints", "efficientnet-b4-6ed6700e.pth")
-    return (found or [os.path.join(snapshots, "<revision>", "model.safetensors")]) + [uniad_file]
+    return hf_cache_files("timm/tf_efficientnet_b4.aa_in1k") + [uniad_file]
 
 
 def _b4_file() -> str:
@@ -379,11 +406,78 @@ def _wide_resnet50_2(pretrained, weights_path, stages):
     )
 
 
+# ---------------------------------------------------------------- DINOv2 ViTs
+
+
+class ViTEncoder(nn.Module):
+    """A frozen Vision Transformer (ImageNet-normalised input, resized to the nearest multiple of `patch_size`): the
+    patch tokens after each block in `blocks`, as B x C x h x w maps (h = H / patch_size), prefix tokens dropped."""
+
+    model: Any  # timm's VisionTransformer (untyped)
+
+    def __init__(self, name: str, model: Any, blocks: tuple[int, ...]):
+        super().__init__()
+        self.name, self.model, self.blocks = name, model, tuple(blocks)
+        self.patch_size = int(model.patch_embed.patch_size[0])
+        self.channels = (int(model.embed_dim),) * len(self.blocks)
+        self.strides = (self.patch_size,) * len(self.blocks)
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: dropout and the like stay off whatever the parent does
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        size = [max(1, round(side / self.patch_size)) * self.patch_size for side in x.shape[-2:]]
+        if size != list(x.shape[-2:]):  # the nearest multiple of the patch size (256 px -> 252: 18 x 18 tokens)
+            x = nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        found = self.model.forward_intermediates(
+            x, indices=list(self.blocks), norm=False, stop_early=True, output_fmt="NCHW", intermediates_only=True
+        )
+        return [feature.contiguous() for feature in found]
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, blocks={self.blocks}, channels={self.channels[0]}, patch={self.patch_size}"
+
+
+def vit_cache_files(name: str) -> list[str]:
+    return hf_cache_files(f"timm/{VIT_BACKBONES[name]}")
+
+
+def create_vit_encoder(
+    name: str, blocks: tuple[int, ...], *, pretrained: bool = True, weights_path: str | None = None
+) -> ViTEncoder:
+    """A DINOv2 ViT (VIT_BACKBONES) returning the tokens after `blocks`; weights as `create_encoder`'s, from
+    timm's Hugging Face cache (`cada weights download NAME` fills it)."""
+    import timm
+
+    if name not in VIT_BACKBONES:
+        raise ValueError(f"{name!r} is not a ViT encoder; choose one of {', '.join(VIT_BACKBONES)}")
+    path = None
+    if weights_path or pretrained:  # find the weights before building anything: fail fast
+        files = vit_cache_files(name)
+        path = weights_path or next((p for p in files if os.path.isfile(p)), None)
+        if path is None:
+            raise WeightsNotFoundError(
+                f"DINOv2 weights for {name} not found; expected {files[0]}. Nothing is downloaded at run time: "
+                f"on a machine with internet run `cada weights download {name}` (it fills timm's Hugging Face cache, "
+                "which you can copy here), or pass weights_path / --weights (.safetensors or .pth, timm's names)."
+            )
+    model: Any = timm.create_model(VIT_BACKBONES[name], pretrained=False, dynamic_img_size=True)
+    if path:
+        _load_into(model, _read_state_dict(path), (), path)
+    if max(blocks) >= len(model.blocks) or min(blocks) < 0:
+        raise ValueError(f"{name} has blocks 0-{len(model.blocks) - 1}, got {blocks}")
+    return ViTEncoder(name, model, blocks)
+
+
 def create_encoder(
     name: str, *, pretrained: bool = True, weights_path: str | None = None, stages: str = "revdist"
 ) -> Encoder:
     """Build a frozen encoder. ``pretrained=False`` gives random init (benchmarks, or weights restored later);
     ``weights_path``, when given, is loaded in any case (a .pth or .safetensors state dict)."""
+    if name in VIT_BACKBONES:
+        raise ValueError(f"{name} is a ViT: its tokens serve the ViT method (--method dinomaly), not this one's stages")
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     if stages not in _STAGE_STRIDES:

@@ -326,6 +326,18 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_weights(args) -> int:
+    from cada.weights import download, status
+
+    if args.action == "download":
+        for name in args.names:
+            print(f"{name}: {download(name)}")
+        return 0
+    for name, path, origin in status():
+        print(f"{name:26s} {printable(path) if path else 'missing'}  ({origin})")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from cada.api import Detector
     from cada.data.folder import folder_samples
@@ -785,6 +797,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--quiet", action="store_true", help="no line per request")
     _add_device_options(serve)
     serve.set_defaults(func=cmd_serve)
+
+    weights = commands.add_parser(
+        "weights", help="which encoders' ImageNet weights are here; download the missing ones (needs internet)"
+    )
+    weights.add_argument("action", choices=("list", "download"), nargs="?", default="list")
+    weights.add_argument("names", nargs="*", metavar="NAME", help="encoders to download (see `cada weights list`)")
+    weights.set_defaults(func=cmd_weights)
 
     evaluate = commands.add_parser("evaluate", help="absolute-unified and model-unified metrics of a run")
     evaluate.add_argument("run", help="run folder written by `cada train`")

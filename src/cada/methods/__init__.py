@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from cada.methods.base import BaseMethod, MethodOutput
 from cada.methods.cfa import CFA
+from cada.methods.dinomaly import Dinomaly
 from cada.methods.draem import DRAEM
 from cada.methods.patchcore import PatchCore
 from cada.methods.recontrast import ReContrast
@@ -28,6 +29,7 @@ __all__ = [
     "BaseMethod",
     "CFA",
     "DRAEM",
+    "Dinomaly",
     "METHODS",
     "MethodOutput",
     "PatchCore",
