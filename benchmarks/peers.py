@@ -36,6 +36,8 @@ import json
 import os
 import time
 import warnings
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # anomalib's coreset progress bars (tqdm reads it when first imported)
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -307,7 +309,6 @@ def main() -> int:
     parser.add_argument("--systems", default="cada,patchcore,padim,rd")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # anomalib's coreset progress bars, one per product
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
