@@ -119,7 +119,8 @@ def _opened(path: str | Path | BinaryIO, name: str | Path | BinaryIO | None = No
     except BadImageError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise BadImageError(f"cannot read image {label}: {error}") from error
+        reason = str(error).replace(repr(path), repr(str(label)))  # PIL names a file object by its repr
+        raise BadImageError(f"cannot read image {label}: {reason}") from error
 
 
 def rgb_array(path: str | Path | BinaryIO, name: str | None = None) -> np.ndarray:
@@ -166,9 +167,10 @@ def _binary(mask: Image.Image) -> np.ndarray:
     return np.asarray(mask.convert("L") if mask.mode not in ("L", "1", "I", "I;16") else mask) > 0
 
 
-def image_size_of(path: str | Path) -> tuple[int, int]:
-    """(width, height) as read_image would give it (EXIF rotation included), from the header alone."""
-    with _opened(path) as image:
+def image_size_of(path: str | Path | BinaryIO, name: str | None = None) -> tuple[int, int]:
+    """(width, height) as read_image would give it (EXIF rotation included), from the header alone; `name` as
+    read_image's."""
+    with _opened(path, name) as image:
         width, height = image.size
         rotated = image.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the axes
     return (height, width) if rotated else (width, height)
