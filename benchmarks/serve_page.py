@@ -1,10 +1,11 @@
-"""Look at `cada serve`'s web page in a real browser: drop images on it in headless Chromium and take a screenshot.
+"""Look at `cada serve`'s web page in a real browser: choose images on it in headless Chromium, take a screenshot.
 
     python benchmarks/serve_page.py RUN IMAGE [IMAGE ...] --out page.png [--chromium PATH]
 
 RUN is a run folder or an exported .onnx file. The script serves it on a free loopback port (as `cada serve`
-does), opens the page in headless Chromium, hands it the images as if they were dropped on it (the page's own
-`send`, which posts them to /predict?overlay=1), waits for the result cards and saves a screenshot of the page.
+does), opens the page in headless Chromium, chooses the images in the page's file input as a user's file dialog
+would (DevTools' DOM.setFileInputFiles: the page's change handler posts them to /predict?overlay=1), waits for the
+result cards and saves a screenshot of the page.
 It talks to Chromium over the DevTools protocol on a pipe (--remote-debugging-pipe), so it needs nothing but
 Chromium (Debian: `apt-get install chromium`); without one it says so and exits 0. It prints what the page shows
 (decisions, scores), so a run without looking at the picture still checks that the page worked.
@@ -21,13 +22,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from cada.files import atomic_write
 from cada.predict import load_model
-from cada.serve import make_server
+from cada.serve import BackgroundServer
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -118,14 +118,8 @@ def main() -> int:
         print(f"error: {args.out} exists; choose another --out", file=sys.stderr)
         return 2
 
-    server = make_server(load_model(args.model), str(args.model), "127.0.0.1", 0, quiet=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/"
-    files = ", ".join(
-        f"new File([Uint8Array.from(atob({json.dumps(base64.b64encode(path.read_bytes()).decode())}), "
-        f"c => c.charCodeAt(0))], {json.dumps(path.name)}, {{type: 'image/png'}})"
-        for path in args.images
-    )
+    server = BackgroundServer(load_model(args.model), str(args.model))
+    url = server.url + "/"
     with tempfile.TemporaryDirectory() as profile:
         tools = DevTools(browser, profile)
         try:
@@ -139,9 +133,17 @@ def main() -> int:
                     break
                 time.sleep(0.1)
             print(f"page header: {state}")
-            tools.call(
-                "Runtime.evaluate", {"expression": f"send([{files}])", "awaitPromise": True}, session, timeout=300
-            )
+            document = tools.call("DOM.getDocument", {}, session)["root"]["nodeId"]
+            chooser = tools.call("DOM.querySelector", {"nodeId": document, "selector": "#files"}, session)["nodeId"]
+            paths = [str(path.resolve()) for path in args.images]
+            tools.call("DOM.setFileInputFiles", {"files": paths, "nodeId": chooser}, session)
+            for _ in range(3000):  # the page posts them and shows its cards (or an error)
+                status = tools.call(
+                    "Runtime.evaluate", {"expression": "document.getElementById('status').textContent"}, session
+                )["result"]["value"]
+                if status.startswith(("scored", "error")):
+                    break
+                time.sleep(0.1)
             shown = tools.call(
                 "Runtime.evaluate",
                 {
@@ -149,9 +151,6 @@ def main() -> int:
                     ".map(c => c.innerText.replace(/\\s+/g, ' ')).join('\\n')"
                 },
                 session,
-            )["result"]["value"]
-            status = tools.call(
-                "Runtime.evaluate", {"expression": "document.getElementById('status').textContent"}, session
             )["result"]["value"]
             print(f"page status: {status}\n{shown}")
             height = tools.call("Runtime.evaluate", {"expression": "document.body.scrollHeight"}, session)["result"][
@@ -165,8 +164,7 @@ def main() -> int:
             shot = tools.call("Page.captureScreenshot", {"format": "png"}, session)["data"]
         finally:
             tools.close()
-            server.shutdown()
-            server.server_close()
+            server.stop()
     atomic_write(args.out, base64.b64decode(shot))
     print(f"wrote {args.out}")
     return 0 if status.startswith("scored") else 1

@@ -107,13 +107,20 @@ def test_the_service_letterboxes_and_overlays_the_image_alone(letterbox_run, wid
     """`cada serve` scores as `Detector.predict` on the same file; its overlay is at the image's own size."""
     import base64
     import io
+    import json
+    import urllib.request
 
     from cada.predict import load_model
-    from cada.serve import Service
+    from cada.serve import BackgroundServer
 
     path = sorted((wide_data / "weave" / "test").rglob("*.png"))[-1]
-    service = Service(load_model(letterbox_run), str(letterbox_run))
-    assert service.info()["resize"] == "letterbox"
-    (row,) = service.predict([("part", path.read_bytes())], overlays=True)["predictions"]
+    server = BackgroundServer(load_model(letterbox_run), str(letterbox_run))
+    try:
+        assert server.service.info()["resize"] == "letterbox"
+        request = urllib.request.Request(server.url + "/predict?overlay=1", data=path.read_bytes())
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            (row,) = json.loads(answer.read())["predictions"]
+    finally:
+        server.stop()
     assert row["score"] == pytest.approx(float(Detector.load(letterbox_run).predict(str(path)).scores[0]), abs=1e-5)
     assert np.array(Image.open(io.BytesIO(base64.b64decode(row["overlay_png"])))).shape == (64, 96, 3)

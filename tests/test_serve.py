@@ -1,10 +1,14 @@
-"""`cada serve`: the HTTP API and the page, started on loopback port 0 in a thread and called with urllib."""
+"""`cada serve`: the ASGI app on uvicorn, started on a loopback port in a thread and called with urllib."""
 
 import base64
 import http.client
 import io
 import json
+import socket
+import subprocess
+import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -16,21 +20,23 @@ from PIL import Image
 
 from cada.cli import main
 from cada.predict import load_model
-from cada.serve import make_server
+from cada.serve import BackgroundServer
 
 
-def start(model, source="run", **options):
-    server = make_server(model, source, "127.0.0.1", 0, quiet=True, **options)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
+def start(model, source="run", **limits) -> BackgroundServer:
+    return BackgroundServer(model, source, **limits)
 
 
 @pytest.fixture(scope="module")
-def server(calibrated_run):
-    server, url = start(load_model(calibrated_run), str(calibrated_run))
-    yield url
-    server.shutdown()
-    server.server_close()
+def running(calibrated_run):
+    server = start(load_model(calibrated_run), str(calibrated_run))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(running):
+    return running.url
 
 
 def call(url, data=None, headers=None, method=None):
@@ -68,8 +74,11 @@ def png(path=None, size=None, colour=(120, 60, 30)):
 
 
 def test_health_and_info(server, calibrated_run):
-    status, _, body = call(server + "/health")
-    assert status == 200 and json.loads(body) == {"status": "ok"}
+    for path in ("/health", "/health/live"):
+        status, _, body = call(server + path)
+        assert status == 200 and json.loads(body) == {"status": "ok"}
+    status, _, body = call(server + "/health/ready")
+    assert status == 200 and json.loads(body)["status"] == "ready"
     status, _, body = call(server + "/info")
     info = json.loads(body)
     config = json.loads((calibrated_run / "config.json").read_text())
@@ -77,6 +86,7 @@ def test_health_and_info(server, calibrated_run):
     assert info["threshold_source"].startswith("stored in the run: at false-positive rate 0.1")
     assert info["settings"] == config["settings"] and info["image_size"] == 64 and info["cada_version"]
     assert "normal_scores" not in info["calibration"] and info["calibration"]["n_normal"] == 24
+    assert info["batch_size"] == 16 and info["max_queue"] == 256 and info["max_request_pixels"] == 100_000_000
 
 
 def test_one_image_scores_as_cada_predict_does(server, calibrated_run, tiny_data, tmp_path):
@@ -119,6 +129,7 @@ def test_bad_images_and_requests_get_one_line_4xx(server, calibrated_run, monkey
     status, _, body = call(server + "/predict", b"not an image", {"X-Image-Name": "broken.png"})
     error = json.loads(body)["error"]
     assert status == 400 and error.startswith("cannot read image broken.png") and "\n" not in error
+    assert "BytesIO" not in error  # PIL names an upload by its repr: the message names the file instead
     body, headers = multipart([("good.png", png(size=(64, 64))), ("bad.png", b"\x89PNG truncated")])
     status, _, answer = call(server + "/predict", body, headers)
     assert status == 400 and "bad.png" in json.loads(answer)["error"]
@@ -133,7 +144,8 @@ def test_bad_images_and_requests_get_one_line_4xx(server, calibrated_run, monkey
 
 
 def test_oversized_requests_get_413(calibrated_run):
-    server, url = start(load_model(calibrated_run), max_request_bytes=1000)
+    running = start(load_model(calibrated_run), max_request_bytes=1000, max_request_pixels=6000)
+    url = running.url
     try:
         status, _, body = call(url + "/predict", png(size=(200, 200), colour=None) + b"\0" * 2000)
         assert status == 413 and "over this server's limit of 1,000" in json.loads(body)["error"]
@@ -141,7 +153,7 @@ def test_oversized_requests_get_413(calibrated_run):
         assert status == 413
         assert call(url + "/health")[0] == 200  # the server is still there
         # A client that asks first (Expect: 100-continue, as curl does) is refused before it sends the body.
-        connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+        connection = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=30)
         connection.putrequest("POST", "/predict")
         connection.putheader("Content-Length", str(1 << 30))
         connection.putheader("Expect", "100-continue")
@@ -149,9 +161,15 @@ def test_oversized_requests_get_413(calibrated_run):
         response = connection.getresponse()
         assert response.status == 413 and "1,073,741,824 bytes" in json.loads(response.read())["error"]
         connection.close()
+        # The pixel budget is per request: two 50 x 50 images pass alone, not together (their headers are read,
+        # nothing is decoded).
+        small = png(size=(50, 50))
+        assert call(url + "/predict", small)[0] == 200
+        body, headers = multipart([("a.png", small), ("b.png", small), ("c.png", small)])
+        status, _, answer = call(url + "/predict", body, headers)
+        assert status == 413 and "hold 7,500 pixels, over this server's budget of 6,000" in json.loads(answer)["error"]
     finally:
-        server.shutdown()
-        server.server_close()
+        running.stop()
 
 
 def test_a_body_without_a_length_is_refused(server):
@@ -171,10 +189,24 @@ def test_unknown_paths_and_methods(server):
     status, _, body = call(server + "/nope")
     assert status == 404 and "/nope" in json.loads(body)["error"]
     status, headers, body = call(server + "/predict")
-    assert status == 405 and headers["Allow"] == "POST" and "not GET" in json.loads(body)["error"]
+    assert status == 405 and headers["Allow"] == "POST" and "does not answer GET" in json.loads(body)["error"]
     status, headers, _ = call(server + "/health", b"x")
-    assert status == 405 and headers["Allow"] == "GET"
+    assert status == 405 and set(headers["Allow"].split(", ")) == {"GET", "HEAD"}
     assert call(server + "/info", method="DELETE")[0] == 405
+    # A request uvicorn cannot parse gets a JSON answer too (it was HTML, as 414 and 431 were).
+    port = int(server.rsplit(":", 1)[1])
+    for request in (
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad header\r\n\r\n",
+        b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n",
+    ):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+            connection.sendall(request)
+            answer = b""
+            while chunk := connection.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, head
+        assert "Invalid HTTP request" in json.loads(body)["error"]
 
 
 def test_the_page_is_self_contained(server):
@@ -185,7 +217,7 @@ def test_the_page_is_self_contained(server):
     assert "http://" not in page and "https://" not in page  # nothing fetched from elsewhere
 
 
-def test_concurrent_requests_get_their_own_answers(server, tiny_data):
+def test_concurrent_requests_get_their_own_answers(server, tiny_data):  # batched together, answered apart
     paths = sorted((tiny_data / "circuit" / "test").rglob("*.png"))[:4]
     alone = [json.loads(call(server + "/predict", p.read_bytes())[2])["predictions"][0]["score"] for p in paths]
     with ThreadPoolExecutor(4) as pool:
@@ -198,15 +230,14 @@ def test_concurrent_requests_get_their_own_answers(server, tiny_data):
 def test_operating_point_and_exported_model(calibrated_run, tiny_data, tmp_path):
     assert main(["export", str(calibrated_run), "--out", str(tmp_path / "model.onnx")]) == 0
     path = sorted((tiny_data / "washer" / "test").rglob("*.png"))[0]
-    server, url = start(load_model(tmp_path / "model.onnx", threshold=-1e6), "model.onnx")
+    running = start(load_model(tmp_path / "model.onnx", threshold=-1e6), "model.onnx")
     try:
-        info = json.loads(call(url + "/info")[2])
+        info = json.loads(call(running.url + "/info")[2])
         assert info["threshold"] == -1e6 and info["threshold_source"] == "given with --threshold"
-        (prediction,) = json.loads(call(url + "/predict", path.read_bytes())[2])["predictions"]
+        (prediction,) = json.loads(call(running.url + "/predict", path.read_bytes())[2])["predictions"]
         assert prediction["anomalous"] is True and {"u", "spread"} <= prediction.keys()  # graph outputs too
     finally:
-        server.shutdown()
-        server.server_close()
+        running.stop()
 
 
 def test_serve_cli_refuses_bad_input_in_one_line(calibrated_run, tmp_path, capsys):
@@ -214,10 +245,132 @@ def test_serve_cli_refuses_bad_input_in_one_line(calibrated_run, tmp_path, capsy
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert main(["serve", str(calibrated_run), "--max-request-mb", "0"]) == 2
     assert "--max-request-mb" in capsys.readouterr().err
-    busy = make_server(load_model(calibrated_run), "run", "127.0.0.1", 0)
-    try:
-        assert main(["serve", str(calibrated_run), "--port", str(busy.server_address[1])]) == 2
+    assert main(["serve", str(calibrated_run), "--max-queue", "4", "--batch-size", "8"]) == 2
+    assert "must hold at least one batch" in capsys.readouterr().err
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        assert main(["serve", str(calibrated_run), "--port", str(busy.getsockname()[1])]) == 2
         error = capsys.readouterr().err
         assert "cannot listen on 127.0.0.1 port" in error and "in use" in error
+
+
+# -- the queue, batching, metrics and shutdown ------------------------------------------------------------------
+
+
+class SlowModel:
+    """A loaded model whose forward passes wait for `release` (or `seconds`) and are counted with their sizes."""
+
+    def __init__(self, model, seconds: float = 0.0):
+        self.model, self.seconds, self.batches = model, seconds, []
+        self.release = threading.Event()
+        self.release.set()  # a test that holds the passes back clears it
+        inner = model.scorer
+
+        def scorer(images):
+            self.batches.append(len(images))
+            self.release.wait(60)
+            time.sleep(self.seconds)
+            return inner(images)
+
+        model.scorer = scorer
+
+
+def test_concurrent_requests_share_forward_passes(calibrated_run, tiny_data):
+    slow = SlowModel(load_model(calibrated_run))
+    slow.release.clear()  # the first pass waits: the requests behind it queue up and go together
+    running = start(slow.model, batch_size=8, max_queue=32, max_wait_ms=50)
+    try:
+        paths = sorted((tiny_data / "weave" / "test").rglob("*.png"))[:6]
+        with ThreadPoolExecutor(7) as pool:
+            first = pool.submit(call, running.url + "/predict", paths[0].read_bytes())
+            time.sleep(0.5)
+            rest = [pool.submit(call, running.url + "/predict", p.read_bytes()) for p in paths[1:]]
+            time.sleep(0.5)
+            slow.release.set()
+            answers = [first.result()] + [future.result() for future in rest]
+        assert all(status == 200 for status, _, _ in answers)
+        assert slow.batches == [1, 5]  # five requests, one forward pass
+        metrics = call(running.url + "/metrics")[2].decode()
+        assert "cada_batch_images_count 2.0" in metrics and "cada_batch_images_sum 6.0" in metrics
+        assert (
+            "cada_images_total 6.0" in metrics
+            and 'cada_requests_total{endpoint="/predict",status="200"} 6.0' in metrics
+        )
     finally:
-        busy.server_close()
+        running.stop()
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_recovers(calibrated_run, tiny_data):
+    slow = SlowModel(load_model(calibrated_run))
+    slow.release.clear()
+    running = start(slow.model, batch_size=2, max_queue=2)
+    try:
+        image = sorted((tiny_data / "weave" / "test").rglob("*.png"))[0].read_bytes()
+        with ThreadPoolExecutor(3) as pool:
+            held = [pool.submit(call, running.url + "/predict", image) for _ in range(2)]
+            time.sleep(1)
+            status, headers, body = call(running.url + "/predict", image)
+            assert status == 503 and headers["Retry-After"] == "1" and "busy" in json.loads(body)["error"]
+            assert call(running.url + "/health/ready")[0] == 503 and call(running.url + "/health/live")[0] == 200
+            slow.release.set()
+            assert [future.result()[0] for future in held] == [200, 200]
+        assert call(running.url + "/predict", image)[0] == 200 and call(running.url + "/health/ready")[0] == 200
+    finally:
+        running.stop()
+
+
+def test_shutdown_finishes_accepted_requests(calibrated_run, tiny_data):
+    slow = SlowModel(load_model(calibrated_run), seconds=1.0)
+    running = start(slow.model)
+    image = sorted((tiny_data / "weave" / "test").rglob("*.png"))[0].read_bytes()
+    with ThreadPoolExecutor(1) as pool:
+        accepted = pool.submit(call, running.url + "/predict", image)
+        time.sleep(0.5)  # in the forward pass
+        running.stop()
+        status, _, body = accepted.result()
+    assert status == 200 and len(json.loads(body)["predictions"]) == 1
+
+
+def test_a_client_that_goes_away_leaves_no_traceback(running, capfd):
+    port = int(running.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"\0" * 100)
+    time.sleep(0.5)
+    assert call(running.url + "/health")[0] == 200
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_workers_serve_together_and_sum_their_metrics(calibrated_run, tiny_data):
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable,
+        "-m",
+        "cada",
+        "serve",
+        str(calibrated_run),
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+        "--quiet",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(1200):
+            try:
+                if call(url + "/health/ready")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.05)
+        image = sorted((tiny_data / "weave" / "test").rglob("*.png"))[0].read_bytes()
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: call(url + "/predict", image), range(16)))
+        assert [status for status, _, _ in answers] == [200] * 16
+        assert json.loads(call(url + "/info")[2])["workers"] == 2
+        assert "cada_images_total 16.0" in call(url + "/metrics")[2].decode()  # summed over both workers
+    finally:
+        process.terminate()
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 0 and "stopped" in out and "Traceback" not in err

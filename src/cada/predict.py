@@ -240,10 +240,13 @@ def predict_paths(
     return summary
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet read a CSV cell as a formula
+
+
 def spreadsheet_safe(text: str) -> str:
-    """A CSV text cell that a spreadsheet shows as text: a leading =, +, -, @, tab or carriage return would make it
-    a formula (CSV injection), so such a cell gets a leading apostrophe, as OWASP advises. JSON keeps the text as is."""
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+    """A CSV text cell that a spreadsheet shows as text: a leading character of FORMULA_STARTS would make it a
+    formula (CSV injection), so such a cell gets a leading apostrophe, as OWASP advises. JSON keeps the text as is."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
