@@ -217,7 +217,8 @@ def test_knn_keeps_a_neighbourhood_for_an_image_far_from_every_training_image():
 
 def test_knn_does_not_call_anomalies_of_a_trained_product_unfamiliar():
     """An anomaly of a trained product (here a change at one of 16 positions) often lies beyond the training set's
-    99th-percentile nearest distance, as real ones do (README); the flag's margin keeps it familiar."""
+    99th-percentile nearest distance, as real ones do (docs/results/aligners.md); the flag's margin keeps it
+    familiar."""
     features, image_stats, labels = _products(40, seed=0)
     aligner = _knn(features, image_stats)
     anomalous, _, _ = _products(40, seed=1)

@@ -25,8 +25,8 @@ def test_cpu_preset_encoders():
 
 
 def test_default_aligners_by_measurement():
-    # knn-distance for RevDist; PatchCore keeps knn (README: the distance term cost it on mix6); the default method's
-    # map is normalised already, so it keeps only knn-distance's whole-image term
+    # knn-distance for RevDist; PatchCore keeps knn (docs/results/aligners.md: the distance term cost it on mix6);
+    # the default method's map is normalised already, so it keeps only knn-distance's whole-image term
     assert Settings().align == preset("cpu", "revdist").align == preset("paper", "revdist").align == "knn-distance"
     assert preset("cpu").align == preset("paper").align == "distance-only"
     assert preset("cpu", "patchcore").align == preset("paper", "patchcore").align == "knn"

@@ -649,11 +649,15 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="cada", description=__doc__)
+    parser = Parser(
+        prog="cada",
+        description="One anomaly detector for every product on a line: one model, no class names, one threshold.",
+        epilog="cada COMMAND --help for a command's options; the README and docs/ for more.",
+    )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="train and evaluate RevDist + the default aligner on synthetic data")
+    demo = commands.add_parser("demo", help="train and evaluate the default method on a synthetic four-product data set")
     demo.add_argument("--out", default="cada-demo", help="folder for the run and results.json")
     demo.add_argument("--iters", type=positive_int, help="base training iterations (default: the cpu preset's)")
     demo.add_argument("--seed", type=int, default=0)
@@ -808,7 +812,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(ablate)
     ablate.set_defaults(func=cmd_ablate, align="none")
 
-    serve = commands.add_parser("serve", help="an HTTP API and a web page that score images (see README: Serving)")
+    serve = commands.add_parser("serve", help="an HTTP API and a web page that score images (docs/serving.md)")
     serve.add_argument("model", help="run folder, or an exported model (.onnx, or OpenVINO .xml)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     serve.add_argument("--port", type=int, default=8080, help="port (0: any free one)")

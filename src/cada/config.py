@@ -91,7 +91,8 @@ class AlignTraining:
     scale_lr: bool = False  # as BaseTraining.scale_lr
     # knn aligners: how many nearest training images give an image's normal score statistics.
     neighbours: int = 20  # measured: 20 >= 10 >= 5 in pooled I-AUROC on realmix, realmix-extra and their mix
-    # knn-distance: weight of the nearest-training-image distance's z-score added to the aligned score (README).
+    # knn-distance: weight of the nearest-training-image distance's z-score added to the aligned score
+    # (docs/results/aligners.md).
     distance_weight: float = 0.5
 
 
@@ -111,7 +112,7 @@ class Settings:
     tile: int = 1
     tile_overlap: float = 0.0
     # knn-distance (k = 20) by measurement with the cpu preset's base on realmix, realmix-extra and their 6-product
-    # mix (benchmarks/aligners.py, README); the paper's own aligner is `cada`, for reproduction.
+    # mix (benchmarks/aligners.py, docs/results/aligners.md); the paper's own aligner is `cada`, for reproduction.
     align: str = "knn-distance"
     base: BaseTraining = field(default_factory=BaseTraining)
     aligner: AlignTraining = field(default_factory=AlignTraining)
@@ -341,8 +342,8 @@ def _from_dict(cls, data, prefix: str):
 
 
 # What `cada train` and `Detector()` run unless told: on realmix, realmix-extra and their mix it ranked every
-# product's anomalies as well as RevDist or better, pooled 0.5-3.6 I-AUROC points higher, for 0.95-1.3 times
-# its training time (README, "The default method"). `Settings()` itself holds the paper's RevDist.
+# product's anomalies as well as RevDist or better, and pooled higher (docs/results/default-method.md).
+# `Settings()` itself holds the paper's RevDist.
 DEFAULT_METHOD = "revdist-patchcore"
 
 
@@ -368,9 +369,9 @@ def preset(name: str, method: str = DEFAULT_METHOD) -> Settings:
         # Lite0 has B4's stage structure (strides 2-16), so UniAD keeps its shape and its 224 px input (a method's
         # "cpu" hook may choose another encoder: RevDist reads Lite2).
         settings.backbone = "efficientnet_lite0"
-        # 8 passes over the training images in steps of 16, at least 400 steps (RevDist Lite0 per product, README):
-        # 20 passes did not beat 8.6 on 6 products mixed (747 images), and 20 passes = 107 steps on 85 images
-        # fell short of 400 steps there. Mixes of up to 800 images get 400 steps, larger ones 8 passes.
+        # 8 passes over the training images in steps of 16, at least 400 steps (docs/results/base-methods.md):
+        # more passes did not help 6 products mixed, and a small set fell short with fewer than 400 steps.
+        # Mixes of up to 800 images get 400 steps, larger ones 8 passes.
         settings.base.iters, settings.base.epochs, settings.base.min_iters = None, 8, 400
         settings.base.batch_size = 16
         settings.aligner.iters = 1000

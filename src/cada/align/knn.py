@@ -7,19 +7,19 @@ images of the same product, this is the per-product z-score that knowing the pro
 fewer than k training images would borrow the rest from other products, whose scores lie elsewhere: neighbours
 beyond the unfamiliar level below are left out of the mean (`same_product`), and in the spread they count as the
 typical spread of the training images' neighbourhoods, so that a few images of a product cannot make it narrow
-(README: cookies and metal plates with 11 training images each in a 6-product mix).
+(docs/results/aligners.md: products with fewer training images than neighbours).
 
 The distance to the nearest training image is a free "unfamiliar product" signal. `reference_distance` is the
 99th percentile of the training images' leave-one-out nearest distances; an image is unfamiliar beyond
 UNFAMILIAR_MARGIN times that (`unfamiliar_reference`). The margin is measured, not a convention: the anomalous
-images of trained products lie near the reference (realmix: 32% beyond it, 0.2% beyond twice it; realmix-extra
-42% and 0%), every image of a product never trained on 2.4-6.8 times beyond it (README, benchmarks/unfamiliar.py).
+images of trained products lie near the reference, every image of a product never trained on far beyond twice it
+(docs/results/aligners.md: the unfamiliar signal; benchmarks/unfamiliar.py).
 
 `knn-distance` (the default) also scores that distance: an image farther from its nearest training image than its
 neighbours are from theirs is unusual as a whole, which the map's top pixels can miss (uneven lighting, a part
 that looks wrong everywhere). The distance, z-scored against the neighbours' own leave-one-out nearest distances,
 times `distance_weight` is added to the aligned image score (`score_offset`), not to the map: a property of the
-whole image has no place in it (README: measured on realmix, realmix-extra and their 6-product mix).
+whole image has no place in it (docs/results/aligners.md: knn-distance against knn).
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ class KNNDistance(KNNAligner):
 class DistanceOnly(KNNDistance):
     """The map as the base gives it (u = 0, gamma = 1), plus `knn-distance`'s whole-image term and unfamiliar
     signal: for a base that aligns its own map per image (revdist-patchcore), which a second alignment by the
-    same neighbours only blurred (README: pooled 89.8 -> 87.6 on realmix, 92.1 -> 91.2 on mix6)."""
+    same neighbours only blurred (docs/results/default-method.md)."""
 
     def stats(self, features, class_names=None, leave_out=None):
         # made from the features, not from len(features), which an exported graph would fix at the traced batch size

@@ -108,7 +108,7 @@ def greedy_coreset(points: torch.Tensor, k: int, start: int = 0) -> torch.Tensor
 
 def _paper(settings) -> None:
     # knn, not knn-distance: PatchCore's score is already a nearest-neighbour distance, and adding the global one
-    # lowered grid (72.7 -> 63.6) and raised the false positives at the calibrated threshold on mix6 (README).
+    # lowered grid and raised the false positives at the calibrated threshold on mix6 (docs/results/aligners.md).
     settings.align = "knn"
 
 

@@ -139,8 +139,8 @@ def flattened_cosine_loss(encoded: list[torch.Tensor], decoded: list[torch.Tenso
 
 
 def _cpu(settings) -> None:
-    # Lite2: on 6 products mixed it lifted the per-product I-AUROC of each product below 95 for 28% more CPU time
-    # (README); the other methods keep Lite0, not measured with Lite2.
+    # Lite2: on 6 products mixed it lifted the per-product I-AUROC of each weaker product, for more CPU time
+    # (docs/results/base-methods.md); the other methods keep Lite0, not measured with Lite2.
     settings.backbone = "efficientnet_lite2"
 
 

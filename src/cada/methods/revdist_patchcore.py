@@ -1,9 +1,9 @@
 """RevDist and PatchCore on one frozen encoder, their maps normalised per image by look-alike training images.
 
 Why. RevDist ranks grid's defects well and keeps the calibrated threshold honest; PatchCore ranks what RevDist
-misses on magnetic_tile. Together, on realmix, realmix-extra and their 6-product mix, the per-product I-AUROC rose
-by 0.7-2.6 points and the pooled one by 0.5-3.6 over RevDist alone, for 0.95-1.3 times its training time (1%
-coreset; README): the default method (config.DEFAULT_METHOD).
+misses on magnetic_tile. Together, on realmix, realmix-extra and their 6-product mix, the per-product and the
+pooled I-AUROC rose over RevDist alone, for about its training time (docs/results/default-method.md): the
+default method (config.DEFAULT_METHOD).
 
 How. One encoder pass feeds RevDist's bottleneck and decoder (its 1 - cosine map) and a PatchCore memory bank
 (the nearest-patch distance map), built from the same frozen features. The two maps live on unrelated scales,
@@ -13,7 +13,8 @@ and the map becomes 1 + (map - mean) / (3 std), on which the typical normal imag
 deviation is 1/3. The anomaly map is (1 - w) x RevDist's + w x PatchCore's (w = `patchcore_weight`): a product
 whose RevDist scores scatter gets less of RevDist's noise than raw maps added would give it. The map is thus
 aligned already; the run's aligner is `distance-only` (knn-distance's whole-image term and unfamiliar signal,
-the map left as it is): aligning it a second time by the same neighbours lowered the pooled I-AUROC (README).
+the map left as it is): aligning it a second time by the same neighbours lowered the pooled I-AUROC
+(docs/results/default-method.md).
 
 The normalisers are fitted after the base: one pass over the training images gives each map's statistics, with
 PatchCore leaving each image's own patches out and each image left out of its own neighbours, so that the
@@ -51,7 +52,8 @@ class RevDistPatchCoreSettings(PatchCoreSettings):
     each map, as the knn aligner's)."""
 
     # A 1% coreset instead of PatchCore's 10%: on realmix, realmix-extra and their mix the pooled I-AUROC came out
-    # as high or higher, for less than half the training and a third of the evaluation time (README).
+    # as high or higher, for less than half the training and a third of the evaluation time
+    # (docs/results/default-method.md).
     coreset_ratio: float = 0.01
     patchcore_weight: float = 0.25
     normaliser_neighbours: int = 20
@@ -63,7 +65,8 @@ class RevDistPatchCoreSettings(PatchCoreSettings):
 
 
 def _paper(settings) -> None:
-    # the map is aligned already: another knn alignment of it lowered the pooled I-AUROC (README)
+    # the map is aligned already: another knn alignment of it lowered the pooled I-AUROC
+    # (docs/results/default-method.md)
     settings.align = "distance-only"
 
 
