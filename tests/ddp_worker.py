@@ -4,6 +4,7 @@ argv: DATA OUT. Trains RevDist + CADA, ReContrast + the classifier aligner and t
 PatchCore bank that each rank builds) with DDP, saves each rank's weights to OUT/<method>-rank<r>.safetensors,
 then evaluates the RevDist run distributed (OUT/distributed.json) and predicts with it (OUT/predicted-distributed)."""
 
+import logging
 import sys
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from cada.config import preset
 from cada.engine import init_distributed, rank, world_size
 from cada.workflows import train
 
+# the library logs its lines (the DDP description among them): show them as `cada` does
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
 data, out = Path(sys.argv[1]), Path(sys.argv[2])
 assert init_distributed() and world_size() == 2, "expected to run under torchrun with 2 processes"
 for method, align in (("revdist", "cada"), ("recontrast", "classifier"), ("revdist-patchcore", "distance-only")):

@@ -58,7 +58,6 @@ def test_epochs_option_resolves_to_iterations_said_in_the_first_line(tiny_data, 
                 "2",
                 "--align-iters",
                 "2",
-                "--quiet",
             ]
         )
         == 0
@@ -129,7 +128,6 @@ def test_ablate_trains_the_base_once_and_prints_the_three_tables(tiny_data, tmp_
                 "3",
                 "--noise",
                 "0.5",
-                "--quiet",
             ]
         )
         == 0
@@ -152,3 +150,19 @@ def test_evaluate_plots_the_score_distributions(tiny_data, tmp_path):
     assert main(["evaluate", str(run), "--data", str(tiny_data), "--plots", str(tmp_path / "plots"), "--quiet"]) == 0
     figure = tmp_path / "plots" / "score_distributions.png"
     assert figure.stat().st_size > 10_000 and figure.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_verbose_shows_the_details_and_the_library_alone_prints_nothing(tiny_data, tmp_path, capsys):
+    from cada.workflows import make_settings, train
+
+    assert main(train_args(tiny_data, tmp_path / "quiet")) == 0  # train_args asks for --quiet: no progress bars
+    printed = capsys.readouterr().out
+    assert "training revdist" in printed and "settings: {" not in printed
+    assert main(["--verbose", *train_args(tiny_data, tmp_path / "verbose")]) == 0
+    printed = capsys.readouterr().out
+    assert "settings: {" in printed and f"saved run to {tmp_path / 'verbose'}" in printed
+
+    # From Python the library logs (logger "cada") and prints nothing unless the caller shows its log.
+    settings = make_settings("cpu", "revdist", image_size=64, iters=2, align_iters=2)
+    train(settings, tiny_data, tmp_path / "python", progress=False)
+    assert capsys.readouterr().out == ""

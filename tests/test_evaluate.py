@@ -281,12 +281,13 @@ def test_results_table_checks_thresholds_only_when_they_were_calibrated_at_a_tar
 
 
 def test_evaluate_says_when_the_calibrated_threshold_fails_on_the_test_normals(
-    tiny_data, tiny_detector, tmp_path, capsys
+    tiny_data, tiny_detector, tmp_path, caplog
 ):
     """A threshold below every test image (as calibration images far easier than the test normals would give):
-    the text report and the HTML report say so, the JSON holds the counts."""
+    the text report (logged) and the HTML report say so, the JSON holds the counts."""
     import copy
     import html
+    import logging
 
     from cada.workflows import evaluate
 
@@ -301,13 +302,15 @@ def test_evaluate_says_when_the_calibrated_threshold_fails_on_the_test_normals(
         "source": "test",
         "normal_scores": [],
     }
+    caplog.set_level(logging.INFO, logger="cada")
     results = evaluate(detector, tiny_data, progress=False, report_dir=tmp_path, cache_dir=None)
-    out, align_name = capsys.readouterr().out, detector.settings.align
+    out, align_name = caplog.text, detector.settings.align
     flags = "the threshold calibrated at 1.0% FPR flags more test normals than chance allows (p < 0.01): all "
     assert f"warning ({align_name}): {flags}" in out and f"warning (none): {flags}" in out
     check = results["calibration_check"][align_name]
     assert not check["holds"] and check["pooled"]["flagged"] == check["pooled"]["normals"] > 0
     assert html.escape(flags) in (tmp_path / "report.html").read_text()
     detector.calibration.update(threshold=1e9, base_threshold=1e9)
+    caplog.clear()
     evaluate(detector, tiny_data, progress=False, cache_dir=None)
-    assert "warning (" not in capsys.readouterr().out
+    assert "warning (" not in caplog.text

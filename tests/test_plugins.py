@@ -110,7 +110,6 @@ def test_a_method_and_an_aligner_from_files_train_and_evaluate(plugins, tiny_dat
                 "efficientnet_lite0",
                 "--image-size",
                 "64",
-                "--quiet",
             ]
         )
         == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 import warnings
@@ -45,6 +46,8 @@ from cada.files import atomic_write
 from cada.inference import BatchResult, image_distances, infer
 from cada.methods import BaseMethod, create_method
 from cada.threshold import check_calibration, check_fpr, threshold_at_fpr, threshold_f1, unresolved_fpr
+
+log = logging.getLogger(__name__)
 
 
 def split_holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -295,10 +298,7 @@ class Detector:
             if session is not None and session.resumed_stage() == "aligner":  # the base finished before the stop
                 session.restore_model()
                 if is_main():
-                    print(
-                        f"resuming from {checkpoint_dir}: base training finished, continuing with the aligner",
-                        flush=True,
-                    )
+                    log.info(f"resuming from {checkpoint_dir}: base training finished, continuing with the aligner")
                 base_losses, base_seconds = session.losses_of(self.method.name), session.finished["base"]["seconds"]
             else:
                 if session is not None:

@@ -9,6 +9,7 @@ prints; the work is in cada.workflows and the modules it calls."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import shutil
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -27,10 +29,10 @@ from cada.registry import ALIGNERS, METHODS
 from cada.threshold import check_fpr
 from cada.workflows import (
     LOGGERS,
+    describe_calibration,
     evaluate,
     find_split,
     make_settings,
-    print_calibration,
     run_files,
     settings_from_options,
     train,
@@ -164,7 +166,7 @@ def cmd_calibrate(args) -> int:
     update_config(args.run, calibration=detector.calibration)  # the weights stay as they are
     calibration = detector.calibration
     assert calibration is not None  # calibrate set it
-    print_calibration(calibration)
+    print(describe_calibration(calibration))
     print(
         f"kept the {len(calibration['normal_scores'])} normal calibration scores in the run: "
         "`cada predict --fpr F` decides at another false-positive rate without recalibrating"
@@ -611,7 +613,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--align-iters", type=positive_int, help="aligner training iterations (default: the preset's)")
     parser.add_argument("--seed", type=int, help="random seed (default: the config's, else 0)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help=QUIET)
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing run in --out, once the new one is complete"
     )
@@ -648,6 +650,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
+QUIET = "no progress bars"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="cada",
@@ -655,13 +660,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="cada COMMAND --help for a command's options; the README and docs/ for more.",
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--verbose", action="store_true", help="also the details: resolved settings, threads")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="train and evaluate the default method on a synthetic four-product data set")
+    demo = commands.add_parser("demo", help="train and evaluate the default method on synthetic products")
     demo.add_argument("--out", default="cada-demo", help="folder for the run and results.json")
     demo.add_argument("--iters", type=positive_int, help="base training iterations (default: the cpu preset's)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--quiet", action="store_true", help=QUIET)
     demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
     _add_device_options(demo)
     demo.set_defaults(func=cmd_demo)
@@ -764,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bilinearly) or at the model's input size",
     )
     predict.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
-    predict.add_argument("--quiet", action="store_true")
+    predict.add_argument("--quiet", action="store_true", help=QUIET)
     predict.add_argument(
         "--overwrite",
         action="store_true",
@@ -879,7 +885,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace an existing --json file and non-empty --plots/--report folders",
     )
-    evaluate.add_argument("--quiet", action="store_true")
+    evaluate.add_argument("--quiet", action="store_true", help=QUIET)
     _add_device_options(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
     return parser
@@ -894,6 +900,41 @@ def warning_line(command: str):
     return formatted
 
 
+class ConsoleHandler(logging.Handler):
+    """The library's log on the console: progress lines and results as they are on stdout, warnings and errors as
+    one line on stderr, written to the streams of the moment (so that a caller's redirection holds)."""
+
+    def __init__(self, command: str):
+        super().__init__()
+        self.command = command
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = printable(record.getMessage())
+        if record.levelno >= logging.WARNING:
+            print(f"cada {self.command}: {record.levelname.lower()}: {' '.join(message.split())}", file=sys.stderr)
+        else:
+            print(message, flush=True)
+
+
+def console_logging(command: str, verbose: bool) -> Callable[[], None]:
+    """Show the "cada" logger on the console, on rank 0 only under torchrun (the other processes: warnings and
+    errors): what the library says at INFO, with --verbose its details too. Returns what undoes it."""
+    from cada.engine.distributed import is_main
+
+    library = logging.getLogger("cada")
+    before = (library.level, library.propagate)
+    handler = ConsoleHandler(command)
+    library.setLevel(logging.WARNING if not is_main() else logging.DEBUG if verbose else logging.INFO)
+    library.addHandler(handler)
+    library.propagate = False
+
+    def undo() -> None:
+        library.removeHandler(handler)
+        library.level, library.propagate = before
+
+    return undo
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -902,6 +943,7 @@ def main(argv: list[str] | None = None) -> int:
         return stop.code if isinstance(stop.code, int) else 2
     args.argv = argv
     format_warning, warnings.formatwarning = warnings.formatwarning, warning_line(args.command)
+    undo_logging = console_logging(args.command, args.verbose)
     try:
         return args.func(args)
     except (OSError, ValueError, SafetensorError) as error:
@@ -916,6 +958,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         warnings.formatwarning = format_warning
+        undo_logging()
 
 
 if __name__ == "__main__":

@@ -9,14 +9,15 @@ temporary file is left behind on an error).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import reprlib
-import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: the process's umask, for the permissions of the files written
 
@@ -191,10 +192,7 @@ def folder_lock(folder: str | Path) -> Iterator[Path]:
                 ) from None
             if attempt:
                 raise ValueError(f"cannot take the lock {printable(path)}: remove it if no cada process runs") from None
-            print(
-                f"note: taking over the lock {printable(path)} left by process {owner or '?'}, which no longer runs",
-                file=sys.stderr,
-            )
+            log.warning(f"taking over the lock {printable(path)} left by process {owner or '?'}, which no longer runs")
             path.unlink(missing_ok=True)
     os.write(handle, f"{os.getpid()}\n".encode())
     os.close(handle)

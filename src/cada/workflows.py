@@ -4,12 +4,15 @@ overrides (`make_settings`), `train` a run folder, `evaluate` a run on a data se
 
 >>> settings = make_settings("cpu", "revdist", overrides=["base.iters=200"])   # doctest: +SKIP
 >>> detector = train(settings, "data/mvtec", "runs/one")                      # doctest: +SKIP
->>> results = evaluate("runs/one", "data/mvtec", verbose=False)                # doctest: +SKIP
+>>> results = evaluate("runs/one", "data/mvtec")                               # doctest: +SKIP
+
+What they have to say (the schedule, the tables) goes to the "cada" logger at INFO; `cada` shows it on the console.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from collections.abc import Iterable, Mapping
@@ -22,6 +25,7 @@ from cada.config import preset as make_preset
 from cada.files import check_output, folder_lock, os_error, printable, shown, write_json
 from cada.threshold import check_fpr
 
+log = logging.getLogger(__name__)
 LOGGERS = ("csv", "tensorboard")  # the training log: the CSV always, TensorBoard scalars as well on request
 # The options of `make_settings` that the command line gives (argparse's names).
 SETTING_OPTIONS = (
@@ -176,14 +180,6 @@ def settings_from_options(options: Mapping, default_method: str = DEFAULT_METHOD
     return make_settings(**given, default_method=default_method)
 
 
-def _say(*args, **kwargs) -> None:
-    """print on rank 0 only (every line once under torchrun)."""
-    from cada.engine.distributed import is_main
-
-    if is_main():
-        print(*args, **kwargs)
-
-
 def run_files(run: str | Path) -> list[Path]:
     """What no output may be written over: a run's weights, settings and checkpoint."""
     from cada.checkpoint import CONFIG_FILE, RESUME_FOLDER, WEIGHTS_FILE
@@ -197,17 +193,17 @@ def find_split(root, split: str, format: str = "auto", quiet: bool = False):
 
     found, chosen = find_samples(root, split, format)
     if format == "auto" and not quiet:
-        print(f"data layout of {root}: {chosen}")
+        log.info("data layout of %s: %s", root, chosen)
     return found
 
 
-def print_calibration(calibration: dict) -> None:
+def describe_calibration(calibration: dict) -> str:
     how = (
         f"at false-positive rate {calibration['target_fpr']}"
         if calibration["how"] == "fpr"
         else "F1-optimal on labelled validation images"
     )
-    print(
+    return (
         f"threshold {calibration['threshold']:.4f} (aligned score; base map {calibration['base_threshold']:.4f}) "
         f"chosen {how} from {calibration['source']}"
     )
@@ -238,10 +234,12 @@ def train(
 
     With `checkpoint_every` (0: only on interrupt), checkpoints go to out/resume and `resume` continues from them.
     An existing run in `out` is replaced only with `overwrite`, and only once the new one is complete."""
+    import torch
+
     from cada.api import Detector
     from cada.checkpoint import RESUME_FOLDER, check_replaceable, recover_swap
     from cada.engine.device import device_name
-    from cada.engine.distributed import is_main, world_size
+    from cada.engine.distributed import is_main, rank, world_size
     from cada.engine.resume import STATE_TENSORS, require_checkpoint
 
     data, out = Path(data), Path(out)
@@ -269,6 +267,8 @@ def train(
         elif checkpoint_folder.exists() and is_main():
             shutil.rmtree(checkpoint_folder)  # --overwrite without --resume: an earlier training's checkpoint
         detector = Detector(settings, weights_path=weights, device=device, precision=precision)
+        log.debug("settings: %s", json.dumps(settings.to_dict(), sort_keys=True))
+        log.debug("torch threads: %d, process %d of %d", torch.get_num_threads(), rank() + 1, world_size())
         processes = f" in {world_size()} processes" if world_size() > 1 else ""
 
         def announce(n_images: int, iters: int) -> None:  # once the images are read: the schedule is resolved
@@ -282,7 +282,7 @@ def train(
             fitting = ", letterboxed" if settings.resize == "letterbox" else ""
             if settings.tile > 1:
                 fitting += f", {settings.tile}x{settings.tile} tiles of {settings.input_size}px images"
-            _say(
+            log.info(
                 f"training {settings.method} ({settings.backbone}, {settings.image_size}px{fitting}, {schedule}) "
                 f"+ aligner {settings.align} on all classes of {data} mixed{processes}, on "
                 f"{device_name(detector.device)} in {detector.precision_name}"
@@ -305,8 +305,8 @@ def train(
             on_start=announce,
         )
         info = detector.training_info
-        _say(f"  data layout: {info['format']}")
-        _say(
+        log.info(f"  data layout: {info['format']}")
+        log.info(
             f"  {info['n_images']} training images of {len(info['classes'])} classes; base "
             f"{info['base_seconds']} s, aligner {info['aligner_seconds']} s"
             + (
@@ -315,8 +315,8 @@ def train(
                 else f"; peak GPU memory {info['peak_device_memory_gib']} GiB"
             )
         )
-        if detector.calibration and is_main():
-            print_calibration(detector.calibration)
+        if detector.calibration:
+            log.info(describe_calibration(detector.calibration))
         if is_main():
             try:
                 detector.save(out, overwrite=overwrite, tensorboard=logger == "tensorboard")
@@ -328,7 +328,7 @@ def train(
                     else "nothing was kept: train again"
                 )
                 raise ValueError(f"could not write the run to {printable(out)} ({os_error(error)}); {kept}") from error
-        _say(f"saved run to {out}")
+        log.info(f"saved run to {out}")
         return detector
 
 
@@ -343,12 +343,11 @@ def evaluate(
     cache_dir="auto",
     report_dir: str | Path | None = None,
     pixel_resolution: str = "model",
-    verbose: bool = True,
     device: str = "auto",
     precision: str = "auto",
 ) -> dict:
     """Evaluate a Detector (or a run folder) on the test split of `data` (or on `samples`): the results dict
-    (`cada evaluate --json`). With `verbose`, the tables are printed; JSON, plots and report written when asked."""
+    (`cada evaluate --json`), its tables logged; JSON, plots and report written when asked."""
     from cada.api import Detector
     from cada.data.duplicates import warn_duplicates
     from cada.engine.device import device_name
@@ -373,7 +372,7 @@ def evaluate(
             "the report from a single-process `cada evaluate`"
         )
     if samples is None:
-        samples = find_split(data, "test", quiet=not (is_main() and verbose))
+        samples = find_split(data, "test", quiet=not is_main())
     for label, kind, where in ((0, "normal", "test/good"), (1, "anomalous", "test/<defect>")):
         if not any(sample.label == label for sample in samples):
             raise ValueError(
@@ -406,7 +405,7 @@ def evaluate(
         results["meta"]["processes"] = world_size()
     if not is_main():  # every process computed the same results; rank 0 reports them
         return results
-    say = print if verbose else (lambda *args, **kwargs: None)
+    say = log.info
     say(format_table(results))
     say("per class:")
     say(format_per_class(results))

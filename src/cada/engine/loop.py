@@ -9,6 +9,7 @@ when training starts. BatchNorm normalises with each process's own slice, as und
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -23,6 +24,8 @@ from cada.engine.distributed import describe_distribution, is_distributed, is_ma
 from cada.engine.log import log_row
 from cada.engine.resume import Checkpointing
 from cada.engine.samplers import PassSampler
+
+log = logging.getLogger(__name__)
 
 LossOf = Callable[[int, torch.Tensor], torch.Tensor]  # (iteration, batch indices) -> loss of that batch
 
@@ -140,7 +143,7 @@ class Trainer:
         if session is not None:
             start, losses = session.begin_loop(name, iters, optimizer, scheduler, generator, sampler, scaler)
         if is_distributed() and is_main():
-            print(describe_distribution(name, sampler.global_batch // world_size(), optimizer, settings), flush=True)
+            log.info(describe_distribution(name, sampler.global_batch // world_size(), optimizer, settings))
         bar = tqdm(
             range(start, iters),
             desc=f"{name} training",

@@ -15,6 +15,7 @@ keeping the last checkpoint written.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -29,6 +30,8 @@ from torch import nn
 from cada.checkpoint import save_tensors
 from cada.engine.distributed import is_distributed, is_main, world_size
 from cada.files import atomic_write
+
+log = logging.getLogger(__name__)
 
 # -- checkpoints and resume ---------------------------------------------------------------------------------
 
@@ -231,7 +234,7 @@ class Checkpointing:
             }
         )
         if is_main():
-            print(self.describe(), flush=True)
+            log.info(self.describe())
         self.saved = None  # restored once; later stages start fresh
         return saved["iteration"], self.losses_of(name)
 
