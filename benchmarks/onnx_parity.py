@@ -39,7 +39,8 @@ def main() -> None:
     from cada.data.dataset import rgb_array
     from cada.data.mvtec import mvtec_samples
     from cada.data.resize import resize_rgb
-    from cada.export import export_onnx, export_openvino, exported_scorer
+    from cada.export import export_onnx, export_openvino
+    from cada.runtime import exported_scorer
 
     torch.set_num_threads(args.threads)
     detector = Detector.load(args.run, device="cpu")

@@ -13,9 +13,9 @@ from cada.api import Detector
 from cada.cli import main
 from cada.config import preset
 from cada.engine.device import autocast, resolve_device, resolve_precision
-from cada.export import onnx_providers
 from cada.metrics import auroc
 from cada.registry import METHODS
+from cada.runtime import onnx_providers
 
 from helpers import tiny_preset
 

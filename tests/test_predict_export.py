@@ -17,7 +17,8 @@ from cada.cli import main
 from cada.config import preset
 from cada.data.dataset import load_all
 from cada.data.mvtec import mvtec_samples
-from cada.export import export_onnx, exported_scorer
+from cada.export import export_onnx
+from cada.runtime import exported_scorer
 
 DEFAULT_ALIGN = preset("cpu").align  # what `cada train` aligns with unless told
 

@@ -8,9 +8,10 @@ from cada import Detector
 from cada.config import BaseTraining
 from cada.data.dataset import load_all, normalize
 from cada.data.mvtec import mvtec_samples
-from cada.export import export_onnx, exported_scorer
+from cada.export import export_onnx
 from cada.methods.revdist import RevDist
 from cada.methods.revdist_patchcore import SMOOTHING_SIGMA, TOP_FRACTION, RevDistPatchCore
+from cada.runtime import exported_scorer
 from cada.scoring import align, image_score, smooth
 
 from helpers import tiny_preset

@@ -301,7 +301,8 @@ def test_threshold_has_a_margin_that_survives_rounding():
 
 def test_onnx_and_pytorch_decide_alike_on_the_calibration_images(run, tiny_data, tmp_path):
     pytest.importorskip("onnxruntime")
-    from cada.export import export_onnx, exported_scorer
+    from cada.export import export_onnx
+    from cada.runtime import exported_scorer
 
     detector = Detector.load(run)
     scorer, _, threshold, _ = exported_scorer(export_onnx(detector, tmp_path / "model.onnx"))

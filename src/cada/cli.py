@@ -178,7 +178,8 @@ def cmd_calibrate(args) -> int:
 
 def cmd_export(args) -> int:
     from cada.api import Detector
-    from cada.export import export_onnx, export_openvino, sidecar_path
+    from cada.export import export_onnx, export_openvino
+    from cada.runtime import sidecar_path
 
     try:
         import onnx  # noqa: F401 - torch's exporter needs it
@@ -260,8 +261,8 @@ def _check_predict_out(out: Path, model: Path, paths: list[str], overwrite: bool
     """Before any scoring: OUT must not hold or overlap the inputs or the model, and earlier predictions there
     are replaced only with --overwrite (then their overlays and masks go, so old and new never mix)."""
     from cada.engine.distributed import is_distributed, is_main
-    from cada.export import sidecar_path
     from cada.predict import EXPORTED_SUFFIXES
+    from cada.runtime import sidecar_path
 
     model_files = (
         [model, model.with_suffix(".bin"), sidecar_path(model)]

@@ -1,4 +1,4 @@
-"""ONNX export: one graph from image to aligned map and image score, with alignment, smoothing and the
+"""ONNX and OpenVINO export: one graph from image to aligned map and image score, with alignment, smoothing and the
 image-score reduction inside; the threshold and the preprocessing go in a JSON file beside it.
 
 Two inputs (`--input`):
@@ -6,7 +6,7 @@ Two inputs (`--input`):
   batches of any size. The deployment decodes and resizes.
 - raw: one uint8 RGB image H x W x 3 of any size; the graph resizes it by the same rule (`resize_uint8`, equal to
   training's resize to the last bit), so the deployment only decodes. One image per call.
-ImageNet normalisation happens inside both.
+ImageNet normalisation happens inside both. `cada.runtime` runs what this writes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -25,7 +24,7 @@ from cada.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from cada.data.resize import PAD_RGB, resize_uint8
 from cada.files import atomic_write
 from cada.inference import image_distances, infer
-from cada.threshold import check_threshold
+from cada.runtime import sidecar_path
 from cada.tiles import stride_of
 
 OPSET = 17  # the traced model (torch's tracer exports it wrongly at 18: measured, maps off by ~10)
@@ -41,7 +40,6 @@ LETTERBOX_RULE = (
     f"least 1), centred (offsets rounded down) on an image_size square of RGB {PAD_RGB}"
 )
 MAX_SIDE = 2**15  # the raw graph's largest accepted image side
-PER_IMAGE_COLUMNS = ("u", "spread", "score_offset", "nearest_distance")  # outputs that predictions report as columns
 
 
 def output_names(detector) -> list[str]:
@@ -85,10 +83,6 @@ class RawImageFront(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return resize_uint8(image.permute(2, 0, 1), self.size, self.mode).unsqueeze(0)
-
-
-def sidecar_path(onnx_path: str | Path) -> Path:
-    return Path(onnx_path).with_suffix(".json")
 
 
 def export_onnx(detector, out: str | Path, batch_size: int = 1, input: str = "resized") -> Path:
@@ -233,108 +227,3 @@ def _export_raw(detector, path: Path) -> None:
     joined = compose.merge_models(front, model, io_map=[("resized", "resized_image")])
     onnx.checker.check_model(joined)
     onnx.save(joined, str(path))
-
-
-def onnx_providers(device: str, available: list[str]) -> list:
-    """onnxruntime's execution providers for `device`: auto takes CUDA when the installed onnxruntime has it,
-    cuda/cuda:N demands it (ValueError saying how to get it), cpu never uses it."""
-    spec = (device or "auto").strip().lower()
-    if spec == "cpu":
-        return ["CPUExecutionProvider"]
-    if spec != "auto" and not spec.startswith("cuda"):
-        raise ValueError(f"--device {device}: an ONNX model runs on cpu, cuda or cuda:N (onnxruntime)")
-    if "CUDAExecutionProvider" not in available:
-        if spec == "auto":
-            return ["CPUExecutionProvider"]
-        raise ValueError(
-            f"--device {device}: the installed onnxruntime has no CUDA provider (it has {', '.join(available)}); "
-            "pip install onnxruntime-gpu, or predict with --device cpu"
-        )
-    index = int(spec.partition(":")[2] or 0)
-    return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-
-
-def exported_scorer(model_path: str | Path, device: str = "cpu"):
-    """(scorer, image_size, threshold, description) for cada.predict of an exported model: a .onnx file run with
-    onnxruntime on `device` (see onnx_providers), or an OpenVINO .xml run on the CPU."""
-    model_path = Path(model_path)
-    sidecar_file = sidecar_path(model_path)
-    if not sidecar_file.is_file():
-        raise FileNotFoundError(f"{sidecar_file} is missing: it holds the threshold and preprocessing of {model_path}")
-    try:
-        sidecar = json.loads(sidecar_file.read_text())
-        image_size, threshold = sidecar["preprocessing"]["image_size"], sidecar["threshold"]
-        raw = sidecar.get("input_kind", "resized") == "raw"
-        names = sidecar.get("outputs", ["score", "aligned_map"])  # models exported before u and spread: two
-        reference = sidecar.get("unfamiliar_reference_distance")
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(
-            f"{sidecar_file} is not the JSON file `cada export` writes beside {model_path} "
-            f"({type(error).__name__}: {error})"
-        ) from None
-    if model_path.suffix == ".xml":
-        run, description = _openvino_runner(model_path, device, names)
-    else:
-        run, description = _onnx_runner(model_path, device)
-
-    def score(images: torch.Tensor) -> tuple:
-        if raw:  # one image H x W x 3 per call; already resized by the same rule, so the graph's resize keeps it
-            parts = [run(np.ascontiguousarray(image.permute(1, 2, 0).numpy())) for image in images]
-            outputs = [np.concatenate(values) for values in zip(*parts)]
-        else:
-            outputs = run(np.ascontiguousarray(images.numpy()))
-        values = {name: torch.from_numpy(np.asarray(array)) for name, array in zip(names, outputs)}
-        columns = {name: values[name] for name in PER_IMAGE_COLUMNS if name in values}
-        if "nearest_distance" in values and reference is not None:
-            columns["unfamiliar"] = values["nearest_distance"] > reference
-        return values["score"], values["aligned_map"], columns
-
-    if threshold is not None:
-        try:
-            check_threshold(threshold)
-        except ValueError as error:
-            raise ValueError(f"{sidecar_file}: {error}") from None
-    if reference is not None:
-        description["unfamiliar_reference_distance"] = reference
-    return score, image_size, threshold, {"model": str(model_path), **description}
-
-
-def _onnx_runner(path: Path, device: str):
-    """(input array -> output arrays in the graph's order, description) with onnxruntime."""
-    import onnxruntime
-    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf
-
-    try:
-        providers = onnx_providers(device, onnxruntime.get_available_providers())
-        session = onnxruntime.InferenceSession(str(path), providers=providers)
-    except (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf) as error:
-        raise ValueError(
-            f"{path} is not a model onnxruntime can load (damaged, or not an ONNX file?): "
-            f"{str(error).strip().splitlines()[0]}"
-        ) from None
-    return (lambda array: session.run(None, {"image": array})), {"providers": session.get_providers()}
-
-
-def _openvino_runner(path: Path, device: str, names: list[str]):
-    """(input array -> output arrays in `names` order, description) with OpenVINO on the CPU, in float32 (its
-    default on CPUs with bf16 instructions would be bf16)."""
-    if (device or "auto").strip().lower() not in ("auto", "cpu"):
-        raise ValueError(f"--device {device}: an OpenVINO model runs on the CPU here (--device cpu or auto)")
-    try:
-        import openvino
-    except ImportError:
-        raise ValueError(f"{path} is an OpenVINO model: pip install openvino") from None
-    try:
-        compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        ports = [compiled.output(name) for name in names]
-    except RuntimeError as error:
-        raise ValueError(
-            f"{path} is not a model OpenVINO can load (damaged, its .bin missing, or not one of cada's?): "
-            f"{str(error).strip().splitlines()[0]}"
-        ) from None
-
-    def run(array: np.ndarray) -> list[np.ndarray]:
-        result = compiled(array)
-        return [result[port] for port in ports]
-
-    return run, {"runtime": f"OpenVINO {openvino.__version__} (CPU, f32)"}

@@ -302,7 +302,7 @@ def load_model(
     calibration scores, or `threshold` (see cada.operating_point)."""
     target = Path(target)
     if target.suffix in EXPORTED_SUFFIXES:
-        from cada.export import exported_scorer, sidecar_path
+        from cada.runtime import exported_scorer, sidecar_path
         from cada.threshold import check_calibration
 
         scorer, image_size, stored, description = exported_scorer(target, device)
