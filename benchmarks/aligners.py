@@ -28,13 +28,13 @@ import torch
 
 from cada import workflows
 from cada.ablation import Ablation, Variant
-from cada.align.base import SCORE
 from cada.align.class_aware import class_score_statistics
 from cada.api import Detector, split_holdout
 from cada.checkpoint import write_json
 from cada.cli import positive_int
 from cada.config import preset
 from cada.evaluate import image_only_metrics, image_scores, oracle_scores, per_product_decisions
+from cada.lookalike import SCORE
 from cada.registry import METHODS
 from cada.threshold import threshold_at_fpr
 

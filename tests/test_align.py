@@ -17,9 +17,9 @@ from cada.align import (
     NoAlign,
     create_aligner,
 )
-from cada.align.base import ZSCORE_WIDTH, Head, map_statistics
-from cada.align.knn import UNFAMILIAR_MARGIN
+from cada.align.base import Head
 from cada.config import AlignTraining
+from cada.lookalike import UNFAMILIAR_MARGIN, ZSCORE_WIDTH, map_statistics
 from cada.scoring import align, aligned_scores
 
 CLASS_STATS = torch.tensor([[0.05, 0.30, 0.04], [0.20, 0.60, 0.08], [0.40, 1.00, 0.12]])  # mean, max, std

@@ -60,7 +60,8 @@ TINY_ALIGNER = '''
 """A tiny aligner: u = 0 and gamma = the median training image score, for every image."""
 import torch
 
-from cada.align.base import SCORE, Aligner
+from cada.align.base import Aligner
+from cada.lookalike import SCORE
 from cada.registry import ALIGNERS
 
 

@@ -40,7 +40,7 @@ def normalised(model, x: torch.Tensor, index: torch.Tensor | None = None) -> lis
     revdist, patchcore, embedding = model.component_maps(x, index)
     maps = []
     for normaliser, raw in zip(model._normalisers(), (revdist, patchcore)):
-        u, gamma = normaliser.stats(embedding, leave_out=index)
+        u, gamma = normaliser.normal_stats(embedding, leave_out=index)
         maps.append(align(raw, u, normaliser.spread(u, gamma)))
     return maps
 

@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 
 from cada import checkpoint, tiles
 from cada.align import Aligner, create_aligner
-from cada.align.base import SCORE, map_statistics
 from cada.align.class_aware import class_score_statistics
 from cada.config import Settings
 from cada.config import preset as make_preset
@@ -44,6 +43,7 @@ from cada.engine.log import (
 )
 from cada.files import atomic_write
 from cada.inference import BatchResult, image_distances, infer
+from cada.lookalike import SCORE, map_statistics
 from cada.methods import BaseMethod, create_method
 from cada.threshold import check_calibration, check_fpr, threshold_at_fpr, threshold_f1, unresolved_fpr
 

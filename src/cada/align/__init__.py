@@ -5,10 +5,11 @@ have weights to train and need aligner.iters >= 1. Importing this package import
 
 from __future__ import annotations
 
-from cada.align.base import MAX, MEAN, SCORE, STD, Aligner, NoAlign
+from cada.align.base import Aligner, NoAlign
 from cada.align.cada import CADA, CADAScore, CADASigma
 from cada.align.class_aware import ClassAware, ClassifierAligner
 from cada.align.knn import KNNAligner, KNNDistance, KNNLevel
+from cada.lookalike import MAX, MEAN, SCORE, STD
 from cada.registry import ALIGNERS
 
 

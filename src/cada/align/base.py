@@ -8,27 +8,8 @@ import torch
 from torch import nn
 
 from cada.engine import DrawSampler, Trainer, lr_factor
+from cada.lookalike import MAX, MEAN
 from cada.registry import ALIGNERS
-from cada.scoring import image_score, smooth
-
-# Columns of the per-image statistics that aligners learn from: mean, max and std of the raw map, and the image
-# score (top fraction of the smoothed map), the value the one threshold is applied to.
-MEAN, MAX, STD, SCORE = 0, 1, 2, 3
-# Aligners that normalise the image score by its normal (mean, std) map it to 1 + (score - mean) / (3 std):
-# a rank-equivalent z-score whose typical normal image scores 1 and whose map is 0 three std below that.
-ZSCORE_WIDTH = 3.0
-
-
-def map_statistics(raw_maps: torch.Tensor, smoothing_sigma: float, top_fraction: float) -> torch.Tensor:
-    """B x 4 statistics of B x H x W raw maps, in the column order MEAN, MAX, STD, SCORE."""
-    raw = raw_maps.flatten(1)
-    score = image_score(smooth(raw_maps, smoothing_sigma), top_fraction)
-    return torch.stack([raw.mean(dim=1), raw.amax(dim=1), raw.std(dim=1), score], dim=1)
-
-
-def zscore_alignment(mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(u, gamma) that align an image score with normal (mean, std) to 1 + (score - mean) / (ZSCORE_WIDTH std)."""
-    return mean - ZSCORE_WIDTH * std, mean
 
 
 class Aligner(nn.Module):

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cada.align.base import MAX, MEAN, Aligner, make_head, train_head, zscore_alignment
+from cada.align.base import Aligner, make_head, train_head
 from cada.engine import Trainer
+from cada.lookalike import MAX, MEAN, zscore_alignment
 from cada.registry import ALIGNERS
 
 

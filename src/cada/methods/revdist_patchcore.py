@@ -30,11 +30,9 @@ from typing import ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from cada.align.base import map_statistics
-from cada.align.knn import KNNAligner
-from cada.config import AlignTraining
 from cada.data.dataset import normalize
 from cada.engine import Trainer
+from cada.lookalike import LookAlikes, map_statistics
 from cada.methods.base import MethodOutput
 from cada.methods.patchcore import PatchCore, PatchCoreSettings
 from cada.methods.revdist import OneClassBottleneck, RevDist, ReverseDecoder, mean_upsampled, scale_distances
@@ -98,12 +96,11 @@ class RevDistPatchCore(PatchCore):
         self.bottleneck = OneClassBottleneck(channels)
         self.decoder = ReverseDecoder(channels)
         self.align_channels = self.bottleneck.out_channels
-        knn = AlignTraining(neighbours=own.normaliser_neighbours)
-        self.normalise_revdist = KNNAligner(self.align_channels, knn)
-        self.normalise_patchcore = KNNAligner(self.align_channels, knn)
+        self.normalise_revdist = LookAlikes(self.align_channels, own.normaliser_neighbours)
+        self.normalise_patchcore = LookAlikes(self.align_channels, own.normaliser_neighbours)
         self._training_pieces: MapPieces | None = None  # fit's training images, kept by fit_normalisers
 
-    def _normalisers(self) -> tuple[KNNAligner, KNNAligner]:
+    def _normalisers(self) -> tuple[LookAlikes, LookAlikes]:
         return self.normalise_revdist, self.normalise_patchcore
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -146,7 +143,7 @@ class RevDistPatchCore(PatchCore):
         embedding = embedding.float()
         fused = []
         for normaliser, raw in zip(self._normalisers(), (revdist, patchcore)):
-            u, gamma = normaliser.stats(embedding, leave_out=image_index)
+            u, gamma = normaliser.normal_stats(embedding, leave_out=image_index)
             fused.append(align(raw.float(), u, normaliser.spread(u, gamma)))
         weight = self.options.patchcore_weight
         return MethodOutput((1 - weight) * fused[0] + weight * fused[1], embedding)
@@ -177,9 +174,8 @@ class RevDistPatchCore(PatchCore):
             for maps_statistics, raw in zip(statistics, maps):
                 maps_statistics.append(map_statistics(raw.float(), SMOOTHING_SIGMA, TOP_FRACTION))
         pieces = MapPieces.cat(kept)
-        knn = AlignTraining(neighbours=self.options.normaliser_neighbours)
         for normaliser, maps_statistics in zip(self._normalisers(), statistics):
-            normaliser.fit(pieces.embedding.float(), torch.cat(maps_statistics), knn, None)
+            normaliser.learn(pieces.embedding.float(), torch.cat(maps_statistics), self.options.normaliser_neighbours)
         self._training_pieces = pieces
 
 
