@@ -144,3 +144,49 @@ def test_a_missing_plugin_file_and_a_taken_name_are_refused(tmp_path, monkeypatc
         @registry.METHODS.register("revdist")
         class Another:
             pass
+
+
+TINY_LAYOUT = '''
+"""A tiny layout: ROOT/<class>/normal/* are a class's training images; recognised by its `normal` folders."""
+from cada.data.folder import image_files
+from cada.data.layouts import Layout
+from cada.data.mvtec import Sample
+from cada.registry import LAYOUTS
+
+
+@LAYOUTS.register("normal-folders")
+class NormalFolders(Layout):
+    looked_for = "normal folders (<class>/normal)"
+    specificity = 30
+
+    def recognises_class(self, folder):
+        return (folder / "normal").is_dir()
+
+    def samples(self, root, split, classes=None):
+        if split == "test":
+            raise ValueError("normal-folders has no test images")
+        folders = [d for d in sorted(root.iterdir()) if (d / "normal").is_dir()]
+        folders = [d for d in folders if classes is None or d.name in classes]
+        return [Sample(path, 0, folder.name, "good") for folder in folders for path in image_files(folder / "normal")]
+'''
+
+
+def test_a_data_layout_from_a_file_is_recognised_and_trained_on(tiny_data, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from cada.data.layouts import find_samples, formats
+
+    monkeypatch.setattr(registry.LAYOUTS, "_entries", dict(registry.LAYOUTS._all()))
+    monkeypatch.setattr(registry, "_loaded_plugins", set())
+    layout = tmp_path / "tiny_layout.py"
+    layout.write_text(TINY_LAYOUT)
+    monkeypatch.setenv(registry.PLUGINS_ENV, str(layout))
+    root = tmp_path / "flat"
+    for product in sorted(p for p in tiny_data.iterdir() if p.is_dir()):
+        shutil.copytree(product / "train" / "good", root / product.name / "normal")
+    assert "normal-folders" in formats()
+    samples, chosen = find_samples(root, "train")
+    assert chosen == "normal-folders" and len(samples) == len(find_samples(tiny_data, "train")[0])
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), "--image-size", "64", "--iters", "2",
+                 "--align-iters", "2", "--quiet"]) == 0  # fmt: skip
+    assert "data layout: normal-folders" in capsys.readouterr().out

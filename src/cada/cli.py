@@ -526,11 +526,11 @@ def cmd_ablate(args) -> int:
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
-    from cada.data.layouts import FORMATS
+    from cada.data.layouts import formats
 
     parser.add_argument(
         "--format",
-        choices=FORMATS,
+        choices=formats(),
         default="auto",
         help="data layout (default: recognised from the folder, and said which)",
     )

@@ -1,5 +1,5 @@
-"""One registry per kind (methods, aligners): a class registers itself by name with a decorator, so adding one is
-one file. Names are listed in registration order. The built-in modules are imported on first use, then the
+"""One registry per kind (methods, aligners, data layouts): a class registers itself by name with a decorator, so
+adding one is one file. Names are listed in registration order. The built-in modules are imported on first use, then the
 plugins: files or modules named in $CADA_PLUGINS (separated by os.pathsep) and the entry points of the group
 "cada.plugins"; a plugin registers its classes by importing the decorator (see docs/architecture.md)."""
 
@@ -119,3 +119,4 @@ class Registry:
 
 METHODS = Registry("method", "cada.methods")
 ALIGNERS = Registry("aligner", "cada.align")
+LAYOUTS = Registry("layout", "cada.data")

@@ -6,13 +6,13 @@ from cada.data.cache import default_cache_dir
 from cada.data.dataset import BadImageError, ImageSet, iterate_batches, load_all, load_image, load_mask
 from cada.data.duplicates import find_duplicates, warn_duplicates
 from cada.data.folder import folder_samples, image_files
-from cada.data.layouts import FORMATS, detect_format, find_samples
+from cada.data.layouts import Layout, detect_format, find_samples, formats
 from cada.data.mvtec import Sample, mvtec_samples
 from cada.data.visa import visa_samples
 
 __all__ = [
-    "FORMATS",
     "BadImageError",
+    "Layout",
     "ImageSet",
     "Sample",
     "btad_samples",
@@ -21,6 +21,7 @@ __all__ = [
     "find_duplicates",
     "find_samples",
     "folder_samples",
+    "formats",
     "image_files",
     "iterate_batches",
     "load_all",

@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
+from cada.data.layouts import Layout
 from cada.data.mvtec import (
     IMAGE_SUFFIXES,
     MASK_SUFFIX,
@@ -20,6 +21,7 @@ from cada.data.mvtec import (
     mask_index,
     warn_orphan_masks,
 )
+from cada.registry import LAYOUTS
 
 FOLDER_CLASS = "folder"
 
@@ -93,3 +95,16 @@ def folder_samples(
     if not samples:
         raise ValueError("no images in the given folders" if normal or anomalous else "no image folders given")
     return samples
+
+
+@LAYOUTS.register("folder")
+class FolderLayout(Layout):
+    """Every image under the root (recursively) as a normal training image of one class; never recognised by auto."""
+
+    def samples(self, root: Path, split: str, classes: list[str] | None = None) -> list[Sample]:
+        if split == "test":
+            raise ValueError(
+                "the folder format has no labels in a single root: give folders of normal and of "
+                "anomalous images (and masks) instead (folder_samples; --normal/--anomalous/--masks)"
+            )
+        return [Sample(p, 0, FOLDER_CLASS, NORMAL) for p in image_files(root)]

@@ -14,6 +14,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from cada.data.layouts import Layout
+from cada.registry import LAYOUTS
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 NORMAL = "good"
 MASK_SUFFIX = "_mask"
@@ -120,3 +123,14 @@ def mvtec_samples(
                 warnings.warn(f"class {folder.name!r} has no test images in {split_dir}; it is left out of evaluation")
         samples.extend(found)
     return samples
+
+
+@LAYOUTS.register("mvtec")
+class MVTecLayout(Layout):
+    looked_for = "MVTec AD (<class>/train/good, <class>/test/<defect>)"
+
+    def recognises_class(self, folder: Path) -> bool:
+        return (folder / "train").is_dir() or (folder / "test").is_dir()
+
+    def samples(self, root: Path, split: str, classes: list[str] | None = None) -> list[Sample]:
+        return mvtec_samples(root, split, classes)

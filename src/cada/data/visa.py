@@ -15,16 +15,14 @@ import csv
 import warnings
 from pathlib import Path
 
+from cada.data.layouts import Layout
 from cada.data.mvtec import NORMAL, Sample
+from cada.registry import LAYOUTS
 
 SPLIT_FILE = Path("split_csv") / "1cls.csv"
 COLUMNS = ("object", "split", "label", "image", "mask")
 LABELS = {"normal": 0, "anomaly": 1}
 ANOMALY = "anomaly"  # the defect name of VisA's anomalous images: the split file has no defect types
-
-
-def looks_like_visa_object(folder: Path) -> bool:
-    return (folder / "Data" / "Images").is_dir()
 
 
 def _read_rows(split_file: Path) -> list[dict]:
@@ -95,3 +93,18 @@ def visa_samples(
             warnings.warn(f"class {name!r} has no test images in {split_file}; it is left out of evaluation")
         samples.extend(sorted(object_samples, key=lambda s: str(s.path)))
     return samples
+
+
+@LAYOUTS.register("visa")
+class VisALayout(Layout):
+    looked_for = f"VisA ({SPLIT_FILE} or <object>/Data/Images)"
+    specificity = 20  # its object folders may hold MVTec-like parts too
+
+    def recognises_root(self, root: Path) -> bool:
+        return (root / SPLIT_FILE).is_file()
+
+    def recognises_class(self, folder: Path) -> bool:
+        return (folder / "Data" / "Images").is_dir()
+
+    def samples(self, root: Path, split: str, classes: list[str] | None = None) -> list[Sample]:
+        return visa_samples(root, split, classes)
