@@ -31,15 +31,11 @@ def images(tiny_data):
 
 @pytest.fixture(scope="session")
 def tiny_settings():
-    from cada.config import preset
+    """`tiny_preset` of RevDist (the fastest to train; revdist-patchcore has its own tests), with `changes`."""
+    from helpers import tiny_preset
 
     def make(**changes):
-        settings = preset("cpu", "revdist")  # the fastest to train; revdist-patchcore has its own tests
-        settings.image_size, settings.backbone = 64, "efficientnet_lite0"  # the smallest encoder: fast tests
-        settings.base.iters, settings.base.epochs = 3, None  # fast: an explicit step count, not passes
-        settings.base.batch_size = 4
-        settings.aligner.iters = 5
-        settings.aligner.batch_size = 4
+        settings = tiny_preset("revdist")
         for key, value in changes.items():
             setattr(settings, key, value)
         return settings

@@ -12,20 +12,7 @@ DEFAULT_ALIGN = preset("cpu").align  # what `cada train` aligns with unless told
 
 def test_train_then_evaluate_writes_the_documented_json(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
-    args = [
-        "--data",
-        str(tiny_data),
-        "--out",
-        str(run),
-        "--image-size",
-        "64",
-        "--iters",
-        "3",
-        "--align-iters",
-        "5",
-        "--quiet",
-    ]
-    assert main(["train", *args]) == 0
+    assert main(train_args(tiny_data, run, iters=3, align_iters=5)) == 0
     assert main(["evaluate", str(run), "--data", str(tiny_data), "--json", str(tmp_path / "r.json"), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "absolute-unified" in printed and "model-unified" in printed

@@ -1,6 +1,7 @@
 """Dinomaly's pieces: linear attention, the loose loss's hard mining, the grouping, and a run end to end on the
 random ViT-S weights of conftest.py (the method contract test covers training, saving and devices)."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +47,7 @@ def test_groups_are_consecutive_runs_of_the_blocks():
     assert [g.item() for g in grouped(maps, 1)] == [3.0]
 
 
+@pytest.mark.slow
 def test_dinomaly_trains_evaluates_and_predicts_from_the_command_line(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(train_args(tiny_data, run, "--method", "dinomaly", iters=3)) == 0

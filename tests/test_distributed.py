@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
@@ -35,6 +36,7 @@ def _weights(run: Path) -> dict:
     return load_file(str(run / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_weights(tiny_data, tmp_path, monkeypatch, capsys):
     """Stopped in the base stage, then (second run) in the aligner stage; each resumed ends bit-identical."""
     whole = tmp_path / "whole"
@@ -68,6 +70,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_data, tmp_path, monkey
         assert not (run / "resume").exists()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_identical_weights_and_evaluate_exactly(tiny_data, tmp_path):
     """torchrun, 2 CPU processes, gloo: DDP training leaves both ranks identical (base and aligner, RevDist and
     ReContrast; the default method's memory bank and normalisers too); distributed evaluation of the saved run

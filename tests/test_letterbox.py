@@ -76,6 +76,7 @@ def test_evaluate_at_the_original_resolution(letterbox_run, wide_data, tmp_path)
     assert all(0 <= row["p_auroc"] <= 1 for row in results["rows"] if row.get("p_auroc") is not None)
 
 
+@pytest.mark.slow
 def test_raw_graph_letterboxes_as_training(letterbox_run, wide_data, tmp_path):
     """The exported raw-image graph pads as `resize_rgb` does, for any image size: the scores of the PyTorch path."""
     import onnxruntime

@@ -61,6 +61,7 @@ def test_one_step_lowers_the_loss_of_a_batch(name, images):
         assert loss() < before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", METHODS.names())
 def test_a_pasted_defect_scores_higher_after_short_training(name, images):
     if name in NO_SHORT_DEFECT:

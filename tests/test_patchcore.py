@@ -14,7 +14,7 @@ from cada.data.mvtec import mvtec_samples
 from cada.methods.patchcore import PatchCore, PatchCoreSettings, greedy_coreset
 from cada.workflows import settings_from_options
 
-from helpers import assert_save_load_bit_exact, paste_square, square_means, tiny_preset
+from helpers import assert_save_load_bit_exact, paste_square, square_means, tiny_preset, train_args
 
 
 def tiny_patchcore(**options) -> Settings:
@@ -218,25 +218,7 @@ def test_onnx_export_scores_a_batch_as_pytorch(tiny_data, images, tmp_path):
 
 def test_command_line_trains_and_evaluates_patchcore(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(tiny_data),
-                "--out",
-                str(run),
-                "--method",
-                "patchcore",
-                "--image-size",
-                "64",
-                "--align-iters",
-                "5",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main(train_args(tiny_data, run, "--method", "patchcore", align_iters=5)) == 0  # one pass: no iters
     assert main(["evaluate", str(run), "--data", str(tiny_data), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "training patchcore" in printed and "absolute-unified" in printed

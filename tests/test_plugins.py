@@ -9,6 +9,8 @@ import pytest
 from cada import registry
 from cada.cli import main
 
+from helpers import train_args
+
 TINY_METHOD = '''
 """A tiny method: a 1x1 convolution bottleneck rebuilds the encoder's last features; the map is its error."""
 from dataclasses import dataclass
@@ -95,26 +97,8 @@ def plugins(tmp_path, monkeypatch):
 
 def test_a_method_and_an_aligner_from_files_train_and_evaluate(plugins, tiny_data, tmp_path, capsys):
     run, results = tmp_path / "run", tmp_path / "results.json"
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(tiny_data),
-                "--out",
-                str(run),
-                "--method",
-                "tinyplug",
-                "--align",
-                "median-level",
-                "--backbone",
-                "efficientnet_lite0",
-                "--image-size",
-                "64",
-            ]
-        )
-        == 0
-    )
+    plugin_options = ("--method", "tinyplug", "--align", "median-level", "--backbone", "efficientnet_lite0")
+    assert main(train_args(tiny_data, run, *plugin_options)) == 0
     assert capsys.readouterr().out.startswith("training tinyplug (efficientnet_lite0, 64px, 2 iters of batch 4")
     config = json.loads((run / "config.json").read_text())
     assert config["settings"]["tinyplug"] == {"width": 8}  # its options block, under its name
@@ -187,6 +171,5 @@ def test_a_data_layout_from_a_file_is_recognised_and_trained_on(tiny_data, tmp_p
     assert "normal-folders" in formats()
     samples, chosen = find_samples(root, "train")
     assert chosen == "normal-folders" and len(samples) == len(find_samples(tiny_data, "train")[0])
-    assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), "--image-size", "64", "--iters", "2",
-                 "--align-iters", "2", "--quiet"]) == 0  # fmt: skip
+    assert main(train_args(root, tmp_path / "run")) == 0
     assert "data layout: normal-folders" in capsys.readouterr().out

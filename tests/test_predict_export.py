@@ -20,6 +20,8 @@ from cada.data.mvtec import mvtec_samples
 from cada.export import export_onnx
 from cada.runtime import exported_scorer
 
+from helpers import train_args
+
 DEFAULT_ALIGN = preset("cpu").align  # what `cada train` aligns with unless told
 
 
@@ -67,6 +69,7 @@ def test_onnx_export_matches_pytorch(calibrated_run, tiny_data, tmp_path):
     assert torch.equal(scores >= threshold, expected.decisions)
 
 
+@pytest.mark.slow
 def test_raw_image_graph_resizes_as_training_and_scores_the_same(calibrated_run, tiny_data, tmp_path):
     """The raw graph takes each image at its own size (here enlarged, shrunk and stretched copies of test images)
     and gives the scores of the PyTorch path, which resizes with Pillow."""
@@ -89,6 +92,7 @@ def test_raw_image_graph_resizes_as_training_and_scores_the_same(calibrated_run,
         assert np.abs(aligned_map - expected.maps.numpy()).max() <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("format, suffix, tolerance", [("onnx", ".onnx", 1e-4), ("openvino", ".xml", 1e-4)])
 def test_predict_runs_an_exported_model_with_the_same_outputs(
     calibrated_run, tiny_data, tmp_path, format, suffix, tolerance
@@ -174,25 +178,7 @@ def test_evaluate_shows_the_oracle_and_each_product_at_one_threshold(calibrated_
 
 def test_knn_run_reports_and_flags_unfamiliar_images(tiny_data, tmp_path):
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(tiny_data),
-                "--out",
-                str(run),
-                "--image-size",
-                "64",
-                "--iters",
-                "3",
-                "--align",
-                "knn",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main(train_args(tiny_data, run, "--align", "knn", iters=3)) == 0
     out = tmp_path / "out"
     assert main(["predict", str(run), str(tiny_data / "washer" / "test"), "--out", str(out), "--quiet"]) == 0
     with open(out / "predictions.csv") as handle:
@@ -390,6 +376,7 @@ def test_a_threshold_set_by_hand_in_the_sidecar_is_the_one_used_and_said(calibra
     assert load_model(tmp_path / "model.onnx", fpr=0.1).threshold == sidecar["calibration"]["threshold"]
 
 
+@pytest.mark.slow
 def test_a_damaged_openvino_model_gets_one_line(calibrated_run, tiny_data, tmp_path, capsys):
     model = tmp_path / "model.xml"
     assert main(["export", str(calibrated_run), "--format", "openvino", "--out", str(model)]) == 0

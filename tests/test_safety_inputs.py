@@ -1,5 +1,5 @@
-"""Bad input is refused with a message naming it (issue 13, items 4-8 and 12): decompression bombs, non-finite
-pixels, out-of-range or mistyped settings, zero iterations, API misuse, thresholds on the edge, escaping paths."""
+"""Bad input is refused with a message naming it: decompression bombs, non-finite pixels, out-of-range or mistyped
+settings, zero iterations, API misuse, thresholds on the edge, escaping paths, and every bad input a probe found."""
 
 import json
 import math
@@ -71,7 +71,7 @@ def skipped_messages(samples, size=64, **options):
     return read, [str(w.message) for w in caught if str(w.message).startswith("skipped:")]
 
 
-# -- item 4: decompression bombs -------------------------------------------------------------------------------------
+# -- decompression bombs -----------------------------------------------------------------------------------------------
 def test_decompression_bomb_is_skipped_with_its_path_and_the_good_images_are_scored(
     tiny_data, tmp_path, run, monkeypatch, capsys
 ):
@@ -105,7 +105,7 @@ def test_decompression_bomb_is_skipped_with_its_path_and_the_good_images_are_sco
         list(iterate_batches(samples, 64, cache_dir=None))
 
 
-# -- item 5: settings ------------------------------------------------------------------------------------------------
+# -- settings ----------------------------------------------------------------------------------------------------------
 BAD_SETTINGS = [
     ("image_size", 100000, r"image_size must be an integer in \[64, 1024\], got 100000"),
     ("image_size", "256", r"image_size must be an integer .* got '256'"),
@@ -183,7 +183,7 @@ def test_a_run_with_a_bad_config_is_refused_on_load(run, tmp_path, capsys, dotte
     assert error.count("\n") == 1 and "config.json" in error and "Traceback" not in error
 
 
-# -- item 6: non-finite pixels ---------------------------------------------------------------------------------------
+# -- non-finite pixels -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_float_tiff_with_a_non_finite_pixel_is_skipped_with_its_path(tmp_path, bad):
     pixels = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
@@ -211,7 +211,7 @@ def test_16_and_32_bit_images_keep_their_contrast_or_are_refused(tmp_path):
         load_image(tmp_path / "wide.tif", 64)
 
 
-# -- item 7: zero iterations -----------------------------------------------------------------------------------------
+# -- zero iterations ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "command",
     [
@@ -240,7 +240,7 @@ def test_an_aligner_that_trains_needs_iterations():
         settings_from_options(vars(args))
 
 
-# -- item 8: the Python API ------------------------------------------------------------------------------------------
+# -- the Python API ----------------------------------------------------------------------------------------------------
 def test_an_unfitted_detector_refuses_to_predict_calibrate_infer_or_save(tiny_settings, images, tmp_path):
     detector = Detector(tiny_settings(), pretrained=False)
     for call in (
@@ -287,7 +287,7 @@ def test_predict_accepts_numpy_channels_last_floats_and_paths_and_refuses_the_re
         detector.calibrate_f1(images[:2], [0, 1, 1])
 
 
-# -- item 12: thresholds with a margin, and split files that stay inside the data ------------------------------------
+# -- thresholds with a margin, and split files that stay inside the data -----------------------------------------------
 def test_threshold_has_a_margin_that_survives_rounding():
     scores = np.random.default_rng(0).random(50).astype(np.float32)
     for fpr in (0.0, 0.1, 0.5):
@@ -327,7 +327,7 @@ def test_visa_split_file_cannot_name_paths_outside_the_data(tmp_path, listed):
         visa_samples(root, "train")
 
 
-# -- issue 32's probe: one line, before any work, for every bad input it found ----------------------------------------
+# -- one line, before any work, for every bad input a probe found ------------------------------------------------------
 
 
 def _one_line_error(capsys) -> str:

@@ -1,6 +1,6 @@
-"""Never lose a user's work, and refuse bad output paths with one line (issue 13, items 1-3, 9-11, 13).
-
-One test per numbered item of the issue; each failed on the code before the fix.
+"""Never lose a user's work: runs replaced only when asked and whole, checkpoints kept until their replacement is
+on disk, user folders beside and inside a run never touched, bad output places refused with one line before any
+work. Each test failed on the code before its fix.
 """
 
 import csv
@@ -60,10 +60,10 @@ def _files(folder) -> dict:
     return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
-# -- 1: run folders are never overwritten by accident; one writer; outputs never on the run's own files -----------
+# -- run folders are never overwritten by accident; one writer; outputs never on the run's own files -------------------
 
 
-def test_1_an_existing_run_is_replaced_only_with_overwrite_and_by_one_writer(tiny_data, run_copy, tmp_path, capsys):
+def test_an_existing_run_is_replaced_only_with_overwrite_and_by_one_writer(tiny_data, run_copy, tmp_path, capsys):
     before = _files(run_copy)
     assert main(train_args(tiny_data, run_copy)) == 2
     error = _one_line(capsys)
@@ -124,7 +124,7 @@ def test_1_an_existing_run_is_replaced_only_with_overwrite_and_by_one_writer(tin
     assert (run_copy / "model.safetensors").read_bytes() == weights
 
 
-def test_1_calibrate_says_which_threshold_it_replaced_and_demo_needs_overwrite(tiny_data, run_copy, tmp_path, capsys):
+def test_calibrate_says_which_threshold_it_replaced_and_demo_needs_overwrite(tiny_data, run_copy, tmp_path, capsys):
     old = json.loads((run_copy / "config.json").read_text())["calibration"]["threshold"]
     weights = (run_copy / "model.safetensors").read_bytes()
     assert (
@@ -141,10 +141,10 @@ def test_1_calibrate_says_which_threshold_it_replaced_and_demo_needs_overwrite(t
     assert "--overwrite" in _one_line(capsys) and (demo / "results.json").read_text() == "{}"
 
 
-# -- 2: the run is written whole before its checkpoint goes; a failed save keeps the checkpoint ------------------
+# -- the run is written whole before its checkpoint goes; a failed save keeps the checkpoint ---------------------------
 
 
-def test_2_a_failed_save_keeps_the_checkpoint_and_the_old_run(tiny_data, run_copy, tmp_path, monkeypatch, capsys):
+def test_a_failed_save_keeps_the_checkpoint_and_the_old_run(tiny_data, run_copy, tmp_path, monkeypatch, capsys):
     import cada.checkpoint
 
     def disk_full(*args, **kwargs):
@@ -178,10 +178,10 @@ def test_2_a_failed_save_keeps_the_checkpoint_and_the_old_run(tiny_data, run_cop
     assert not list(tmp_path.glob(".run.*"))
 
 
-# -- 3: --resume compares the training data, not only their count ------------------------------------------------
+# -- --resume compares the training data, not only their count ---------------------------------------------------------
 
 
-def test_3_resume_refuses_other_data_of_the_same_count(tiny_data, tmp_path, monkeypatch, capsys):
+def test_resume_refuses_other_data_of_the_same_count(tiny_data, tmp_path, monkeypatch, capsys):
     import numpy as np
     from PIL import Image
 
@@ -200,10 +200,10 @@ def test_3_resume_refuses_other_data_of_the_same_count(tiny_data, tmp_path, monk
     assert main(train_args(tiny_data, run, "--resume")) == 0
 
 
-# -- 9: names that are not UTF-8 are written escaped, every output file atomically --------------------------------
+# -- names that are not UTF-8 are written escaped, every output file atomically ----------------------------------------
 
 
-def test_9_a_file_name_that_is_not_utf8_breaks_no_output(trained_run, line_images, tmp_path, capsys):
+def test_a_file_name_that_is_not_utf8_breaks_no_output(trained_run, line_images, tmp_path, capsys):
     bad_name = os.fsdecode(b"caf\xe9.png")  # Latin-1, not UTF-8
     try:
         shutil.copy(line_images / "img0.png", line_images / bad_name)
@@ -242,10 +242,10 @@ def test_9_a_file_name_that_is_not_utf8_breaks_no_output(trained_run, line_image
     assert page.endswith("</html>") and "caf\\xe9.png" in page
 
 
-# -- 10: predict never writes into its inputs, and old and new predictions never mix -------------------------------
+# -- predict never writes into its inputs, and old and new predictions never mix ---------------------------------------
 
 
-def test_10_predict_refuses_its_own_inputs_and_replaces_earlier_predictions_only_with_overwrite(
+def test_predict_refuses_its_own_inputs_and_replaces_earlier_predictions_only_with_overwrite(
     trained_run, line_images, tmp_path, capsys
 ):
     out = tmp_path / "out"
@@ -269,11 +269,11 @@ def test_10_predict_refuses_its_own_inputs_and_replaces_earlier_predictions_only
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["img0.png", "img1.png"]
 
 
-# -- 11: one line and exit code 2 instead of tracebacks; outputs checked before the evaluation -------------------
+# -- one line and exit code 2 instead of tracebacks; outputs checked before the evaluation -----------------------------
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
-def test_11_a_damaged_weights_file_gets_one_line(run_copy, line_images, tmp_path, damage, capsys):
+def test_a_damaged_weights_file_gets_one_line(run_copy, line_images, tmp_path, damage, capsys):
     weights = run_copy / "model.safetensors"
     content = {"truncated": weights.read_bytes()[:1000], "empty": b"", "garbage": b"\x00garbage" * 100}[damage]
     weights.write_bytes(content)
@@ -281,7 +281,7 @@ def test_11_a_damaged_weights_file_gets_one_line(run_copy, line_images, tmp_path
     assert "not a readable safetensors file" in _one_line(capsys)
 
 
-def test_11_bad_output_places_and_a_garbage_onnx_get_one_line_before_any_work(
+def test_bad_output_places_and_a_garbage_onnx_get_one_line_before_any_work(
     trained_run, tiny_data, line_images, tmp_path, monkeypatch, capsys
 ):
     import cada.evaluate
@@ -325,7 +325,7 @@ def test_11_bad_output_places_and_a_garbage_onnx_get_one_line_before_any_work(
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
-def test_1_earlier_outputs_of_evaluate_and_export_are_replaced_only_with_overwrite(
+def test_earlier_outputs_of_evaluate_and_export_are_replaced_only_with_overwrite(
     trained_run, tiny_data, tmp_path, monkeypatch, capsys
 ):
     import cada.evaluate
@@ -361,7 +361,7 @@ def _unwritable_system_folder() -> Path:
     pytest.skip("running as root with no read-only folder to try")
 
 
-# -- 13: a signal stops the long passes outside the step loop within a batch ----------------------------------------
+# -- a signal stops the long passes outside the step loop within a batch -----------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -373,7 +373,7 @@ def _unwritable_system_folder() -> Path:
         ("revdist-patchcore", "cada.methods.revdist_patchcore", "normalising the RevDist and PatchCore maps", False),
     ],
 )
-def test_13_sigterm_stops_a_long_pass_within_a_batch(
+def test_sigterm_stops_a_long_pass_within_a_batch(
     tiny_data, tmp_path, monkeypatch, capsys, method, module, phase, resumable
 ):
     """SIGTERM arrives during the first batch of the pass (sent from inside it): the pass stops before the next
@@ -404,7 +404,7 @@ def test_13_sigterm_stops_a_long_pass_within_a_batch(
         assert "nothing to resume" in error
 
 
-# -- user folders beside and inside a run are never touched (issue 32's probe) ------------------------------------
+# -- user folders beside and inside a run are never touched (issue 32's probe) -----------------------------------------
 
 
 def _user_folder(path):

@@ -339,6 +339,7 @@ def test_a_client_that_goes_away_leaves_no_traceback(running, capfd):
     assert "Traceback" not in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_workers_serve_together_and_sum_their_metrics(calibrated_run, tiny_data):
     with socket.create_server(("127.0.0.1", 0)) as probe:
         port = probe.getsockname()[1]

@@ -17,6 +17,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "serve_page.py"
     not any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")),
     reason="no Chromium on this machine (Debian: apt-get install chromium); the page's browser test is skipped",
 )
+@pytest.mark.slow
 def test_the_page_scores_chosen_images_in_a_real_browser(calibrated_run, tiny_data, tmp_path):
     images = [sorted((tiny_data / name / "test").rglob("*.png"))[-1] for name in ("weave", "marble", "washer")]
     shot = tmp_path / "page.png"

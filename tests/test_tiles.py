@@ -72,6 +72,7 @@ def test_the_tiled_run_trains_on_tiles_and_calibrates_per_image(tiled_run):
     assert config["calibration"]["n_normal"] == 4  # the held-out images, each scored once
 
 
+@pytest.mark.slow
 def test_predict_evaluate_and_exports_agree(tiled_run, tiny_data, tmp_path):
     folder = tiny_data / "washer" / "test"
     assert main(["predict", str(tiled_run), str(folder), "--out", str(tmp_path / "torch"), "--quiet"]) == 0
