@@ -45,11 +45,11 @@ import numpy as np
 import torch
 
 from cada.api import Detector, split_holdout
+from cada.config_files import make_settings
 from cada.data.dataset import iterate_batches, load_all
 from cada.data.layouts import find_samples
 from cada.metrics import aupro, auroc
 from cada.threshold import threshold_at_fpr
-from cada.workflows import make_settings
 
 IMAGE_SIZE = 256  # cada's cpu preset; every system gets the same squashed 256 x 256 images
 LITE2 = "tf_efficientnet_lite2"

@@ -6,9 +6,9 @@ import torch
 from cada import Detector
 from cada.cli import build_parser, main
 from cada.config import Settings, preset
+from cada.config_files import settings_from_options
 from cada.data.dataset import normalize
 from cada.methods.cfa import CFA, CoordConv
-from cada.workflows import settings_from_options
 
 from helpers import assert_save_load_bit_exact, square_means, tiny_preset, train_args
 

@@ -7,7 +7,7 @@ import pytest
 
 from cada.cli import main
 from cada.config import preset
-from cada.workflows import make_settings
+from cada.config_files import make_settings
 
 
 def _train(data, out, *extra):

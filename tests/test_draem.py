@@ -6,6 +6,7 @@ import torch
 from cada import Detector
 from cada.cli import build_parser, main
 from cada.config import Settings, preset
+from cada.config_files import settings_from_options
 from cada.data.dataset import normalize
 from cada.methods.draem import (
     DRAEM,
@@ -17,7 +18,6 @@ from cada.methods.draem import (
     ssim,
     synthesize_anomalies,
 )
-from cada.workflows import settings_from_options
 
 from helpers import assert_save_load_bit_exact, tiny_preset, train_args
 

@@ -9,10 +9,10 @@ import torch
 from cada import Detector
 from cada.cli import build_parser, main
 from cada.config import BaseTraining, Settings, preset
+from cada.config_files import settings_from_options
 from cada.data.dataset import load_all, normalize
 from cada.data.mvtec import mvtec_samples
 from cada.methods.patchcore import PatchCore, PatchCoreSettings, greedy_coreset
-from cada.workflows import settings_from_options
 
 from helpers import assert_save_load_bit_exact, paste_square, square_means, tiny_preset, train_args
 

@@ -15,12 +15,12 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cada.config import Settings
+from cada.config_files import make_settings, parse_override, read_config
 from cada.data.dataset import BadImageError, rgb_array
 from cada.files import printable, write_json
 from cada.predict import FORMULA_STARTS, spreadsheet_safe
 from cada.report.html import _per_class_table
 from cada.serve import RequestError, multipart_images
-from cada.workflows import make_settings, parse_override, read_config
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -234,7 +234,7 @@ def test_an_aligner_that_trains_needs_iterations():
     settings.align = "none"  # nothing to train: 0 is fine
     settings.validate()
     args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--image-size", "0"])
-    from cada.workflows import settings_from_options
+    from cada.config_files import settings_from_options
 
     with pytest.raises(ValueError, match="image_size"):  # 0 is a value, not "the preset's"
         settings_from_options(vars(args))

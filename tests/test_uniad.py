@@ -7,8 +7,8 @@ from cada import Detector
 from cada.backbones import WeightsNotFoundError
 from cada.cli import build_parser
 from cada.config import Settings, preset
+from cada.config_files import settings_from_options
 from cada.methods.uniad import DecoderLayer, EncoderLayer, UniAD, fitting_window, neighbour_mask
-from cada.workflows import settings_from_options
 
 from helpers import assert_save_load_bit_exact, square_means, tiny_preset
 

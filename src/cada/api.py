@@ -539,7 +539,7 @@ class Detector:
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "auto", precision: str = "auto") -> Detector:
         """A saved run, its networks on `device` (see the class docstring)."""
-        config = checkpoint.read_config(folder)
+        config = checkpoint.read_run_config(folder)
         where = Path(folder) / checkpoint.CONFIG_FILE
         if "settings" not in config:
             raise checkpoint.IncompatibleRunError(f"{where} has no settings")

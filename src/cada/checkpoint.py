@@ -214,12 +214,13 @@ def save_run(
 def update_config(folder: str | Path, **changes) -> dict:
     """Replace entries of a run's config.json (the weights stay), atomically; the previous config is returned."""
     with folder_lock(folder):
-        config = read_config(folder)
+        config = read_run_config(folder)
         write_json(Path(folder) / CONFIG_FILE, {**config, **changes})
     return config
 
 
-def read_config(folder: str | Path) -> dict:
+def read_run_config(folder: str | Path) -> dict:
+    """A run folder's config.json, checked to be a cada run of this format version."""
     folder = Path(folder)
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():

@@ -1,10 +1,7 @@
-"""The command-line front: `cada demo | synth | train | evaluate | calibrate | predict | export | ablate | serve`.
-
-demo: train and evaluate on synthetic data; synth: write the synthetic data set; train: one model on all classes
-mixed (settings from a preset, --config FILE and --set key=value); evaluate: the protocols' metrics of a run;
-calibrate: choose a run's one threshold; predict: score image files; export: one ONNX graph; ablate: the paper's
-Tables 3-5; serve: an HTTP API and web page for a run or an exported model. This module parses arguments and
-prints; the work is in cada.workflows and the modules it calls."""
+"""The command line: `COMMANDS` is the table of `cada`'s commands, each with its help line, the function that adds
+its arguments and the one that runs it; a new command is one entry (and its two functions). The commands parse
+and print; the work is in cada.workflows (train, evaluate, calibrate, ablate, demo) and the modules they call
+(predict, export, serve, weights). `main` turns bad input into one line and exit code 2."""
 
 from __future__ import annotations
 
@@ -16,27 +13,30 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import SafetensorError
 
 from cada.config import DEFAULT_METHOD, RESIZE_MODES, Settings
-from cada.files import check_output, os_error, printable, write_json
+from cada.files import check_output, os_error, printable
 from cada.registry import ALIGNERS, METHODS
-from cada.threshold import check_fpr
 from cada.workflows import (
     LOGGERS,
+    ablate,
+    calibrate,
+    demo,
     describe_calibration,
     evaluate,
     find_split,
-    make_settings,
     run_files,
     settings_from_options,
     train,
 )
+
+QUIET = "no progress bars"
 
 
 def _settings_from_args(args) -> Settings:
@@ -45,6 +45,15 @@ def _settings_from_args(args) -> Settings:
 
 def _cache_dir(args):
     return None if getattr(args, "no_cache", False) else "auto"
+
+
+def synth_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--n-train", type=int, default=40)
+    parser.add_argument("--n-test-good", type=int, default=10)
+    parser.add_argument("--n-test-defect", type=int, default=12)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def cmd_synth(args) -> int:
@@ -107,6 +116,61 @@ def launch_processes(devices: int, argv: list[str]) -> int:
             signal.signal(number, handler)
 
 
+def train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="data root in the MVTec AD layout")
+    parser.add_argument("--out", required=True, help="run folder to write")
+    parser.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        help="hold out this fraction of each class's training images to calibrate the threshold",
+    )
+    parser.add_argument(
+        "--fpr",
+        type=float,
+        default=0.01,
+        help="target false-positive rate on new normal images, for --holdout calibration",
+    )
+    parser.add_argument(
+        "--align",
+        choices=ALIGNERS,
+        help="cada: the paper's (u, gamma) regressor; cada-sigma: (u, sigma); cada-score: gamma = the "
+        "image score; knn: the k nearest "
+        "training images give the z-score (and flag unfamiliar products); knn-distance: knn plus how far the "
+        "image is from its nearest training image; distance-only: the base map as it is plus knn-distance's "
+        "term (for revdist-patchcore, whose map is aligned already); class-aware: CaDA-A, "
+        "needs class names at test (a reference); classifier: CaDA-B; none: the base alone "
+        f"(default: the config's, else the method's: {Settings.align}, patchcore knn, revdist-patchcore "
+        "distance-only)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=200,
+        metavar="K",
+        help="write a checkpoint to OUT/resume every K training steps (0: only when interrupted)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from OUT/resume (same settings), skipping finished stages",
+    )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        metavar="N",
+        help="train in N processes (DistributedDataParallel): launches torchrun --nproc_per_node N; with CUDA "
+        "each process takes its own GPU (--device auto)",
+    )
+    parser.add_argument(
+        "--scale-lr",
+        action="store_true",
+        help="multi-process: multiply the learning rates by the process count (default: unscaled; "
+        "the effective batch is the batch x the process count either way)",
+    )
+    _add_training_options(parser)
+
+
 def cmd_train(args) -> int:
     from cada.engine.distributed import init_distributed, world_size
 
@@ -142,30 +206,29 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_calibrate(args) -> int:
-    from cada.api import Detector
-    from cada.checkpoint import update_config
-    from cada.data.dataset import load_all
-    from cada.data.folder import folder_samples
+def calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="run folder; the threshold is stored in it")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--normal", nargs="+", help="folders of held-out normal images (not the test set)")
+    source.add_argument("--val", help="labelled validation data (its test split): F1-optimal threshold")
+    parser.add_argument(
+        "--fpr", type=float, default=0.01, help="target false-positive rate on new normal images, with --normal"
+    )
+    _add_data_options(parser)
+    _add_device_options(parser)
 
-    if args.normal:
-        check_fpr(args.fpr, "--fpr")  # before loading and scoring
-    detector = Detector.load(args.run, device=args.device, precision=args.precision)
-    previous = detector.calibration
-    size, resize = detector.settings.input_size, detector.settings.resize
-    if args.val:
-        samples = find_split(args.val, "test", args.format)
-        images, samples = load_all(samples, size, cache_dir=_cache_dir(args), resize=resize)
-        detector.calibrate_f1(
-            images, [s.label for s in samples], source=f"{len(samples)} labelled images of {args.val}"
-        )
-    else:
-        samples = folder_samples(normal=args.normal)
-        images, samples = load_all(samples, size, cache_dir=_cache_dir(args), resize=resize)
-        detector.calibrate(images, args.fpr, source=f"{len(samples)} normal images in {', '.join(args.normal)}")
-    update_config(args.run, calibration=detector.calibration)  # the weights stay as they are
-    calibration = detector.calibration
-    assert calibration is not None  # calibrate set it
+
+def cmd_calibrate(args) -> int:
+    calibration, previous = calibrate(
+        args.run,
+        normal=args.normal or (),
+        val=args.val,
+        fpr=args.fpr,
+        format=args.format,
+        cache_dir=_cache_dir(args),
+        device=args.device,
+        precision=args.precision,
+    )
     print(describe_calibration(calibration))
     print(
         f"kept the {len(calibration['normal_scores'])} normal calibration scores in the run: "
@@ -174,6 +237,29 @@ def cmd_calibrate(args) -> int:
     if previous:
         print(f"replaced the previous threshold {previous['threshold']:.4f} ({previous['how']}, {previous['source']})")
     return 0
+
+
+def export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="run folder")
+    parser.add_argument(
+        "--format",
+        choices=("onnx", "openvino"),
+        default="onnx",
+        help="onnx (onnxruntime), or openvino: OpenVINO IR, OUT.xml with OUT.bin (needs the openvino package)",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="the .onnx (or .xml) file to write (threshold and preprocessing: .json beside it)",
+    )
+    parser.add_argument(
+        "--input",
+        choices=("resized", "raw"),
+        default="resized",
+        help="resized: uint8 NCHW batches already resized to the run's image size (cada.data.resize's rule); raw: "
+        "one uint8 H x W x 3 RGB image of any size, resized inside the graph by the same rule, to the last bit",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its .json)")
 
 
 def cmd_export(args) -> int:
@@ -209,6 +295,37 @@ def cmd_export(args) -> int:
         export_onnx(detector, out, input=args.input)
     print("wrote " + ", ".join(str(path) for path, _ in outputs))
     return 0
+
+
+def predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="run folder, or an exported model (.onnx, or OpenVINO .xml)")
+    parser.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument("--out", required=True, help="folder for predictions.csv/.json (and overlays, masks)")
+    parser.add_argument("--overlays", action="store_true", help="write a heatmap overlay PNG per image")
+    parser.add_argument("--masks", action="store_true", help="write a binary mask PNG per image (map >= threshold)")
+    point = parser.add_mutually_exclusive_group()
+    point.add_argument(
+        "--fpr",
+        type=float,
+        help="decide at this false-positive rate, chosen now over the calibration "
+        "scores stored in the run (no recalibration)",
+    )
+    point.add_argument("--threshold", type=float, help="decide at this aligned-score threshold")
+    parser.add_argument(
+        "--output-size",
+        choices=("original", "model"),
+        default="original",
+        help="write overlays and masks at each image's own size (default; the map upsampled "
+        "bilinearly) or at the model's input size",
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
+    parser.add_argument("--quiet", action="store_true", help=QUIET)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace earlier predictions in --out (their overlays and masks are removed)",
+    )
+    _add_device_options(parser)
 
 
 def cmd_predict(args) -> int:
@@ -286,6 +403,44 @@ def _check_predict_out(out: Path, model: Path, paths: list[str], overwrite: bool
         dist.barrier()  # no process writes before rank 0 has cleared the old overlays
 
 
+def serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="run folder, or an exported model (.onnx, or OpenVINO .xml)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    parser.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
+    parser.add_argument(
+        "--max-request-mb", type=float, default=32.0, help="largest request body accepted, in MiB (larger: 413)"
+    )
+    parser.add_argument(
+        "--max-request-megapixels",
+        type=float,
+        default=100.0,
+        help="the most pixels all images of one request may hold together, from their headers (more: 413)",
+    )
+    parser.add_argument("--workers", type=positive_int, default=1, help="processes, each with the model loaded")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=16, help="images per forward pass: concurrent requests share one"
+    )
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long the first queued image waits for others to share its forward pass",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=positive_int,
+        default=256,
+        help="images waiting for the model at most; a request beyond gets 503 with Retry-After",
+    )
+    point = parser.add_mutually_exclusive_group()
+    point.add_argument(
+        "--fpr", type=float, help="decide at this false-positive rate, over the stored calibration scores"
+    )
+    point.add_argument("--threshold", type=float, help="decide at this aligned-score threshold")
+    parser.add_argument("--quiet", action="store_true", help="no line per request")
+    _add_device_options(parser)
+
+
 def cmd_serve(args) -> int:
     import json
     import socket
@@ -355,6 +510,11 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def weights_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("list", "download"), nargs="?", default="list")
+    parser.add_argument("names", nargs="*", metavar="NAME", help="encoders to download (see `cada weights list`)")
+
+
 def cmd_weights(args) -> int:
     from cada.weights import download, status
 
@@ -365,6 +525,32 @@ def cmd_weights(args) -> int:
     for name, path, origin in status():
         print(f"{name:26s} {printable(path) if path else 'missing'}  ({origin})")
     return 0
+
+
+def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="run folder written by `cada train`")
+    parser.add_argument("--data", help="data root (its test split is used)")
+    _add_data_options(parser)
+    parser.add_argument("--normal", nargs="+", help="with --format folder: folders of normal test images")
+    parser.add_argument("--anomalous", nargs="+", help="with --format folder: folders of anomalous test images")
+    parser.add_argument("--masks", nargs="+", help="with --format folder: mask folders (matched by file stem)")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--plots", help="folder for score_distributions.png (per class, before/after alignment)")
+    parser.add_argument("--report", help="folder for report.html: tables, score distributions, image gallery")
+    parser.add_argument(
+        "--pixel-resolution",
+        choices=("model", "original"),
+        default="model",
+        help="compare maps and masks at the model's input size (default) or at each mask's own "
+        "size, maps upsampled bilinearly (exact; 4 bytes per normal pixel of memory)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --json file and non-empty --plots/--report folders",
+    )
+    parser.add_argument("--quiet", action="store_true", help=QUIET)
+    _add_device_options(parser)
 
 
 def cmd_evaluate(args) -> int:
@@ -406,122 +592,60 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from cada.data.synthetic import generate_dataset
+def demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="cada-demo", help="folder for the run and results.json")
+    parser.add_argument("--iters", type=positive_int, help="base training iterations (default: the cpu preset's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help=QUIET)
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+    _add_device_options(parser)
 
-    started = time.perf_counter()
-    out = Path(args.out)
-    check_output(out, "--out", "folder")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise ValueError(
-            f"--out {printable(out)} is not empty (an earlier demo?): choose another folder, or add "
-            "--overwrite to replace the demo's run and results.json"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="cada-demo-") as scratch:
-        data = generate_dataset(Path(scratch) / "synthetic", seed=args.seed)
-        settings = make_settings("cpu", seed=args.seed, iters=args.iters)
-        print(f"demo: synthetic data ({data}), preset cpu, {settings.method} + {settings.align}")
-        detector = train(
-            settings,
-            data,
-            out / "run",
-            progress=not args.quiet,
-            overwrite=args.overwrite,
-            device=args.device,
-            precision=args.precision,
-        )
-        results = evaluate(detector, data, out / "results.json", progress=not args.quiet)
-    rows = {(r["align"], r["protocol"]): r for r in results["rows"]}
-    pooled, base = rows[(settings.align, "absolute-unified")], rows[("none", "absolute-unified")]
-    own = rows[(settings.align, "model-unified")]
-    print(
-        f"I-AUROC with one threshold for every product (absolute-unified): {100 * pooled['i_auroc']:.1f} "
-        f"({100 * base['i_auroc']:.1f} without the aligner {settings.align}); with each product's own threshold "
-        f"(model-unified): {100 * own['i_auroc']:.1f}"
+
+def cmd_demo(args) -> int:
+    demo(
+        args.out,
+        seed=args.seed,
+        iters=args.iters,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+        device=args.device,
+        precision=args.precision,
     )
-    print(f"demo finished in {time.perf_counter() - started:.0f} s")
     return 0
 
 
-def cmd_ablate(args) -> int:
-    from cada.ablation import Ablation, format_rows, noisy_split, table_3, table_4, table_5
-    from cada.api import Detector
+def ablate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="data root in the MVTec AD layout")
+    parser.add_argument("--out", required=True, help="folder for the base run and ablation.json")
+    parser.add_argument("--run", help="reuse this trained run as the base instead of training one")
+    parser.add_argument(
+        "--noise",
+        type=float,
+        default=0.0,
+        help="also train a base on a noisy training set: this fraction of each class's anomalous "
+        "test images moved into training, and compare (u, gamma) with (u, sigma) on it",
+    )
+    _add_training_options(parser)
+    parser.set_defaults(align="none")
 
-    out = Path(args.out)
-    check_output(out / "ablation.json", "--out", "file", inputs=[args.data], overwrite=args.overwrite)
-    train_samples = find_split(args.data, "train", args.format)
-    test_samples = find_split(args.data, "test", args.format, quiet=True)
+
+def cmd_ablate(args) -> int:
     # the paper's tables study its aligners on RevDist (the default method aligns its own map)
     settings = settings_from_options(vars(args), default_method="revdist")
-    settings.align = "none"  # the base alone; every aligner is fitted afterwards on its cached outputs
-    started = time.perf_counter()
-    if args.run:
-        detector = Detector.load(args.run, device=args.device, precision=args.precision)
-        # The noisy base (--noise) must be trained exactly as the reused one was.
-        settings = Settings.from_dict({**detector.settings.to_dict(), "align": "none"})
-    else:
-        detector = train(
-            settings,
-            Path(args.data),
-            out / "base",
-            weights=args.weights,
-            progress=not args.quiet,
-            overwrite=args.overwrite,
-            device=args.device,
-            precision=args.precision,
-            logger=args.logger,
-        )
-    base_seconds = time.perf_counter() - started
-
-    def run_tables(ablation: Ablation, tables) -> dict:
-        report: dict[str, list[dict]] = {}
-        base = ablation.base_rows()["absolute-unified"]
-        for title, variants in tables:
-            entries: list[tuple[str, dict, float | None]] = [("base (no alignment)", base, None)]
-            for variant in variants:
-                rows, seconds = ablation.run(variant)
-                entries.append((variant.label, rows["absolute-unified"], seconds))
-                report.setdefault(title, []).append({"variant": variant.label, "seconds": round(seconds, 2), **rows})
-            print(format_rows(title, entries) + "\n")
-        return report
-
-    ablation = Ablation(detector, train_samples, test_samples, progress=not args.quiet)
-    print(
-        f"base: trained or loaded in {base_seconds:.0f} s; cached training statistics and test outputs in "
-        f"{ablation.cache_seconds:.0f} s. Each variant below only fits an aligner on those caches.\n"
+    ablate(
+        args.data,
+        args.out,
+        settings,
+        run=args.run,
+        weights=args.weights,
+        noise=args.noise,
+        format=args.format,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+        device=args.device,
+        precision=args.precision,
+        logger=args.logger,
     )
-    tables = [
-        ("Table 3: regressor structure, dropout, score reduction (absolute-unified)", table_3()),
-        ("Table 4: class-aware or agnostic (absolute-unified)", table_4()),
-        ("Table 5: (u, gamma) or (u, sigma) (absolute-unified)", table_5()),
-    ]
-    report = {
-        "base_seconds": round(base_seconds, 1),
-        "cache_seconds": round(ablation.cache_seconds, 1),
-        "tables": run_tables(ablation, tables),
-    }
-    if args.noise:
-        noisy_train, reduced_test = noisy_split(train_samples, test_samples, args.noise, args.seed)
-        moved = len(noisy_train) - len(train_samples)
-        print(
-            f"noisy training set: {moved} anomalous test images ({args.noise:.0%} per class) moved into training; "
-            f"both bases below are evaluated on the {len(reduced_test)} remaining test images.\n"
-        )
-        clean = Ablation(detector, train_samples, reduced_test, progress=not args.quiet)
-        noisy_detector = Detector(
-            settings, weights_path=args.weights, device=args.device, precision=args.precision
-        ).fit(noisy_train, progress=not args.quiet)
-        noisy = Ablation(noisy_detector, noisy_train, reduced_test, progress=not args.quiet)
-        report["noise"] = {
-            "fraction": args.noise,
-            "moved": moved,
-            "clean": run_tables(clean, [("Table 5, clean training set", table_5())]),
-            "noisy": run_tables(noisy, [(f"Table 5, noisy training set ({args.noise:.0%})", table_5())]),
-        }
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "ablation.json", report)
-    print(f"wrote {out / 'ablation.json'}")
     return 0
 
 
@@ -651,7 +775,39 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
-QUIET = "no progress bars"
+@dataclass(frozen=True)
+class Command:
+    """One command of `cada`: its name and one-line help, what adds its arguments, and what runs it (a workflow
+    of cada.workflows, or the module it names)."""
+
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS = (
+    Command("demo", "train and evaluate the default method on synthetic products", demo_arguments, cmd_demo),
+    Command("synth", "write the synthetic data set in the MVTec AD layout", synth_arguments, cmd_synth),
+    Command("train", "train one model on the normal images of all classes mixed", train_arguments, cmd_train),
+    Command("calibrate", "choose the one decision threshold of a run", calibrate_arguments, cmd_calibrate),
+    Command("predict", "score images of any product: no class names, no layout", predict_arguments, cmd_predict),
+    Command("export", "one graph: image -> aligned map and image score (ONNX, OpenVINO)", export_arguments, cmd_export),
+    Command(
+        "ablate",
+        "the paper's Tables 3-5: train the base (revdist unless told) once, then every aligner",
+        ablate_arguments,
+        cmd_ablate,
+    ),
+    Command("serve", "an HTTP API and a web page that score images (docs/serving.md)", serve_arguments, cmd_serve),
+    Command(
+        "weights",
+        "which encoders' ImageNet weights are here; download the missing ones (needs internet)",
+        weights_arguments,
+        cmd_weights,
+    ),
+    Command("evaluate", "absolute-unified and model-unified metrics of a run", evaluate_arguments, cmd_evaluate),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -663,232 +819,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser.add_argument("--verbose", action="store_true", help="also the details: resolved settings, threads")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    demo = commands.add_parser("demo", help="train and evaluate the default method on synthetic products")
-    demo.add_argument("--out", default="cada-demo", help="folder for the run and results.json")
-    demo.add_argument("--iters", type=positive_int, help="base training iterations (default: the cpu preset's)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--quiet", action="store_true", help=QUIET)
-    demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
-    _add_device_options(demo)
-    demo.set_defaults(func=cmd_demo)
-
-    synth = commands.add_parser("synth", help="write the synthetic data set in the MVTec AD layout")
-    synth.add_argument("--out", required=True)
-    synth.add_argument("--n-train", type=int, default=40)
-    synth.add_argument("--n-test-good", type=int, default=10)
-    synth.add_argument("--n-test-defect", type=int, default=12)
-    synth.add_argument("--image-size", type=int, default=256)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.set_defaults(func=cmd_synth)
-
-    train = commands.add_parser("train", help="train one model on the normal images of all classes mixed")
-    train.add_argument("--data", required=True, help="data root in the MVTec AD layout")
-    train.add_argument("--out", required=True, help="run folder to write")
-    train.add_argument(
-        "--holdout",
-        type=float,
-        default=0.0,
-        help="hold out this fraction of each class's training images to calibrate the threshold",
-    )
-    train.add_argument(
-        "--fpr",
-        type=float,
-        default=0.01,
-        help="target false-positive rate on new normal images, for --holdout calibration",
-    )
-    train.add_argument(
-        "--align",
-        choices=ALIGNERS,
-        help="cada: the paper's (u, gamma) regressor; cada-sigma: (u, sigma); cada-score: gamma = the "
-        "image score; knn: the k nearest "
-        "training images give the z-score (and flag unfamiliar products); knn-distance: knn plus how far the "
-        "image is from its nearest training image; distance-only: the base map as it is plus knn-distance's "
-        "term (for revdist-patchcore, whose map is aligned already); class-aware: CaDA-A, "
-        "needs class names at test (a reference); classifier: CaDA-B; none: the base alone "
-        f"(default: the config's, else the method's: {Settings.align}, patchcore knn, revdist-patchcore "
-        "distance-only)",
-    )
-    train.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=200,
-        metavar="K",
-        help="write a checkpoint to OUT/resume every K training steps (0: only when interrupted)",
-    )
-    train.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue an interrupted run from OUT/resume (same settings), skipping finished stages",
-    )
-    train.add_argument(
-        "--devices",
-        type=int,
-        metavar="N",
-        help="train in N processes (DistributedDataParallel): launches torchrun --nproc_per_node N; with CUDA "
-        "each process takes its own GPU (--device auto)",
-    )
-    train.add_argument(
-        "--scale-lr",
-        action="store_true",
-        help="multi-process: multiply the learning rates by the process count (default: unscaled; "
-        "the effective batch is the batch x the process count either way)",
-    )
-    _add_training_options(train)
-    train.set_defaults(func=cmd_train)
-
-    calibrate = commands.add_parser("calibrate", help="choose the one decision threshold of a run")
-    calibrate.add_argument("run", help="run folder; the threshold is stored in it")
-    source = calibrate.add_mutually_exclusive_group(required=True)
-    source.add_argument("--normal", nargs="+", help="folders of held-out normal images (not the test set)")
-    source.add_argument("--val", help="labelled validation data (its test split): F1-optimal threshold")
-    calibrate.add_argument(
-        "--fpr", type=float, default=0.01, help="target false-positive rate on new normal images, with --normal"
-    )
-    _add_data_options(calibrate)
-    _add_device_options(calibrate)
-    calibrate.set_defaults(func=cmd_calibrate)
-
-    predict = commands.add_parser("predict", help="score images of any product: no class names, no layout")
-    predict.add_argument("model", help="run folder, or an exported model (.onnx, or OpenVINO .xml)")
-    predict.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
-    predict.add_argument("--out", required=True, help="folder for predictions.csv/.json (and overlays, masks)")
-    predict.add_argument("--overlays", action="store_true", help="write a heatmap overlay PNG per image")
-    predict.add_argument("--masks", action="store_true", help="write a binary mask PNG per image (map >= threshold)")
-    point = predict.add_mutually_exclusive_group()
-    point.add_argument(
-        "--fpr",
-        type=float,
-        help="decide at this false-positive rate, chosen now over the calibration "
-        "scores stored in the run (no recalibration)",
-    )
-    point.add_argument("--threshold", type=float, help="decide at this aligned-score threshold")
-    predict.add_argument(
-        "--output-size",
-        choices=("original", "model"),
-        default="original",
-        help="write overlays and masks at each image's own size (default; the map upsampled "
-        "bilinearly) or at the model's input size",
-    )
-    predict.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
-    predict.add_argument("--quiet", action="store_true", help=QUIET)
-    predict.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace earlier predictions in --out (their overlays and masks are removed)",
-    )
-    _add_device_options(predict)
-    predict.set_defaults(func=cmd_predict)
-
-    export = commands.add_parser("export", help="one graph: image -> aligned map and image score (ONNX, OpenVINO)")
-    export.add_argument("run", help="run folder")
-    export.add_argument(
-        "--format",
-        choices=("onnx", "openvino"),
-        default="onnx",
-        help="onnx (onnxruntime), or openvino: OpenVINO IR, OUT.xml with OUT.bin (needs the openvino package)",
-    )
-    export.add_argument(
-        "--out",
-        required=True,
-        help="the .onnx (or .xml) file to write (threshold and preprocessing: .json beside it)",
-    )
-    export.add_argument(
-        "--input",
-        choices=("resized", "raw"),
-        default="resized",
-        help="resized: uint8 NCHW batches already resized to the run's image size (cada.data.resize's rule); raw: "
-        "one uint8 H x W x 3 RGB image of any size, resized inside the graph by the same rule, to the last bit",
-    )
-    export.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its .json)")
-    export.set_defaults(func=cmd_export)
-
-    ablate = commands.add_parser(
-        "ablate", help="the paper's Tables 3-5: train the base (revdist unless told) once, then every aligner"
-    )
-    ablate.add_argument("--data", required=True, help="data root in the MVTec AD layout")
-    ablate.add_argument("--out", required=True, help="folder for the base run and ablation.json")
-    ablate.add_argument("--run", help="reuse this trained run as the base instead of training one")
-    ablate.add_argument(
-        "--noise",
-        type=float,
-        default=0.0,
-        help="also train a base on a noisy training set: this fraction of each class's anomalous "
-        "test images moved into training, and compare (u, gamma) with (u, sigma) on it",
-    )
-    _add_training_options(ablate)
-    ablate.set_defaults(func=cmd_ablate, align="none")
-
-    serve = commands.add_parser("serve", help="an HTTP API and a web page that score images (docs/serving.md)")
-    serve.add_argument("model", help="run folder, or an exported model (.onnx, or OpenVINO .xml)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    serve.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
-    serve.add_argument(
-        "--max-request-mb", type=float, default=32.0, help="largest request body accepted, in MiB (larger: 413)"
-    )
-    serve.add_argument(
-        "--max-request-megapixels",
-        type=float,
-        default=100.0,
-        help="the most pixels all images of one request may hold together, from their headers (more: 413)",
-    )
-    serve.add_argument("--workers", type=positive_int, default=1, help="processes, each with the model loaded")
-    serve.add_argument(
-        "--batch-size", type=positive_int, default=16, help="images per forward pass: concurrent requests share one"
-    )
-    serve.add_argument(
-        "--max-wait-ms",
-        type=float,
-        default=5.0,
-        help="how long the first queued image waits for others to share its forward pass",
-    )
-    serve.add_argument(
-        "--max-queue",
-        type=positive_int,
-        default=256,
-        help="images waiting for the model at most; a request beyond gets 503 with Retry-After",
-    )
-    point = serve.add_mutually_exclusive_group()
-    point.add_argument(
-        "--fpr", type=float, help="decide at this false-positive rate, over the stored calibration scores"
-    )
-    point.add_argument("--threshold", type=float, help="decide at this aligned-score threshold")
-    serve.add_argument("--quiet", action="store_true", help="no line per request")
-    _add_device_options(serve)
-    serve.set_defaults(func=cmd_serve)
-
-    weights = commands.add_parser(
-        "weights", help="which encoders' ImageNet weights are here; download the missing ones (needs internet)"
-    )
-    weights.add_argument("action", choices=("list", "download"), nargs="?", default="list")
-    weights.add_argument("names", nargs="*", metavar="NAME", help="encoders to download (see `cada weights list`)")
-    weights.set_defaults(func=cmd_weights)
-
-    evaluate = commands.add_parser("evaluate", help="absolute-unified and model-unified metrics of a run")
-    evaluate.add_argument("run", help="run folder written by `cada train`")
-    evaluate.add_argument("--data", help="data root (its test split is used)")
-    _add_data_options(evaluate)
-    evaluate.add_argument("--normal", nargs="+", help="with --format folder: folders of normal test images")
-    evaluate.add_argument("--anomalous", nargs="+", help="with --format folder: folders of anomalous test images")
-    evaluate.add_argument("--masks", nargs="+", help="with --format folder: mask folders (matched by file stem)")
-    evaluate.add_argument("--json", help="write the results here")
-    evaluate.add_argument("--plots", help="folder for score_distributions.png (per class, before/after alignment)")
-    evaluate.add_argument("--report", help="folder for report.html: tables, score distributions, image gallery")
-    evaluate.add_argument(
-        "--pixel-resolution",
-        choices=("model", "original"),
-        default="model",
-        help="compare maps and masks at the model's input size (default) or at each mask's own "
-        "size, maps upsampled bilinearly (exact; 4 bytes per normal pixel of memory)",
-    )
-    evaluate.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing --json file and non-empty --plots/--report folders",
-    )
-    evaluate.add_argument("--quiet", action="store_true", help=QUIET)
-    _add_device_options(evaluate)
-    evaluate.set_defaults(func=cmd_evaluate)
+    for command in COMMANDS:
+        arguments = commands.add_parser(command.name, help=command.help)
+        command.arguments(arguments)
+        arguments.set_defaults(func=command.run)
     return parser
 
 
