@@ -50,6 +50,17 @@ from cada.threshold import check_calibration, check_fpr, threshold_at_fpr, thres
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class TrainingStages:
+    """What `Detector.fit`'s two training stages leave: losses, times and the training images' map statistics."""
+
+    base_losses: list[float]
+    base_seconds: float
+    aligner_losses: list[float]
+    aligner_started: float  # perf_counter() when the aligner's stage began
+    image_stats: torch.Tensor
+
+
 def split_holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """(kept, held out): `fraction` of each class's images, drawn with `seed`, at least one kept per class."""
     if not 0 <= fraction < 1:
@@ -264,6 +275,50 @@ class Detector:
         The base trains `settings.base.iters` steps, or with `settings.base.epochs` that many passes over the
         training images read; `on_start(n_images, iterations)` is called with that count before training starts.
         """
+        if resume and checkpoint_dir is None:
+            raise ValueError("resuming needs the checkpoint folder (checkpoint_dir)")
+        if holdout:
+            check_fpr(fpr, "fpr")  # before the training, not after
+        samples, held_out, chosen = self._training_samples(data, format, holdout)
+        images, samples = load_all(samples, self.settings.input_size, cache_dir=cache_dir, resize=self.settings.resize)
+        class_names = [s.class_name for s in samples]
+        if self.settings.tile > 1:  # the base and the aligner train on the tiles (cada.tiles)
+            images = tiles.cut(images, self.settings.image_size, self.settings.tile, self.settings.tile_overlap)
+            class_names = tiles.per_tile(class_names, self.settings.tile)
+        base_schedule = self.settings.base.resolved(len(images), world_size())
+        if on_start is not None:
+            on_start(len(images), base_schedule.iterations(len(images)))
+        session = None
+        if checkpoint_dir is not None:
+            identity = {"n_images": len(images), "data_fingerprint": data_fingerprint(samples, images, data)}
+            session = Checkpointing(
+                checkpoint_dir,
+                self._modules(),
+                self.settings.to_dict(),
+                checkpoint_every,
+                resume,
+                identity,
+                resume_hint,
+            )
+        stages = self._train_stages(images, class_names, base_schedule, session, progress)
+        if session is not None and not keep_checkpoint:
+            session.complete()
+        self.fitted = True
+        self.eval()
+        self.training_info = self._training_info(data, chosen, samples, len(images), base_schedule, stages)
+        if held_out:
+            held_out_images, held_out = load_all(
+                held_out, self.settings.input_size, cache_dir=cache_dir, resize=self.settings.resize
+            )
+            self.calibrate(
+                held_out_images, fpr, source=f"{len(held_out)} training images held out ({holdout:.0%} per class)"
+            )
+        return self
+
+    def _training_samples(
+        self, data: str | Path | Sequence[Sample], format: str, holdout: float
+    ) -> tuple[list[Sample], list[Sample], str]:
+        """(the samples to train on, those held out to calibrate, the layout read or "samples")."""
         chosen = "samples"
         if isinstance(data, (str, Path)):
             samples, chosen = find_samples(data, "train", format)
@@ -271,40 +326,30 @@ class Detector:
             samples = list(data)
         if not samples:
             raise ValueError("no training images given")
-        if resume and checkpoint_dir is None:
-            raise ValueError("resuming needs the checkpoint folder (checkpoint_dir)")
-        if holdout:
-            check_fpr(fpr, "fpr")  # before the training, not after
-        settings = self.settings
-        samples, held_out = split_holdout(samples, holdout, settings.seed)
-        images, samples = load_all(samples, settings.input_size, cache_dir=cache_dir, resize=settings.resize)
-        class_names = [s.class_name for s in samples]
-        if settings.tile > 1:  # the base and the aligner train on the tiles (cada.tiles)
-            images = tiles.cut(images, settings.image_size, settings.tile, settings.tile_overlap)
-            class_names = tiles.per_tile(class_names, settings.tile)
-        base_schedule = settings.base.resolved(len(images), world_size())
-        if on_start is not None:
-            on_start(len(images), base_schedule.iterations(len(images)))
-        generator = torch.Generator().manual_seed(settings.seed)
-        session = None
-        if checkpoint_dir is not None:
-            identity = {"n_images": len(images), "data_fingerprint": data_fingerprint(samples, images, data)}
-            session = Checkpointing(
-                checkpoint_dir, self._modules(), settings.to_dict(), checkpoint_every, resume, identity, resume_hint
-            )
+        kept, held_out = split_holdout(samples, holdout, self.settings.seed)
+        return kept, held_out, chosen
+
+    def _train_stages(self, images, class_names, base_schedule, session, progress: bool) -> TrainingStages:
+        """The base, then the aligner on the training images' statistics; a resumed run skips a finished base."""
+        generator = torch.Generator().manual_seed(self.settings.seed)
         trainer = Trainer(session, progress, self.device, self.precision)
         with trainer.signals():
             started = time.perf_counter()
             if session is not None and session.resumed_stage() == "aligner":  # the base finished before the stop
                 session.restore_model()
                 if is_main():
-                    log.info(f"resuming from {checkpoint_dir}: base training finished, continuing with the aligner")
+                    log.info(f"resuming from {session.folder}: base training finished, continuing with the aligner")
                 base_losses, base_seconds = session.losses_of(self.method.name), session.finished["base"]["seconds"]
             else:
                 if session is not None:
                     session.enter("base")
                 base_losses = self.method.fit(
-                    images, base_schedule, generator, progress, cache_gib=settings.feature_cache_gib, trainer=trainer
+                    images,
+                    base_schedule,
+                    generator,
+                    progress,
+                    cache_gib=self.settings.feature_cache_gib,
+                    trainer=trainer,
                 )
                 base_seconds = time.perf_counter() - started
                 if session is not None:
@@ -314,32 +359,35 @@ class Detector:
             started = time.perf_counter()
             features, image_stats = self.training_statistics(images, progress, trainer)
             aligner_losses = self.fit_aligner(features, image_stats, class_names, generator, progress, trainer)
-        peak = peak_memory_gib(self.device)
         self.training_log = list(trainer.log)
-        if session is not None and not keep_checkpoint:
-            session.complete()
-        self.fitted = True
-        self.eval()
-        self.training_info = {
+        return TrainingStages(base_losses, base_seconds, aligner_losses, started, image_stats)
+
+    def _training_info(self, data, chosen: str, samples: list[Sample], n_images: int, base_schedule, stages) -> dict:
+        """What the run records of its training (config.json's "training")."""
+        settings = self.settings
+        peak = peak_memory_gib(self.device)
+        trained = self.method.trains_by_gradient()
+        return {
             "data": str(data) if isinstance(data, (str, Path)) else None,
             "format": chosen,
             "n_images": len(samples),
             "classes": sorted({s.class_name for s in samples}),
             # The resolved schedule: steps of the effective batch (PatchCore trains none: one pass).
-            "base_iters": base_schedule.iters if self.method.trains_by_gradient() else None,
-            "base_epochs": round(base_schedule.passes(len(images), world_size()), 2)
-            if self.method.trains_by_gradient()
-            else None,
-            "base_seconds": round(base_seconds, 1),
-            "aligner_seconds": round(time.perf_counter() - started, 1),
+            "base_iters": base_schedule.iters if trained else None,
+            "base_epochs": round(base_schedule.passes(n_images, world_size()), 2) if trained else None,
+            "base_seconds": round(stages.base_seconds, 1),
+            "aligner_seconds": round(time.perf_counter() - stages.aligner_started, 1),
             # None for a method without gradient training (PatchCore): it has no loss to report.
-            "base_loss_first_last": [base_losses[0], base_losses[-1]] if base_losses else None,
-            "aligner_loss_first_last": [aligner_losses[0], aligner_losses[-1]] if aligner_losses else None,
-            "mean_image_stats": dict(zip(("mean", "max", "std", "score"), image_stats.mean(dim=0).tolist())),
+            "base_loss_first_last": [stages.base_losses[0], stages.base_losses[-1]] if stages.base_losses else None,
+            "aligner_loss_first_last": [stages.aligner_losses[0], stages.aligner_losses[-1]]
+            if stages.aligner_losses
+            else None,
+            "mean_image_stats": dict(zip(("mean", "max", "std", "score"), stages.image_stats.mean(dim=0).tolist())),
             # The class-aware reference of `cada evaluate` (its oracle row); nothing at prediction reads class names.
             # (tiled: of each image's largest tile score, as its test images are scored)
             "class_score_stats": class_score_statistics(
-                tiles.per_image(image_stats[:, SCORE], settings.tile).amax(dim=1), [s.class_name for s in samples]
+                tiles.per_image(stages.image_stats[:, SCORE], settings.tile).amax(dim=1),
+                [s.class_name for s in samples],
             ),
             "processes": world_size(),
             "effective_batch": settings.base.batch_size * world_size(),
@@ -348,14 +396,6 @@ class Detector:
             "precision": self.precision_name,
             "peak_device_memory_gib": None if peak is None else round(peak, 2),
         }
-        if held_out:
-            held_out_images, held_out = load_all(
-                held_out, settings.input_size, cache_dir=cache_dir, resize=settings.resize
-            )
-            self.calibrate(
-                held_out_images, fpr, source=f"{len(held_out)} training images held out ({holdout:.0%} per class)"
-            )
-        return self
 
     def fit_aligner(
         self,
