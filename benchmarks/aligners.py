@@ -31,7 +31,7 @@ from cada.ablation import Ablation, Variant
 from cada.align.class_aware import class_score_statistics
 from cada.api import Detector, split_holdout
 from cada.checkpoint import write_json
-from cada.cli import positive_int
+from cada.commands.options import positive_int
 from cada.config import preset
 from cada.evaluate import image_only_metrics, image_scores, oracle_scores, per_product_decisions
 from cada.lookalike import SCORE

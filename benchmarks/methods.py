@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from cada.checkpoint import write_json
-from cada.cli import positive_int
+from cada.commands.options import positive_int
 from cada.config import preset
 from cada.evaluate import format_table
 from cada.registry import METHODS

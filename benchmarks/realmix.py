@@ -12,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from cada.cli import positive_int
+from cada.commands.options import positive_int
 from cada.config import preset
 from cada.workflows import evaluate, train
 

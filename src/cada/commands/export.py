@@ -1,0 +1,69 @@
+"""`cada export`: its arguments; the graph is written by cada.export."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cada.files import check_output
+from cada.workflows import (
+    run_files,
+)
+
+
+def arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="run folder")
+    parser.add_argument(
+        "--format",
+        choices=("onnx", "openvino"),
+        default="onnx",
+        help="onnx (onnxruntime), or openvino: OpenVINO IR, OUT.xml with OUT.bin (needs the openvino package)",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="the .onnx (or .xml) file to write (threshold and preprocessing: .json beside it)",
+    )
+    parser.add_argument(
+        "--input",
+        choices=("resized", "raw"),
+        default="resized",
+        help="resized: uint8 NCHW batches already resized to the run's image size (cada.data.resize's rule); raw: "
+        "one uint8 H x W x 3 RGB image of any size, resized inside the graph by the same rule, to the last bit",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its .json)")
+
+
+def run(args) -> int:
+    from cada.api import Detector
+    from cada.export import export_onnx, export_openvino
+    from cada.runtime import sidecar_path
+
+    try:
+        import onnx  # noqa: F401 - torch's exporter needs it
+    except ImportError:
+        raise ValueError('ONNX export needs the onnx package: pip install -e ".[export]"') from None
+    if args.input == "raw":
+        try:
+            import onnxscript  # noqa: F401 - torch.export's ONNX translation (the raw graph's resize) needs it
+        except ImportError:
+            raise ValueError('--input raw needs the onnxscript package: pip install -e ".[export]"') from None
+    if args.format == "openvino":
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            raise ValueError("--format openvino needs the openvino package: pip install openvino") from None
+    protected = run_files(args.run)
+    out = Path(args.out)
+    outputs = [(out, "--out"), (sidecar_path(out), "--out's sidecar")]
+    if args.format == "openvino":
+        outputs.append((out.with_suffix(".bin"), "--out's weights"))
+    for path, option in outputs:
+        check_output(path, option, "file", protected=protected, overwrite=args.overwrite)
+    detector = Detector.load(args.run, device="cpu")
+    if args.format == "openvino":
+        export_openvino(detector, out, input=args.input)
+    else:
+        export_onnx(detector, out, input=args.input)
+    print("wrote " + ", ".join(str(path) for path, _ in outputs))
+    return 0
