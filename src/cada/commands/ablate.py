@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from cada.commands.options import (
-    add_training_options,
-)
-from cada.workflows import (
-    ablate,
-    settings_from_options,
-)
+from cada.commands.options import add_training_options
+from cada.workflows import ablate, settings_from_options
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:

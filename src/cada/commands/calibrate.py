@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from cada.commands.options import (
-    add_data_options,
-    add_device_options,
-    cache_dir_of,
-)
-from cada.workflows import (
-    calibrate,
-    describe_calibration,
-)
+from cada.commands.options import add_data_options, add_device_options, cache_dir_of
+from cada.workflows import calibrate, describe_calibration
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from cada.commands.options import (
-    QUIET,
-    add_device_options,
-    positive_int,
-)
-from cada.workflows import (
-    demo,
-)
+from cada.commands.options import QUIET, add_device_options, positive_int
+from cada.workflows import demo
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:

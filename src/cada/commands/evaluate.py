@@ -5,18 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cada.commands.options import (
-    QUIET,
-    add_data_options,
-    add_device_options,
-    cache_dir_of,
-)
+from cada.commands.options import QUIET, add_data_options, add_device_options, cache_dir_of
 from cada.files import check_output
-from cada.workflows import (
-    evaluate,
-    find_split,
-    run_files,
-)
+from cada.workflows import evaluate, find_split, run_files
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,9 +6,7 @@ import argparse
 from pathlib import Path
 
 from cada.files import check_output
-from cada.workflows import (
-    run_files,
-)
+from cada.workflows import run_files
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:

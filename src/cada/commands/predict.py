@@ -7,15 +7,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from cada.commands.options import (
-    QUIET,
-    add_device_options,
-    positive_int,
-)
+from cada.commands.options import QUIET, add_device_options, positive_int
 from cada.files import check_output, printable
-from cada.workflows import (
-    run_files,
-)
+from cada.workflows import run_files
 
 
 def _check_predict_out(out: Path, model: Path, paths: list[str], overwrite: bool) -> None:

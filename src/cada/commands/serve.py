@@ -7,10 +7,7 @@ import os
 import sys
 import tempfile
 
-from cada.commands.options import (
-    add_device_options,
-    positive_int,
-)
+from cada.commands.options import add_device_options, positive_int
 from cada.files import printable
 
 

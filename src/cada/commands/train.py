@@ -9,16 +9,10 @@ import signal
 import sys
 from pathlib import Path
 
-from cada.commands.options import (
-    add_training_options,
-    cache_dir_of,
-    settings_of,
-)
+from cada.commands.options import add_training_options, cache_dir_of, settings_of
 from cada.config import Settings
 from cada.registry import ALIGNERS
-from cada.workflows import (
-    train,
-)
+from cada.workflows import train
 
 
 def _without_devices(argv: list[str]) -> list[str]:
