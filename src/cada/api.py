@@ -57,7 +57,7 @@ class TrainingStages:
     base_losses: list[float]
     base_seconds: float
     aligner_losses: list[float]
-    aligner_started: float  # perf_counter() when the aligner's stage began
+    aligner_seconds: float
     image_stats: torch.Tensor
 
 
@@ -360,7 +360,8 @@ class Detector:
             features, image_stats = self.training_statistics(images, progress, trainer)
             aligner_losses = self.fit_aligner(features, image_stats, class_names, generator, progress, trainer)
         self.training_log = list(trainer.log)
-        return TrainingStages(base_losses, base_seconds, aligner_losses, started, image_stats)
+        aligner_seconds = time.perf_counter() - started
+        return TrainingStages(base_losses, base_seconds, aligner_losses, aligner_seconds, image_stats)
 
     def _training_info(self, data, chosen: str, samples: list[Sample], n_images: int, base_schedule, stages) -> dict:
         """What the run records of its training (config.json's "training")."""
@@ -376,7 +377,7 @@ class Detector:
             "base_iters": base_schedule.iters if trained else None,
             "base_epochs": round(base_schedule.passes(n_images, world_size()), 2) if trained else None,
             "base_seconds": round(stages.base_seconds, 1),
-            "aligner_seconds": round(time.perf_counter() - stages.aligner_started, 1),
+            "aligner_seconds": round(stages.aligner_seconds, 1),
             # None for a method without gradient training (PatchCore): it has no loss to report.
             "base_loss_first_last": [stages.base_losses[0], stages.base_losses[-1]] if stages.base_losses else None,
             "aligner_loss_first_last": [stages.aligner_losses[0], stages.aligner_losses[-1]]

@@ -55,11 +55,31 @@ def zscore_alignment(mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tenso
     return mean - ZSCORE_WIDTH * std, mean
 
 
-class LookAlikes(nn.Module):
+class SpreadFloor(nn.Module):
+    """State that turns (u, gamma) into a spread: `min_spread` keeps gamma - u away from zero (and positive, so
+    alignment never flips the order of scores), a fraction of the typical spread seen in training. Every aligner
+    and `LookAlikes` has one; its device is where the module's state lives."""
+
+    min_spread: torch.Tensor
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("min_spread", torch.tensor(1e-6))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the state lives: state sized while fitting (or loading) is made here."""
+        return self.min_spread.device
+
+    def spread(self, u: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(gamma - u, min=self.min_spread)
+
+
+class LookAlikes(SpreadFloor):
     """The training images' descriptors and score statistics, and the look-alike (u, gamma) of any image.
 
-    Its state is buffers sized by the training set (`_allocate`), saved with the model; `min_spread` keeps
-    gamma - u at least a fraction of the typical spread. The `knn` aligners are LookAlikes that are also Aligners.
+    Its state is buffers sized by the training set (`_allocate`), saved with the model. The `knn` aligners are
+    LookAlikes that are also Aligners.
     """
 
     centre: torch.Tensor
@@ -67,18 +87,11 @@ class LookAlikes(nn.Module):
     train_scores: torch.Tensor
     train_map_means: torch.Tensor
     reference_distance: torch.Tensor
-    min_spread: torch.Tensor
 
     def __init__(self, channels: int, neighbours: int):
         super().__init__()
-        self.register_buffer("min_spread", torch.tensor(1e-6))
         self.neighbours = neighbours
         self._allocate(0, channels)
-
-    @property
-    def device(self) -> torch.device:
-        """Where the state lives: state sized while fitting (or loading) is made here."""
-        return self.min_spread.device
 
     def _allocate(self, n_train: int, channels: int) -> None:
         """Buffers sized for `n_train` training images (their shape is known before the weights are loaded), on
@@ -145,9 +158,6 @@ class LookAlikes(nn.Module):
         distances, indices = self.neighbours_of(self.descriptor(features), leave_out)
         keep = self.same_product(distances)
         return zscore_alignment(*neighbourhood_mean_std(self.train_scores[indices], keep, self.typical_std))
-
-    def spread(self, u: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(gamma - u, min=self.min_spread)
 
     def nearest_distance(self, features: torch.Tensor) -> torch.Tensor:
         distances, _ = self.neighbours_of(self.descriptor(features))

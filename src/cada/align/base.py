@@ -8,30 +8,17 @@ import torch
 from torch import nn
 
 from cada.engine import DrawSampler, Trainer, lr_factor
-from cada.lookalike import MAX, MEAN
+from cada.lookalike import MAX, MEAN, SpreadFloor
 from cada.registry import ALIGNERS
 
 
-class Aligner(nn.Module):
-    """Predicts per-image normal-score statistics (u, gamma); the aligned map is (M - u) / (gamma - u).
-
-    `min_spread` keeps gamma - u away from zero (and positive, so the alignment never flips the order of
-    scores): a fraction of the typical spread seen in training, set by `fit`.
-    """
+class Aligner(SpreadFloor):
+    """Predicts per-image normal-score statistics (u, gamma); the aligned map is (M - u) / spread(u, gamma), the
+    spread floored by `min_spread` (SpreadFloor), which `fit` sets."""
 
     name: str = ""
     has_score_offset = False  # whether score_offset gives terms (an exported graph then has them as an output)
     needs_class_names = False  # only the class-aware upper-bound reference reads test-time class names
-    min_spread: torch.Tensor  # buffers, declared for the type checker
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("min_spread", torch.tensor(1e-6))
-
-    @property
-    def device(self) -> torch.device:
-        """Where the aligner's state lives: state sized while fitting (or loading) is made here."""
-        return self.min_spread.device
 
     def fit(
         self,
@@ -50,9 +37,6 @@ class Aligner(nn.Module):
     def stats(self, features: torch.Tensor, class_names: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(u, gamma), each of shape B."""
         raise NotImplementedError
-
-    def spread(self, u: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(gamma - u, min=self.min_spread)
 
     def set_min_spread(self, image_stats: torch.Tensor, fraction: float = 0.1) -> None:
         typical = (image_stats[:, MAX] - image_stats[:, MEAN]).median().clamp(min=1e-6)
