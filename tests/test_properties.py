@@ -10,7 +10,7 @@ import string
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -83,6 +83,8 @@ def test_any_config_mapping_gives_settings_or_one_value_error(config):
 
 @FAST
 @given(st.text(max_size=300))
+@example("?")  # a mapping with a null key (found by this test in CI)
+@example("1: 2")
 def test_any_config_file_text_gives_a_mapping_or_one_value_error(tmp_path_factory, text):
     path = tmp_path_factory.mktemp("config") / "settings.yaml"
     path.write_text(text, encoding="utf-8")

@@ -319,7 +319,7 @@ def _from_dict(cls, data, prefix: str):
         block_kinds = {name: METHODS[name].options for name in METHODS if METHODS[name].options is not None}
     unknown = set(data) - set(known) - set(block_kinds)
     if unknown:
-        names = sorted(prefix + name for name in unknown)
+        names = sorted(prefix + str(name) for name in unknown)  # YAML keys may be null or numbers
         known_names = sorted(prefix + name for name in {*known, *block_kinds})
         raise ValueError(f"unknown settings {shown(names)}; known: {known_names}")
     kinds = {**typing.get_type_hints(cls), **block_kinds}
