@@ -1,6 +1,7 @@
 """RevDist + PatchCore on one encoder: its RevDist is RevDist, each map is normalised by look-alike training images,
 the weight mixes the normalised maps, and the run exports as any other."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,8 +12,10 @@ from cada.data.mvtec import mvtec_samples
 from cada.export import export_onnx
 from cada.methods.revdist import RevDist
 from cada.methods.revdist_patchcore import SMOOTHING_SIGMA, TOP_FRACTION, RevDistPatchCore
+from cada.metrics import auroc
 from cada.runtime import exported_scorer
 from cada.scoring import align, image_score, smooth
+from cada.workflows.demo import raw_map_rows
 
 from helpers import tiny_preset
 
@@ -110,3 +113,22 @@ def test_the_training_maps_reuse_the_normaliser_pass_and_equal_a_fresh_one(image
             model._training_pieces = pieces
     assert torch.equal(kept.anomaly_map, fresh.anomaly_map)
     assert torch.equal(kept.align_features, fresh.align_features)
+
+
+def test_the_demo_rates_each_raw_map_pooled_and_per_product(tiny_data):
+    """`cada demo`'s lines for the maps before normalisation: each raw map's image score, ranked over all products
+    at once and within each product."""
+    detector = Detector(tiny_preset("revdist-patchcore"), pretrained=False).fit(tiny_data, progress=False)
+    samples = mvtec_samples(tiny_data, "test")
+    rows = raw_map_rows(detector, samples)
+    images, _ = load_all(samples, 64)
+    labels = np.array([s.label for s in samples])
+    classes = np.array([s.class_name for s in samples])
+    with torch.inference_mode():
+        raw = detector.method.component_maps(normalize(images))
+    for name, maps in zip(("RevDist's map, raw", "PatchCore's map, raw"), raw):
+        values = scores(maps).numpy()
+        per_product = [auroc(values[classes == c], labels[classes == c]) for c in sorted(set(classes))]
+        assert rows[name]["absolute-unified"] == pytest.approx(auroc(values, labels))
+        assert rows[name]["model-unified"] == pytest.approx(np.mean(per_product))
+    assert raw_map_rows(Detector(tiny_preset("revdist"), pretrained=False), samples) == {}  # one map: nothing to show
