@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -387,3 +388,53 @@ def test_a_damaged_openvino_model_gets_one_line(calibrated_run, tiny_data, tmp_p
     assert "not a model OpenVINO can load" in capsys.readouterr().err
     assert main(["predict", str(model), folder, "--out", str(tmp_path / "p"), "--device", "cuda"]) == 2
     assert "runs on the CPU" in capsys.readouterr().err
+
+
+def test_int8_openvino_scores_stay_near_float32(calibrated_run, tiny_data, tmp_path):
+    """`--int8`: the encoder and decoder quantised (NNCF, calibrated on the run's training images), the rest float32.
+    On this 3-step tiny run the aligned scores (0.2 - 1.5) move by 0.05 at the median and 0.11 at most (measured);
+    on trained runs, docs/results/export-and-speed.md."""
+    pytest.importorskip("nncf")
+    folder = tiny_data / "washer" / "test"
+    scores = {}
+    for name, extra in (("fp32", []), ("int8", ["--int8"])):
+        model = tmp_path / f"{name}.xml"
+        assert main(["export", str(calibrated_run), "--format", "openvino", "--out", str(model), *extra]) == 0
+        assert main(["predict", str(model), str(folder), "--out", str(tmp_path / name), "--quiet"]) == 0
+        rows = json.loads((tmp_path / name / "predictions.json").read_text())["predictions"]
+        scores[name] = np.array([row["score"] for row in rows])
+    sidecar = json.loads((tmp_path / "int8.json").read_text())
+    assert sidecar["precision"].startswith("int8: the encoder and decoder quantised by NNCF on 24 normal images")
+    model = (tmp_path / "int8.xml").read_text()
+    assert "FakeQuantize" in model and 'name="/method/bottleneck' in model  # quantised, bottleneck untouched
+    assert not re.search(r'name="/method/bottleneck[^"]*/fq_', model)
+    change = np.abs(scores["int8"] - scores["fp32"])
+    assert np.median(change) <= 0.06 and change.max() <= 0.15
+
+
+def test_int8_says_what_it_needs_in_one_line(calibrated_run, tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "m.xml")
+    assert main(["export", str(calibrated_run), "--int8", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "--format openvino" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "export",
+                str(calibrated_run),
+                "--format",
+                "openvino",
+                "--int8",
+                "--out",
+                out,
+                "--calibration-data",
+                str(tmp_path / "nowhere"),
+            ]
+        )
+        == 2
+    )
+    assert "nowhere" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "nncf", None)  # as if not installed
+    assert main(["export", str(calibrated_run), "--format", "openvino", "--int8", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "pip install nncf" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.xml").exists()

@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -97,9 +99,13 @@ def export_onnx(detector, out: str | Path, batch_size: int = 1, input: str = "re
     return out
 
 
-def export_openvino(detector, out: str | Path, input: str = "resized") -> Path:
+def export_openvino(
+    detector, out: str | Path, input: str = "resized", calibration_images: torch.Tensor | None = None
+) -> Path:
     """Write OUT (.xml, with its weights in OUT.bin) and OUT.json: the ONNX graph converted by OpenVINO's
-    converter (`openvino` package). The .bin is put in place before the .xml that names it."""
+    converter (`openvino` package). With `calibration_images` (uint8 N x 3 x S x S, S = the run's input size:
+    normal images, a few hundred) the networks are quantised to int8 (`quantise_int8`). The .bin is put in place
+    before the .xml that names it."""
     import tempfile
 
     import openvino
@@ -107,13 +113,83 @@ def export_openvino(detector, out: str | Path, input: str = "resized") -> Path:
     out = _check_export(detector, out, input, ".xml")
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as scratch:
         onnx_file = export_onnx(detector, Path(scratch) / "model.onnx", input=input)
+        model = openvino.convert_model(str(onnx_file))
+        if calibration_images is not None:
+            model = quantise_int8(detector, model, calibration_images, input)
         staged = Path(scratch) / out.name
         # float32 weights: save_model's default halves them to float16 (measured: aligned scores off by up to 1.4)
-        openvino.save_model(openvino.convert_model(str(onnx_file)), str(staged), compress_to_fp16=False)
+        openvino.save_model(model, str(staged), compress_to_fp16=False)
         os.replace(staged.with_suffix(".bin"), out.with_suffix(".bin"))
         os.replace(staged, out)
-    _write_sidecar(detector, out, input)
+    precision = (
+        f"int8: the {' and '.join(detector.method.int8_modules)} quantised by NNCF on {len(calibration_images)} "
+        "normal images; the rest in float32"
+        if calibration_images is not None
+        else "float32"
+    )
+    _write_sidecar(detector, out, input, precision)
     return out
+
+
+def import_nncf():
+    """The nncf module, or ValueError saying what to install."""
+    # importing nncf imports torch's C++-extension helper, which warns on CUDA builds without a GPU
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    try:
+        import nncf
+    except ImportError:
+        raise ValueError("--int8 needs the nncf package: pip install nncf") from None
+    return nncf
+
+
+def quantise_int8(detector, model, images: torch.Tensor, input: str = "resized"):
+    """The OpenVINO `model` with NNCF's post-training int8 quantisation (weights symmetric, activations
+    asymmetric; for CPUs) of the method's `int8_modules` but their first and depthwise convolutions, activation
+    ranges from `images` (uint8 N x 3 x S x S). Everything else (a bottleneck, the PatchCore search, the
+    normalisers, the aligner, the smoothing and the score) stays float32: the traced graph names each operation by
+    its module path (/method/encoder/...), and every other operation is left out."""
+    nncf = import_nncf()
+    images = check_calibration_images(images, detector.settings.input_size)
+    quantised = re.compile(rf"/method/({'|'.join(re.escape(name) for name in detector.method.int8_modules)})/")
+    # The convolution that reads the image and the depthwise ones (EfficientNet's) stay float32 too: int8 there
+    # moved the scores twice as far and changed more decisions, for a few percent of the work
+    # (docs/results/export-and-speed.md).
+    first = next(
+        op.get_friendly_name()
+        for op in model.get_ordered_ops()
+        if op.get_type_name() == "Convolution" and quantised.match(op.get_friendly_name())
+    )
+    keep_float = nncf.IgnoredScope(
+        names=[first], patterns=[rf"(?!{quantised.pattern})"], types=["GroupConvolution"], validate=False
+    )
+    if input == "raw":  # one H x W x 3 image a call, already at the input size: the graph's resize keeps it
+        items = [np.ascontiguousarray(image.permute(1, 2, 0).numpy()) for image in images]
+    else:
+        items = [image.unsqueeze(0).numpy() for image in images]
+    chatter = logging.getLogger("nncf")  # a line per ignored operation at INFO
+    level = chatter.level
+    chatter.setLevel(logging.WARNING)
+    try:
+        return nncf.quantize(
+            model,
+            nncf.Dataset(items),
+            subset_size=len(items),
+            target_device=nncf.TargetDevice.CPU,
+            # asymmetric activation ranges: on realmix a third of the decisions symmetric ones changed
+            # (docs/results/export-and-speed.md)
+            preset=nncf.QuantizationPreset.MIXED,
+            ignored_scope=keep_float,
+        )
+    finally:
+        chatter.setLevel(level)
+
+
+def check_calibration_images(images, size: int) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError("calibration images must be a uint8 tensor N x 3 x S x S")
+    if len(images) == 0 or tuple(images.shape[1:]) != (3, size, size):
+        raise ValueError(f"calibration images must be N >= 1 images of 3 x {size} x {size}, got {tuple(images.shape)}")
+    return images
 
 
 def _check_export(detector, out: str | Path, input: str, suffix: str) -> Path:
@@ -128,7 +204,7 @@ def _check_export(detector, out: str | Path, input: str, suffix: str) -> Path:
     return out
 
 
-def _write_sidecar(detector, out: Path, input: str) -> None:
+def _write_sidecar(detector, out: Path, input: str, precision: str = "float32") -> None:
     """OUT.json: the input, outputs, preprocessing, threshold and calibration, and the run's settings."""
     settings = detector.settings
     size = settings.input_size
@@ -141,6 +217,7 @@ def _write_sidecar(detector, out: Path, input: str) -> None:
         "format": "cada-onnx" if out.suffix == ".onnx" else "cada-openvino",
         "input": "image",
         "input_kind": input,
+        "precision": precision,
         "outputs": output_names(detector),
         "preprocessing": {
             "image_size": size,

@@ -82,6 +82,7 @@ def exported_scorer(model_path: str | Path, device: str = "cpu"):
             raise ValueError(f"{sidecar_file}: {error}") from None
     if reference is not None:
         description["unfamiliar_reference_distance"] = reference
+    description["precision"] = sidecar.get("precision", "float32")
     return score, image_size, threshold, {"model": str(model_path), **description}
 
 

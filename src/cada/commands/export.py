@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cada.files import check_output
 from cada.workflows import run_files
+from cada.workflows.export import CALIBRATION_IMAGES
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,13 +30,28 @@ def arguments(parser: argparse.ArgumentParser) -> None:
         help="resized: uint8 NCHW batches already resized to the run's image size (cada.data.resize's rule); raw: "
         "one uint8 H x W x 3 RGB image of any size, resized inside the graph by the same rule, to the last bit",
     )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="with --format openvino: quantise the networks to int8 (NNCF), calibrated on the run's training images",
+    )
+    parser.add_argument(
+        "--calibration-data", help="with --int8: a data root whose training images calibrate (default: the run's)"
+    )
+    parser.add_argument(
+        "--calibration-images",
+        type=int,
+        default=CALIBRATION_IMAGES,
+        help=f"with --int8: how many training images calibrate (default {CALIBRATION_IMAGES})",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its .json)")
 
 
 def run(args) -> int:
     from cada.api import Detector
-    from cada.export import export_onnx, export_openvino
+    from cada.export import export_onnx, export_openvino, import_nncf
     from cada.runtime import sidecar_path
+    from cada.workflows.export import calibration_images
 
     try:
         import onnx  # noqa: F401 - torch's exporter needs it
@@ -51,6 +67,12 @@ def run(args) -> int:
             import openvino  # noqa: F401
         except ImportError:
             raise ValueError("--format openvino needs the openvino package: pip install openvino") from None
+    if args.int8:
+        if args.format != "openvino":
+            raise ValueError("--int8 quantises OpenVINO models: add --format openvino")
+        import_nncf()  # before loading anything: one line if it is missing
+    elif args.calibration_data:
+        raise ValueError("--calibration-data calibrates --int8: add --int8")
     protected = run_files(args.run)
     out = Path(args.out)
     outputs = [(out, "--out"), (sidecar_path(out), "--out's sidecar")]
@@ -60,7 +82,8 @@ def run(args) -> int:
         check_output(path, option, "file", protected=protected, overwrite=args.overwrite)
     detector = Detector.load(args.run, device="cpu")
     if args.format == "openvino":
-        export_openvino(detector, out, input=args.input)
+        images = calibration_images(detector, args.calibration_data, args.calibration_images) if args.int8 else None
+        export_openvino(detector, out, input=args.input, calibration_images=images)
     else:
         export_onnx(detector, out, input=args.input)
     print("wrote " + ", ".join(str(path) for path, _ in outputs))

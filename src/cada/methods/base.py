@@ -28,6 +28,9 @@ class BaseMethod(nn.Module):
     name: str = ""
     score_scale: float = 0.1
     align_channels: int  # channels of `align_features`, so an aligner can be built before training
+    # What `cada export --int8` quantises (module attributes); what feeds the aligners' neighbour search stays
+    # float32: quantising RevDist's bottleneck moved the look-alike neighbours (docs/results/export-and-speed.md).
+    int8_modules: tuple[str, ...] = ("encoder",)
 
     def fit(
         self,

@@ -79,6 +79,7 @@ class RevDistPatchCore(PatchCore):
 
     # RevDist's training, on this module's encoder, bottleneck and decoder
     trainable_parameters = RevDist.trainable_parameters
+    int8_modules = RevDist.int8_modules
     objective = RevDist.objective
 
     def reconstruct(self, encoded: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
