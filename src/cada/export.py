@@ -146,22 +146,22 @@ def quantise_int8(detector, model, images: torch.Tensor, input: str = "resized")
     """The OpenVINO `model` with NNCF's post-training int8 quantisation (weights symmetric, activations
     asymmetric; for CPUs) of the method's `int8_modules` but their first and depthwise convolutions, activation
     ranges from `images` (uint8 N x 3 x S x S). Everything else (a bottleneck, the PatchCore search, the
-    normalisers, the aligner, the smoothing and the score) stays float32: the traced graph names each operation by
-    its module path (/method/encoder/...), and every other operation is left out."""
+    normalisers, the aligner, the smoothing and the score) stays float32 (`_operations_inside` tells them
+    apart)."""
     nncf = import_nncf()
     images = check_calibration_images(images, detector.settings.input_size)
-    quantised = re.compile(rf"/method/({'|'.join(re.escape(name) for name in detector.method.int8_modules)})/")
+    networks = re.compile(rf"/method/({'|'.join(re.escape(name) for name in detector.method.int8_modules)})/")
+    inside = _operations_inside(model, networks)
     # The convolution that reads the image and the depthwise ones (EfficientNet's) stay float32 too: int8 there
     # moved the scores twice as far and changed more decisions, for a few percent of the work
     # (docs/results/export-and-speed.md).
     first = next(
         op.get_friendly_name()
         for op in model.get_ordered_ops()
-        if op.get_type_name() == "Convolution" and quantised.match(op.get_friendly_name())
+        if op.get_type_name() == "Convolution" and inside[op.get_friendly_name()]
     )
-    keep_float = nncf.IgnoredScope(
-        names=[first], patterns=[rf"(?!{quantised.pattern})"], types=["GroupConvolution"], validate=False
-    )
+    outside = [name for name, quantise in inside.items() if not quantise]
+    keep_float = nncf.IgnoredScope(names=[first, *outside], types=["GroupConvolution"], validate=False)
     if input == "raw":  # one H x W x 3 image a call, already at the input size: the graph's resize keeps it
         items = [np.ascontiguousarray(image.permute(1, 2, 0).numpy()) for image in images]
     else:
@@ -182,6 +182,28 @@ def quantise_int8(detector, model, images: torch.Tensor, input: str = "resized")
         )
     finally:
         chatter.setLevel(level)
+
+
+def _operations_inside(model, networks: re.Pattern) -> dict[str, bool]:
+    """{operation name: whether it belongs to a module `networks` matches}. The traced graph names each operation by
+    its module path (/method/decoder/...); OpenVINO's converter renames the ones it fuses (a transposed convolution
+    with its BatchNorm becomes Multiply_123), and those belong where all that reads them belongs."""
+    inside: dict[str, bool] = {}
+
+    def belongs(op) -> bool:
+        name = op.get_friendly_name()
+        if name not in inside:
+            if name.startswith("/"):
+                inside[name] = bool(networks.match(name))
+            else:
+                inside[name] = False  # until its readers say otherwise (no cycles in a graph, but be safe)
+                readers = [target.get_node() for output in op.outputs() for target in output.get_target_inputs()]
+                inside[name] = bool(readers) and all(belongs(reader) for reader in readers)
+        return inside[name]
+
+    for op in model.get_ordered_ops():
+        belongs(op)
+    return inside
 
 
 def check_calibration_images(images, size: int) -> torch.Tensor:
