@@ -122,8 +122,8 @@ def export_openvino(
         os.replace(staged.with_suffix(".bin"), out.with_suffix(".bin"))
         os.replace(staged, out)
     precision = (
-        f"int8: the {' and '.join(detector.method.int8_modules)} quantised by NNCF on {len(calibration_images)} "
-        "normal images; the rest in float32"
+        f"int8: the {' and '.join(detector.method.int8_modules)} (but their first and depthwise convolutions) "
+        f"quantised by NNCF on {len(calibration_images)} normal images; the rest in float32"
         if calibration_images is not None
         else "float32"
     )

@@ -13,7 +13,9 @@ import torch
 
 from cada.config_files import make_settings
 from cada.files import check_output, printable, write_json
+from cada.workflows.common import find_split
 from cada.workflows.evaluate import evaluate
+from cada.workflows.train import train
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +33,6 @@ def demo(
     """Train into OUT/run, evaluate into OUT/results.json (with the raw maps' rows under "raw_maps"); the results
     dict."""
     from cada.data.synthetic import generate_dataset
-    from cada.workflows.common import find_split
-    from cada.workflows.train import train
 
     started = time.perf_counter()
     out = Path(out)
