@@ -55,3 +55,8 @@ def test_dinomaly_trains_evaluates_and_predicts_from_the_command_line(tiny_data,
     assert main(["evaluate", str(run), "--data", str(tiny_data), "--quiet", "--json", str(tmp_path / "r.json")]) == 0
     images = str(tiny_data / "weave" / "test")
     assert main(["predict", str(run), images, "--out", str(tmp_path / "p"), "--quiet"]) == 0
+    # timm resizes the ViT's position embeddings with an antialiased bicubic filter that torch's ONNX exporter lacks
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "a dinomaly run cannot be exported" in err and len(err.strip().splitlines()) == 1

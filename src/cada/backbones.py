@@ -437,7 +437,8 @@ class ViTEncoder(nn.Module):
         return super().train(False)  # frozen: dropout and the like stay off whatever the parent does
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        size = [max(1, round(side / self.patch_size)) * self.patch_size for side in x.shape[-2:]]
+        # int(): traced for export, the sides are tensors; a run's input size is fixed, so constants are right
+        size = [max(1, round(int(side) / self.patch_size)) * self.patch_size for side in x.shape[-2:]]
         if size != list(x.shape[-2:]):  # the nearest multiple of the patch size (256 px -> 252: 18 x 18 tokens)
             x = nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
         found = self.model.forward_intermediates(

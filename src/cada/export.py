@@ -155,13 +155,10 @@ def quantise_int8(detector, model, images: torch.Tensor, input: str = "resized")
     # The convolution that reads the image and the depthwise ones (EfficientNet's) stay float32 too: int8 there
     # moved the scores twice as far and changed more decisions, for a few percent of the work
     # (docs/results/export-and-speed.md).
-    first = next(
-        op.get_friendly_name()
-        for op in model.get_ordered_ops()
-        if op.get_type_name() == "Convolution" and inside[op.get_friendly_name()]
-    )
+    convolutions = (op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "Convolution")
+    first = [name for name in convolutions if inside[name]][:1]  # none in a ViT's blocks
     outside = [name for name, quantise in inside.items() if not quantise]
-    keep_float = nncf.IgnoredScope(names=[first, *outside], types=["GroupConvolution"], validate=False)
+    keep_float = nncf.IgnoredScope(names=[*first, *outside], types=["GroupConvolution"], validate=False)
     if input == "raw":  # one H x W x 3 image a call, already at the input size: the graph's resize keeps it
         items = [np.ascontiguousarray(image.permute(1, 2, 0).numpy()) for image in images]
     else:
@@ -275,16 +272,21 @@ def _export_model(detector, path: Path, input_name: str, batch_size: int = 1) ->
     outputs = output_names(detector)
     with warnings.catch_warnings():  # the tracer notes Python numbers fixed at export time: sizes, as intended
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            ExportedDetector(detector).eval(),
-            (example,),
-            str(path),
-            input_names=[input_name],
-            output_names=outputs,
-            dynamic_axes={name: {0: "batch"} for name in [input_name, *outputs]},
-            opset_version=OPSET,
-            dynamo=False,
-        )
+        try:
+            torch.onnx.export(
+                ExportedDetector(detector).eval(),
+                (example,),
+                str(path),
+                input_names=[input_name],
+                output_names=outputs,
+                dynamic_axes={name: {0: "batch"} for name in [input_name, *outputs]},
+                opset_version=OPSET,
+                dynamo=False,
+            )
+        except torch.onnx.errors.UnsupportedOperatorError as error:  # e.g. a ViT's bicubic position-embedding resize
+            raise ValueError(
+                f"a {detector.settings.method} run cannot be exported: {str(error).splitlines()[0]}"
+            ) from None
 
 
 def _export_raw(detector, path: Path) -> None:
