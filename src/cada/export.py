@@ -103,14 +103,16 @@ def export_openvino(
     detector, out: str | Path, input: str = "resized", calibration_images: torch.Tensor | None = None
 ) -> Path:
     """Write OUT (.xml, with its weights in OUT.bin) and OUT.json: the ONNX graph converted by OpenVINO's
-    converter (`openvino` package). With `calibration_images` (uint8 N x 3 x S x S, S = the run's input size:
-    normal images, a few hundred) the networks are quantised to int8 (`quantise_int8`). The .bin is put in place
+    converter (`openvino` package). With `calibration_images` (normal images, a few hundred, in any form
+    `Detector.predict` takes) the networks are quantised to int8 (`quantise_int8`). The .bin is put in place
     before the .xml that names it."""
     import tempfile
 
     import openvino
 
     out = _check_export(detector, out, input, ".xml")
+    if calibration_images is not None:
+        calibration_images = _calibration(detector, calibration_images)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as scratch:
         onnx_file = export_onnx(detector, Path(scratch) / "model.onnx", input=input)
         model = openvino.convert_model(str(onnx_file))
@@ -145,11 +147,11 @@ def import_nncf():
 def quantise_int8(detector, model, images: torch.Tensor, input: str = "resized"):
     """The OpenVINO `model` with NNCF's post-training int8 quantisation (weights symmetric, activations
     asymmetric; for CPUs) of the method's `int8_modules` but their first and depthwise convolutions, activation
-    ranges from `images` (uint8 N x 3 x S x S). Everything else (a bottleneck, the PatchCore search, the
+    ranges from `images` (as `Detector.predict` takes them). Everything else (a bottleneck, the PatchCore search, the
     normalisers, the aligner, the smoothing and the score) stays float32 (`_operations_inside` tells them
     apart)."""
     nncf = import_nncf()
-    images = check_calibration_images(images, detector.settings.input_size)
+    images = _calibration(detector, images)
     networks = re.compile(rf"/method/({'|'.join(re.escape(name) for name in detector.method.int8_modules)})/")
     inside = _operations_inside(model, networks)
     # The convolution that reads the image and the depthwise ones (EfficientNet's) stay float32 too: int8 there
@@ -203,11 +205,13 @@ def _operations_inside(model, networks: re.Pattern) -> dict[str, bool]:
     return inside
 
 
-def check_calibration_images(images, size: int) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-        raise ValueError("calibration images must be a uint8 tensor N x 3 x S x S")
-    if len(images) == 0 or tuple(images.shape[1:]) != (3, size, size):
-        raise ValueError(f"calibration images must be N >= 1 images of 3 x {size} x {size}, got {tuple(images.shape)}")
+def _calibration(detector, images) -> torch.Tensor:
+    """Calibration images as the Detector takes images (`api.check_images`), at least one."""
+    from cada.api import check_images
+
+    images = check_images(images, detector.settings.input_size, detector.settings.resize)
+    if len(images) == 0:
+        raise ValueError("int8 calibration needs at least one image")
     return images
 
 
